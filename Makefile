@@ -1,0 +1,31 @@
+# The two commands a newcomer runs: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch lies on this machine's disk; pinning it keeps pip from
+# pulling a multi-GB CUDA build. The package itself asks only for torch>=2.4.
+TORCH_PIN := torch==2.13.0
+EXTRAS := test,demo
+
+.PHONY: demo test lint venv clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH_PIN)
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/gradguard demo
+
+test: venv
+	$(BIN)/python -m pytest
+	$(BIN)/ruff check src tests benchmarks
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs report.html

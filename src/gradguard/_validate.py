@@ -1,0 +1,84 @@
+"""Argument checks shared by the public functions: clear errors that name the argument."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+
+def norm_type(value: float | int | str, name: str = "norm_type") -> float:
+    """Return ``value`` as a float p in (0, inf]; raise ValueError otherwise."""
+    if isinstance(value, str):
+        if value.lower() in ("inf", "infinity"):
+            return math.inf
+        raise ValueError(f"{name} must be a positive number or inf, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    p = float(value)
+    if math.isnan(p) or p <= 0:
+        raise ValueError(f"{name} must be a positive number or inf, got {value!r}")
+    return p
+
+
+def nonneg_finite(value: float, name: str, *, allow_inf: bool = False, positive: bool = False) -> float:
+    """Return ``value`` as a float after checking it is a usable threshold."""
+    if isinstance(value, Tensor):
+        raise TypeError(
+            f"{name} must be a Python number; for a threshold that changes on the device "
+            f"use an adaptive clipper (got a tensor)"
+        )
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if math.isnan(v):
+        raise ValueError(f"{name} must not be NaN")
+    if math.isinf(v) and not allow_inf:
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if v < 0 or (positive and v == 0):
+        kind = "positive" if positive else "non-negative"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return v
+
+
+def as_param_list(parameters: Tensor | Iterable[Tensor], name: str = "parameters") -> list[Tensor]:
+    """Materialise ``parameters`` (a tensor, a list or a one-shot generator) as a list."""
+    if isinstance(parameters, Tensor):
+        return [parameters]
+    if isinstance(parameters, torch.nn.Module):
+        return list(parameters.parameters())
+    try:
+        params = list(parameters)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be a tensor or an iterable of tensors, got {type(parameters).__name__}"
+        ) from None
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"{name}[{i}] must be a tensor, got {type(p).__name__}")
+    return params
+
+
+def check_grads(grads: list[Tensor], names: list[str] | None = None) -> None:
+    """Refuse gradients gradguard cannot clip correctly: sparse, integer, mixed devices."""
+    device = None
+    for i, g in enumerate(grads):
+        label = names[i] if names is not None else f"parameter {i}"
+        if g.is_sparse or g.layout != torch.strided:
+            raise ValueError(
+                f"gradient of {label} has layout {g.layout}; gradguard clips dense (strided) "
+                f"gradients only: call .to_dense() on it or exclude the parameter"
+            )
+        if not g.is_floating_point():
+            raise ValueError(
+                f"gradient of {label} has dtype {g.dtype}; gradients must be floating point"
+            )
+        if device is None:
+            device = g.device
+        elif g.device != device:
+            raise ValueError(
+                f"gradients live on more than one device ({device} and {g.device} for {label}); "
+                f"call gradguard once per device group, or reduce the norms yourself"
+            )
