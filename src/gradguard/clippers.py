@@ -225,8 +225,10 @@ class AGC(Clipper):
         any_clipped = []
         for p, g in zip(params, grads):
             dims = tuple(range(1, g.dim())) if g.dim() > 1 else None
-            g_norm = torch.linalg.vector_norm(g, 2, dim=dims, keepdim=dims is not None, dtype=torch.float32)
-            w_norm = torch.linalg.vector_norm(p.detach(), 2, dim=dims, keepdim=dims is not None, dtype=torch.float32)
+            acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+            keep = dims is not None
+            g_norm = torch.linalg.vector_norm(g, 2, dim=dims, keepdim=keep, dtype=acc)
+            w_norm = torch.linalg.vector_norm(p.detach(), 2, dim=dims, keepdim=keep, dtype=acc)
             max_norm = self.clipping * torch.clamp(w_norm, min=self.eps)
             coef = torch.where(
                 (g_norm > max_norm) & torch.isfinite(g_norm),
@@ -235,7 +237,7 @@ class AGC(Clipper):
             )
             if apply:
                 g.mul_(coef.to(g.dtype))
-            after_per.append(torch.linalg.vector_norm(g_norm * coef))
+            after_per.append(torch.linalg.vector_norm(g_norm * coef).float())
             any_clipped.append((coef < 1).any())
         dev = norms.total.device
         if not grads:

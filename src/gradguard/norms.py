@@ -57,17 +57,25 @@ def collect_grads(parameters: Tensor | Iterable[Tensor]) -> tuple[list[Tensor], 
 def _cpu_dot_norms(grads: list[Tensor]) -> Tensor:
     """L2 norms of contiguous float32/float64 CPU tensors via BLAS dot, as float32."""
     flats = [g.view(-1) for g in grads]
-    norms = torch.stack([torch.dot(f, f) for f in flats]).float().sqrt()
+    return torch.stack([torch.dot(f, f) for f in flats]).float().sqrt()
+
+
+def _rescue_overflow_(grads: list[Tensor], norms: Tensor, norm_type: float) -> None:
+    """Recompute in place, with a rescaling, the CPU norms whose float32 accumulation overflowed.
+
+    ``||g||_p = m * ||g / m||_p`` with ``m = max |g|``, in float64. Only CPU norms are rescued:
+    reading a CPU tensor costs no device synchronisation.
+    """
+    if norms.device.type != "cpu" or math.isinf(norm_type):
+        return
     over = torch.isinf(norms)
-    # CPU tensors: reading them costs no device synchronisation.
-    if over.numpy().any():
-        for i in over.nonzero().flatten().numpy().tolist():
-            f = flats[i].double()
-            m = f.abs().max()
-            if torch.isfinite(m).numpy() and m.numpy() > 0:
-                # The squares overflowed, the norm may not: rescale by the largest element.
-                norms[i] = (m * (f / m).norm()).float()
-    return norms
+    if not over.numpy().any():
+        return
+    for i in over.nonzero().flatten().numpy().tolist():
+        f = grads[i].detach().double().reshape(-1)
+        m = f.abs().max()
+        if torch.isfinite(m).numpy() and m.numpy() > 0:
+            norms[i] = (m * torch.linalg.vector_norm(f / m, norm_type)).float()
 
 
 def per_tensor_norms(grads: list[Tensor], norm_type: float = 2.0) -> Tensor:
@@ -78,7 +86,14 @@ def per_tensor_norms(grads: list[Tensor], norm_type: float = 2.0) -> Tensor:
     out: list[Tensor | None] = [None] * len(grads)
     # Group indices by dtype so each foreach call gets a homogeneous list.
     groups: dict[tuple[torch.dtype, bool], list[int]] = {}
+    zero = None
     for i, g in enumerate(grads):
+        if g.numel() == 0:
+            # The norm of nothing is 0 (torch's inf-norm kernel refuses empty tensors).
+            if zero is None:
+                zero = torch.zeros((), dtype=torch.float32, device=device)
+            out[i] = zero
+            continue
         fast = (
             device.type == "cpu"
             and norm_type == 2.0
@@ -96,7 +111,9 @@ def per_tensor_norms(grads: list[Tensor], norm_type: float = 2.0) -> Tensor:
             norms = list(torch._foreach_norm(group, norm_type, dtype=torch.float32))
         for i, n in zip(idx, norms):
             out[i] = n
-    return torch.stack(out)  # type: ignore[arg-type]
+    norms = torch.stack(out)  # type: ignore[arg-type]
+    _rescue_overflow_(grads, norms, norm_type)
+    return norms
 
 
 def total_from_per_tensor(per_tensor: Tensor, norm_type: float = 2.0) -> Tensor:

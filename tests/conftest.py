@@ -1,0 +1,31 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+class SyncCounter:
+    """Counts host reads of tensor values: Tensor.item, __bool__, __float__, __int__, tolist."""
+
+    NAMES = ("item", "__bool__", "__float__", "__int__", "tolist")
+
+    def __init__(self, monkeypatch):
+        self.calls: list[str] = []
+        for name in self.NAMES:
+            orig = getattr(torch.Tensor, name)
+
+            def wrapper(self_t, *a, _orig=orig, _name=name, **k):
+                counter.calls.append(_name)
+                return _orig(self_t, *a, **k)
+
+            counter = self
+            monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+
+@pytest.fixture
+def sync_counter(monkeypatch):
+    return SyncCounter(monkeypatch)
