@@ -15,14 +15,14 @@ class SyncCounter:
 
     def __init__(self, monkeypatch):
         self.calls: list[str] = []
+        calls = self.calls
         for name in self.NAMES:
             orig = getattr(torch.Tensor, name)
 
             def wrapper(self_t, *a, _orig=orig, _name=name, **k):
-                counter.calls.append(_name)
+                calls.append(_name)
                 return _orig(self_t, *a, **k)
 
-            counter = self
             monkeypatch.setattr(torch.Tensor, name, wrapper)
 
 

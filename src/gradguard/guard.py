@@ -67,6 +67,13 @@ def _supports_device_scaling(optimizer: torch.optim.Optimizer) -> bool:
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
+def _has_state(optimizer: torch.optim.Optimizer) -> bool:
+    """True when every parameter with a gradient already has optimizer state."""
+    state = optimizer.state
+    return all(p in state and state[p] for g in optimizer.param_groups for p in g["params"]
+               if p.grad is not None)
+
+
 class _SkipCounter:
     """Consecutive skipped steps, counted on the device and read on the host late.
 
@@ -177,7 +184,11 @@ class Guard:
             _unscale_once(scaler, optimizer)
         else:
             scaler = None
-        fused = scaler is None and _supports_device_scaling(optimizer)
+        # Before the optimizer has state for every parameter, a fused step skipped through
+        # found_inf can leave state behind (fused SGD keeps an uninitialised momentum buffer),
+        # so those first steps take the host-read path.
+        fused = (scaler is None and _supports_device_scaling(optimizer)
+                 and _has_state(optimizer))
         fold = fused and self.clipper is not None and self.clipper.scalar
         params, grads, names, norms, stats = self._decide(loss, fold=fold,
                                                           scaler_handles_nonfinite=scaler is not None)
