@@ -11,8 +11,9 @@ the steps the Guard needs to do a training step in one read of the gradients:
    steps that were accepted (never with a non-finite or skipped one).
 
 The clip coefficient of norm clipping is computed in exactly one place, ``norm_clip_coef``.
-A clipper never acts on non-finite gradients: it leaves them as they are and reports
-``nonfinite``; what happens next is the Guard's ``on_nonfinite`` policy.
+A clipper never acts on non-finite gradients: when any gradient element is NaN or Inf it
+leaves every gradient as it is and reports ``nonfinite``; what happens next is the Guard's
+``on_nonfinite`` policy.
 """
 
 from __future__ import annotations
@@ -157,9 +158,11 @@ class NormClip(Clipper):
                                  propagate_nonfinite=propagate_nonfinite)
         per = norms.per_tensor
         nonfinite = norms.nonfinite
-        coefs = self.max_norm / torch.clamp(torch.clamp(per, min=self.max_norm), min=1e-30)
+        # max_norm / max(n_i, max_norm), written so that an unclipped tensor gets exactly 1.0
+        coefs = torch.where(per > self.max_norm, self.max_norm / torch.clamp(per, min=1e-30),
+                            torch.ones_like(per))
         if not propagate_nonfinite:
-            coefs = torch.where(torch.isfinite(per), coefs, torch.ones_like(coefs))
+            coefs = torch.where(nonfinite, torch.ones_like(coefs), coefs)
         if apply and grads:
             torch._foreach_mul_(grads, list(coefs.unbind()))
         after = total_from_per_tensor(per * coefs, self.norm_type)
@@ -230,11 +233,10 @@ class AGC(Clipper):
             g_norm = torch.linalg.vector_norm(g, 2, dim=dims, keepdim=keep, dtype=acc)
             w_norm = torch.linalg.vector_norm(p.detach(), 2, dim=dims, keepdim=keep, dtype=acc)
             max_norm = self.clipping * torch.clamp(w_norm, min=self.eps)
-            coef = torch.where(
-                (g_norm > max_norm) & torch.isfinite(g_norm),
-                max_norm / torch.clamp(g_norm, min=EPS),
-                torch.ones_like(g_norm),
-            )
+            clip = (g_norm > max_norm) & torch.isfinite(g_norm)
+            if not propagate_nonfinite:
+                clip = clip & ~nonfinite
+            coef = torch.where(clip, max_norm / torch.clamp(g_norm, min=EPS), torch.ones_like(g_norm))
             if apply:
                 g.mul_(coef.to(g.dtype))
             after_per.append(torch.linalg.vector_norm(g_norm * coef).float())
