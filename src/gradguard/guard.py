@@ -157,7 +157,8 @@ class Guard:
         self.max_consecutive_skips = max_consecutive_skips
         self.norm_type = clipper.norm_type if clipper is not None else float(norm_type)
         self.step_count = 0
-        self.skipped_steps = 0  # host count, exact where the skip flag was read on the host
+        self._skipped_host = 0
+        self._skipped_device: Tensor | None = None  # counted without host reads (fused path)
         self._skips = _SkipCounter()
         self._monitor_failed = False
         if monitor is not None and hasattr(monitor, "attach"):
@@ -204,6 +205,7 @@ class Guard:
                 optimizer.grad_scale = None  # type: ignore[attr-defined]
                 optimizer.found_inf = None  # type: ignore[attr-defined]
                 del optimizer.grad_scale, optimizer.found_inf
+            self._skipped_device = skip.long() if self._skipped_device is None else self._skipped_device + skip
             self._skips.update_device(skip)
             self._check_consecutive()
         else:
@@ -215,11 +217,17 @@ class Guard:
                 else:
                     optimizer.step()
             if can_skip:
-                self.skipped_steps += int(skipped)
+                self._skipped_host += int(skipped)
                 self._skips.update_host(skipped)
                 self._check_consecutive()
         self._record(stats, loss, optimizer, scaler)
         return stats
+
+    @property
+    def skipped_steps(self) -> int:
+        """Updates refused so far (reading it waits for the device once)."""
+        pending = 0 if self._skipped_device is None else int(self._skipped_device.cpu())
+        return self._skipped_host + pending
 
     # -- pieces -----------------------------------------------------------------------
     def _grads(self) -> tuple[list[Tensor], list[Tensor], list[str]]:
@@ -323,7 +331,8 @@ class Guard:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.step_count = int(state_dict["step_count"])
-        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        self._skipped_host = int(state_dict.get("skipped_steps", 0))
+        self._skipped_device = None
         self._skips.load_state_dict(state_dict)
         if self.clipper is not None and "clipper" in state_dict:
             self.clipper.load_state_dict(state_dict["clipper"])
