@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 EXTRAS := test,demo
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint venv clean browser
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,7 +20,12 @@ venv: $(BIN)/.installed
 demo: venv
 	$(BIN)/gradguard demo
 
-test: venv
+# The report's browser tests load the generated HTML in Debian's headless chromium (we run as root).
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update && apt-get install -y chromium chromium-driver)
+
+test: venv browser
 	$(BIN)/python -m pytest
 	$(BIN)/ruff check src tests benchmarks
 
