@@ -124,7 +124,9 @@ class Guard:
         model_or_parameters: an ``nn.Module`` (parameters named by module path), an iterable
             of parameters, or of ``(name, parameter)`` pairs.
         clipper: a :class:`~gradguard.clippers.Clipper` (``NormClip``, ``ValueClip``, ``AGC``,
-            an adaptive clipper) or None for no clipping.
+            an adaptive clipper); ``"auto"`` (the default) for the threshold-free rule
+            :class:`~gradguard.adaptive.OvershootClip` (see ``docs/adaptive.md``); None for
+            no clipping.
         skip: a skip rule (e.g. ``SpikeSkip``) with ``check(total_norm, loss) -> bool tensor``
             and ``observe(total_norm, loss, accept)``; None for none.
         monitor: a ``Monitor`` (or anything with ``record(stats, **fields)``); None for none.
@@ -138,7 +140,7 @@ class Guard:
         norm_type: p of the norms recorded when there is no clipper (default 2).
     """
 
-    def __init__(self, model_or_parameters: Any, clipper: Clipper | None = None, *,
+    def __init__(self, model_or_parameters: Any, clipper: Clipper | str | None = "auto", *,
                  skip: Any = None, monitor: Any = None, on_nonfinite: str = "skip",
                  max_consecutive_skips: int | None = 10, norm_type: float = 2.0):
         if on_nonfinite not in POLICIES:
@@ -147,6 +149,12 @@ class Guard:
                 isinstance(max_consecutive_skips, bool) or not isinstance(max_consecutive_skips, int)
                 or max_consecutive_skips < 1):
             raise ValueError(f"max_consecutive_skips must be a positive int or None, got {max_consecutive_skips!r}")
+        if isinstance(clipper, str):
+            # "auto": the threshold-free default rule of gradguard.adaptive (issue 3)
+            if clipper != "auto":
+                raise ValueError(f"clipper must be a Clipper, 'auto' or None, got {clipper!r}")
+            from .adaptive import default_clipper
+            clipper = default_clipper()
         if clipper is not None and not isinstance(clipper, Clipper):
             raise TypeError(f"clipper must be a gradguard Clipper or None, got {type(clipper).__name__}")
         self.names, self.params = _named_params(model_or_parameters)
@@ -181,6 +189,9 @@ class Guard:
         """Clip, decide, then ``optimizer.step()`` or skip, and record. Returns ``ClipStats``
         with ``skipped`` set (device tensors: nothing here waits on the device)."""
         self.step_count += 1
+        if hasattr(self.clipper, "bind_optimizer"):
+            # adaptive clippers that read the optimizer (its kind, lr, momentum buffers)
+            self.clipper.bind_optimizer(optimizer)  # type: ignore[union-attr]
         if scaler is not None and scaler.is_enabled():
             _unscale_once(scaler, optimizer)
         else:
@@ -312,6 +323,8 @@ class Guard:
         try:
             getattr(self.monitor, method)(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001
+            if getattr(exc, "gradguard_propagate", False):
+                raise  # a detector whose action is "raise" (gradguard.monitor.AnomalyError)
             if not self._monitor_failed:
                 warnings.warn(f"gradguard monitor failed in {method}() and is ignored from now "
                               f"on for this error: {exc!r}", RuntimeWarning, stacklevel=3)

@@ -1,0 +1,410 @@
+"""Detectors: small stateful rules evaluated on the device, one step at a time.
+
+Every detector turns one step into three device tensors, ``(fired, value, baseline)``; the
+Monitor writes them into its device ring buffer, and the host turns the fired rows into
+events when it flushes (every ``flush_every`` steps). Nothing here reads a tensor on the
+host, so a detector costs a handful of small kernels per step and no synchronisation.
+
+Step-level detectors read ``(total_norm, loss)``:
+
+* :class:`NonFinite` fires when the total gradient norm or the loss is NaN or Inf.
+* :class:`Spike` fires on a z-score of the log norm against an EMA, and on a hard guard:
+  with ``y = ln ||g||``, EMA mean ``m`` and variance ``v`` (decay ``alpha``) over accepted,
+  unflagged steps, ``z = (y - m) / max(sqrt(v), min_std)``; it fires when
+  ``n >= warmup and z > z_threshold`` or, from the first accepted step on,
+  ``||g|| > hard_factor * max(accepted ||g||)`` (Megatron's 10x guard). Flagged steps never
+  enter the baseline.
+* :class:`LossSpike` is the same EMA z-score on the loss itself (no log, no hard guard), with
+  a std floor relative to the mean: ``z = (L - m) / max(sqrt(v), rel_floor * |m|, 1e-12)``.
+* :class:`Growth` fits a least-squares line to the last ``window`` accepted log norms and
+  fires when the fitted growth over the window, ``exp(slope * (window - 1))``, reaches
+  ``factor`` with ``r^2 >= min_r2`` (steady exponential growth, the seed article's warning
+  sign); it fires on the rising edge only, once per episode.
+
+The layer-level detector reads the per-layer gradient norms, every step:
+
+* :class:`Vanishing`: each layer against its own early baseline, the geometric mean of its
+  first ``baseline_steps`` accepted, positive, finite norms ``b_l``; it fires (rising edge)
+  when some layer stays below ``factor * b_l`` for ``patience`` consecutive accepted steps.
+  ``value`` is the smallest ratio ``||g_l|| / b_l`` of the step.
+
+The EMA uses a bias-free start: the decay at the n-th accepted value (n = 0, 1, ...) is
+``a_n = min(alpha, n / (n + 1))``, so the first value sets the mean, and
+``m <- m + (1 - a_n) d``, ``v <- a_n (v + (1 - a_n) d^2)`` with ``d = y - m`` (West's
+exponentially weighted variance). State is float32 on the device, O(1) per rule (O(window)
+for Growth, O(layers) for Vanishing), saved by ``state_dict()``.
+
+Actions (``action=``): ``"warn"`` (a rate-limited ``RuntimeWarning``), ``"callback"``
+(``callback(event)`` on the host at flush time), ``"skip"`` (the Guard refuses the update;
+only step-level rules, decided on the device in the same step) and ``"raise"``
+(:class:`AnomalyError` raised into the training loop at the next step after the flush that
+saw the event; ``flush_every=1`` makes it immediate, at one host read per step). Every action
+taken is written to ``events.jsonl``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+ACTIONS = ("warn", "callback", "skip", "raise")
+
+
+class AnomalyError(RuntimeError):
+    """A detector whose action is ``"raise"`` fired. ``event`` is the event's dict.
+
+    The Guard lets this exception through (it swallows every other monitor error).
+    """
+
+    gradguard_propagate = True
+
+    def __init__(self, message: str, event: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.event = event
+
+
+def _f32(x: float, device: torch.device) -> Tensor:
+    return torch.full((), float(x), dtype=torch.float32, device=device)
+
+
+class Detector:
+    """Base class: ``evaluate`` (pure) then ``update`` (state), both on the device.
+
+    Args:
+        action: ``"warn"``, ``"callback"``, ``"skip"`` or ``"raise"``.
+        callback: called as ``callback(event_dict)`` on the host when the rule fires (any
+            action; required for ``"callback"``).
+    """
+
+    rule = "detector"
+    level = "step"  # "step": reads (total_norm, loss); "layer": reads per-layer norms
+
+    def __init__(self, action: str = "warn", callback: Callable[[dict], Any] | None = None):
+        if action not in ACTIONS:
+            raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
+        if action == "callback" and callback is None:
+            raise ValueError("action='callback' needs callback=")
+        if action == "skip" and self.level != "step":
+            raise ValueError(f"{type(self).__name__} reads per-layer norms and cannot skip a step")
+        self.action = action
+        self.callback = callback
+        self._device: torch.device | None = None
+
+    # -- device state ---------------------------------------------------------------------
+    def _ensure(self, device: torch.device) -> None:
+        if self._device != device:
+            self._init_state(device)
+            self._device = device
+
+    def _init_state(self, device: torch.device) -> None:
+        """Create the state tensors on ``device`` (keeping values if they exist)."""
+
+    def _state_names(self) -> tuple[str, ...]:
+        return ()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {n: getattr(self, n).detach().cpu().clone() for n in self._state_names()
+                if getattr(self, n, None) is not None}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        dev = self._device or torch.device("cpu")
+        for n in self._state_names():
+            if n in sd:
+                setattr(self, n, torch.as_tensor(sd[n]).clone().to(dev))
+        if sd:
+            self._device = dev
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(action={self.action!r})"
+
+
+class StepDetector(Detector):
+    """A rule on ``(total_norm, loss)``; ``loss`` is a 0-d tensor or None."""
+
+    def evaluate(self, total_norm: Tensor, loss: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(fired: 0-d bool, value: 0-d float32, baseline: 0-d float32)``; no state change."""
+        raise NotImplementedError
+
+    def update(self, total_norm: Tensor, loss: Tensor, accept: Tensor, fired: Tensor) -> None:
+        """Fold this step into the state when ``accept`` (0-d bool)."""
+
+
+class NonFinite(StepDetector):
+    """Fires when the total gradient norm or the loss is NaN or +-Inf.
+
+    value: the non-finite quantity (the norm, else the loss); baseline: NaN.
+    """
+
+    rule = "nonfinite"
+
+    def evaluate(self, total_norm, loss):
+        fired = ~torch.isfinite(total_norm)
+        value = total_norm.to(torch.float32)
+        if loss is not None:
+            bad_loss = ~torch.isfinite(loss)
+            value = torch.where(fired, value, loss.to(torch.float32))
+            fired = fired | bad_loss
+        return fired, value, torch.full_like(value, math.nan)
+
+
+class _EMAZ(StepDetector):
+    """Shared machinery of Spike and LossSpike (see the module docstring)."""
+
+    log = True
+    hard_factor: float | None = None
+
+    def __init__(self, z_threshold: float, alpha: float, warmup: int, action: str = "warn",
+                 callback=None):
+        super().__init__(action, callback)
+        if not z_threshold > 0:
+            raise ValueError(f"z_threshold must be > 0, got {z_threshold!r}")
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+        if int(warmup) < 1:
+            raise ValueError(f"warmup must be >= 1, got {warmup!r}")
+        self.z_threshold = float(z_threshold)
+        self.alpha = float(alpha)
+        self.warmup = int(warmup)
+        self.mean: Tensor | None = None
+        self.var: Tensor | None = None
+        self.count: Tensor | None = None
+        self.max: Tensor | None = None
+
+    def _state_names(self):
+        return ("mean", "var", "count", "max")
+
+    def _init_state(self, device):
+        for n, dt in (("mean", torch.float32), ("var", torch.float32), ("count", torch.int64),
+                      ("max", torch.float32)):
+            cur = getattr(self, n)
+            setattr(self, n, torch.zeros((), dtype=dt, device=device) if cur is None else cur.to(device))
+
+    def _y(self, x: Tensor) -> Tensor:
+        x = x.to(torch.float32)
+        return torch.log(torch.clamp(x, min=1e-30)) if self.log else x
+
+    def _scale(self) -> Tensor:
+        raise NotImplementedError
+
+    def _x(self, total_norm: Tensor, loss: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, total_norm, loss):
+        x = self._x(total_norm, loss)
+        if x is None:
+            nan = torch.full((), math.nan, dtype=torch.float32, device=total_norm.device)
+            return torch.zeros((), dtype=torch.bool, device=total_norm.device), nan, nan
+        x = x.to(torch.float32)
+        self._ensure(x.device)
+        y = self._y(x)
+        finite = torch.isfinite(x)
+        z = (y - self.mean) / self._scale()
+        fired = finite & (self.count >= self.warmup) & (z > self.z_threshold)
+        if self.hard_factor is not None:
+            fired = fired | (finite & (self.count >= 1) & (x > self.hard_factor * self.max))
+        baseline = torch.exp(self.mean) if self.log else self.mean.clone()
+        return fired, x, baseline
+
+    def update(self, total_norm, loss, accept, fired):
+        x = self._x(total_norm, loss)
+        if x is None:
+            return
+        x = x.to(torch.float32)
+        self._ensure(x.device)
+        ok = accept & ~fired & torch.isfinite(x)
+        y = torch.where(ok, self._y(x), self.mean)
+        n = self.count.to(torch.float32)
+        a = torch.clamp(n / (n + 1.0), max=self.alpha)
+        d = y - self.mean
+        self.mean = torch.where(ok, self.mean + (1.0 - a) * d, self.mean)
+        self.var = torch.where(ok, a * (self.var + (1.0 - a) * d * d), self.var)
+        self.max = torch.where(ok, torch.maximum(self.max, torch.where(ok, x, self.max)), self.max)
+        self.count = self.count + ok.to(torch.int64)
+
+
+class Spike(_EMAZ):
+    """Gradient-norm spike: z of ``ln ||g||`` vs its EMA, plus ``hard_factor`` x running max.
+
+    Args:
+        z_threshold: z above which a step is flagged (default 6, OLMo-core's sigma).
+        alpha: EMA decay (default 0.97, ZClip's).
+        warmup: accepted steps before the z rule arms (default 25).
+        min_std: floor of the std of ``ln ||g||`` (default 0.05: a 5% wobble is one sigma at
+            most), so a near-constant norm does not make every tiny change a spike.
+        hard_factor: fire when ``||g|| > hard_factor * max accepted ||g||`` (default 10;
+            None disables), armed from the first accepted step.
+    """
+
+    rule = "spike"
+
+    def __init__(self, z_threshold: float = 6.0, alpha: float = 0.97, warmup: int = 25,
+                 min_std: float = 0.05, hard_factor: float | None = 10.0, action: str = "warn",
+                 callback=None):
+        super().__init__(z_threshold, alpha, warmup, action, callback)
+        self.min_std = float(min_std)
+        self.hard_factor = None if hard_factor is None else float(hard_factor)
+
+    def _x(self, total_norm, loss):
+        return total_norm
+
+    def _scale(self):
+        return torch.clamp(torch.sqrt(self.var), min=self.min_std)
+
+
+class LossSpike(_EMAZ):
+    """Loss spike: z of the loss against its EMA (no log), armed after ``warmup`` steps.
+
+    ``z = (L - m) / max(sqrt(v), rel_floor * |m|, 1e-12)``; only upward spikes fire.
+    Steps without a loss are ignored.
+    """
+
+    rule = "loss_spike"
+    log = False
+
+    def __init__(self, z_threshold: float = 6.0, alpha: float = 0.97, warmup: int = 25,
+                 rel_floor: float = 0.01, action: str = "warn", callback=None):
+        super().__init__(z_threshold, alpha, warmup, action, callback)
+        self.rel_floor = float(rel_floor)
+
+    def _x(self, total_norm, loss):
+        return loss
+
+    def _scale(self):
+        return torch.clamp(torch.maximum(torch.sqrt(self.var), self.rel_floor * self.mean.abs()),
+                           min=1e-12)
+
+
+class Growth(StepDetector):
+    """Steady exponential growth of the gradient norm over the last ``window`` accepted steps.
+
+    With ``y_j = ln ||g||`` for the window's steps ``j = 0..W-1`` (oldest first), the
+    least-squares slope is ``s = sum (j - jbar)(y_j - ybar) / sum (j - jbar)^2`` and
+    ``r^2 = S_jy^2 / (S_jj S_yy)``. The rule holds when ``exp(s (W - 1)) >= factor`` and
+    ``r^2 >= min_r2``; it fires on the step where it starts to hold. value: the fitted growth
+    ``exp(s (W - 1))``; baseline: the window's geometric mean norm ``exp(ybar)``.
+    """
+
+    rule = "growth"
+
+    def __init__(self, window: int = 50, factor: float = 10.0, min_r2: float = 0.8,
+                 action: str = "warn", callback=None):
+        super().__init__(action, callback)
+        if int(window) < 3:
+            raise ValueError(f"window must be >= 3, got {window!r}")
+        if not factor > 1.0:
+            raise ValueError(f"factor must be > 1, got {factor!r}")
+        self.window = int(window)
+        self.factor = float(factor)
+        self.min_r2 = float(min_r2)
+        self.ring: Tensor | None = None
+        self.count: Tensor | None = None
+        self.active: Tensor | None = None
+        self._jc: Tensor | None = None
+
+    def _state_names(self):
+        return ("ring", "count", "active")
+
+    def _init_state(self, device):
+        W = self.window
+        self.ring = torch.zeros(W, dtype=torch.float32, device=device) if self.ring is None else self.ring.to(device)
+        self.count = torch.zeros((), dtype=torch.int64, device=device) if self.count is None else self.count.to(device)
+        self.active = torch.zeros((), dtype=torch.bool, device=device) if self.active is None else self.active.to(device)
+        j = torch.arange(W, dtype=torch.float32)
+        self._jc = (j - j.mean()).to(device)
+
+    def _shifted(self, total_norm):
+        y = torch.log(torch.clamp(total_norm.to(torch.float32), min=1e-30))
+        return torch.cat([self.ring[1:], y.reshape(1)])
+
+    def evaluate(self, total_norm, loss):
+        self._ensure(total_norm.device)
+        ring = self._shifted(total_norm)
+        yc = ring - ring.mean()
+        sjj = (self._jc * self._jc).sum()
+        sjy = (self._jc * yc).sum()
+        syy = (yc * yc).sum()
+        slope = sjy / sjj
+        r2 = torch.where(syy > 0, sjy * sjy / (sjj * torch.clamp(syy, min=1e-30)), torch.zeros_like(syy))
+        growth = torch.exp(slope * (self.window - 1))
+        full = (self.count + 1) >= self.window
+        cond = full & torch.isfinite(total_norm) & (growth >= self.factor) & (r2 >= self.min_r2)
+        self._cond = cond
+        return cond & ~self.active, growth, torch.exp(ring.mean())
+
+    def update(self, total_norm, loss, accept, fired):
+        self._ensure(total_norm.device)
+        ok = accept & torch.isfinite(total_norm)
+        self.ring = torch.where(ok, self._shifted(total_norm), self.ring)
+        self.count = self.count + ok.to(torch.int64)
+        cond = getattr(self, "_cond", None)
+        if cond is not None:
+            self.active = torch.where(ok, cond, self.active)
+
+
+class Vanishing(Detector):
+    """Per-layer vanishing gradients against each layer's own early baseline.
+
+    Args:
+        factor: a layer is low when ``||g_l|| < factor * b_l`` (default 1e-3).
+        baseline_steps: accepted steps with a positive finite norm that form ``b_l``
+            (geometric mean; default 50).
+        patience: consecutive low accepted steps before the rule fires (default 20).
+    """
+
+    rule = "vanishing"
+    level = "layer"
+
+    def __init__(self, factor: float = 1e-3, baseline_steps: int = 50, patience: int = 20,
+                 action: str = "warn", callback=None):
+        super().__init__(action, callback)
+        if not 0.0 < factor < 1.0:
+            raise ValueError(f"factor must be in (0, 1), got {factor!r}")
+        self.factor = float(factor)
+        self.baseline_steps = int(baseline_steps)
+        self.patience = int(patience)
+        self.log_sum: Tensor | None = None
+        self.count: Tensor | None = None
+        self.low: Tensor | None = None
+
+    def _state_names(self):
+        return ("log_sum", "count", "low")
+
+    def _alloc(self, n_layers: int, device: torch.device) -> None:
+        if self.log_sum is None or self.log_sum.numel() != n_layers:
+            self.log_sum = torch.zeros(n_layers, dtype=torch.float32, device=device)
+            self.count = torch.zeros(n_layers, dtype=torch.int64, device=device)
+            self.low = torch.zeros(n_layers, dtype=torch.int64, device=device)
+        elif self.log_sum.device != device:
+            self.log_sum, self.count, self.low = (t.to(device) for t in (self.log_sum, self.count, self.low))
+        self._device = device
+
+    def ratios(self, layer_norms: Tensor) -> Tensor:
+        """``||g_l|| / b_l`` per layer (NaN while the layer's baseline is incomplete)."""
+        self._alloc(layer_norms.numel(), layer_norms.device)
+        ready = self.count >= self.baseline_steps
+        base = torch.exp(self.log_sum / torch.clamp(self.count, min=1).to(torch.float32))
+        return torch.where(ready, layer_norms.to(torch.float32) / base, torch.full_like(base, math.nan))
+
+    def evaluate_layers(self, layer_norms: Tensor, accept: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Evaluate and update at once: ``(fired, min_ratio, factor, ratios)``."""
+        ratios = self.ratios(layer_norms)
+        is_low = (ratios < self.factor) & accept  # NaN compares False
+        low = torch.where(accept, torch.where(is_low, self.low + 1, torch.zeros_like(self.low)), self.low)
+        fired = (low == self.patience).any() & accept
+        x = layer_norms.to(torch.float32)
+        take = accept & (self.count < self.baseline_steps) & torch.isfinite(x) & (x > 0)
+        self.log_sum = self.log_sum + torch.where(take, torch.log(torch.clamp(x, min=1e-30)), torch.zeros_like(x))
+        self.count = self.count + take.to(torch.int64)
+        self.low = low
+        finite = torch.where(torch.isnan(ratios), torch.full_like(ratios, math.inf), ratios)
+        value = finite.min() if finite.numel() else torch.full((), math.inf, device=x.device)
+        return fired, value, _f32(self.factor, x.device), ratios
+
+
+def default_detectors() -> list[Detector]:
+    """One of each rule, action ``"warn"``."""
+    return [NonFinite(), Spike(), LossSpike(), Growth(), Vanishing()]
