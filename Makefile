@@ -27,10 +27,10 @@ browser:
 
 test: venv browser
 	$(BIN)/python -m pytest
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check .
 
 lint: venv
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) runs report.html
