@@ -339,3 +339,25 @@ def test_a_broken_monitor_never_raises_into_training():
     backward(model, 0)
     guard.step(opt)  # no exception
     assert guard.step_count == 1
+
+
+def test_grad_scaler_with_fused_optimizer():
+    m1, m2 = make_model(), make_model()
+    o1 = torch.optim.AdamW(m1.parameters(), lr=1e-2, fused=True)
+    o2 = torch.optim.AdamW(m2.parameters(), lr=1e-2, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    guard = gg.Guard(m1, gg.NormClip(0.3))
+    for s in range(3):
+        scaled_backward(m1, scaler, s)
+        guard.step(o1, scaler=scaler)
+        scaler.update()
+        backward(m2, s)
+        torch.nn.utils.clip_grad_norm_(m2.parameters(), 0.3)
+        o2.step()
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    before = snapshot(m1, o1)
+    scaled_backward(m1, scaler, 9, bad=float("nan"))
+    guard.step(o1, scaler=scaler)
+    scaler.update()
+    assert_same(before, snapshot(m1, o1))
