@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from . import _validate
+from .kernels import multi_tensor_scale_
 from .norms import GradNorms, collect_grads, compute_norms, total_from_per_tensor
 
 #: Added to the norm before dividing, as torch.nn.utils.clip_grad_norm_ does.
@@ -106,7 +107,7 @@ class Clipper:
         if not propagate_nonfinite:
             coef = torch.where(nonfinite, torch.ones_like(coef), coef)
         if apply and grads:
-            torch._foreach_mul_(grads, coef)
+            multi_tensor_scale_(grads, coef)  # no host read on CUDA; skips coef == 1 on CPU
         return ClipStats(norms.total, coef, coef < 1.0, nonfinite, norms.per_tensor,
                          self.threshold(norms.total))
 
