@@ -1,0 +1,184 @@
+"""Adaptive clippers: per-step cost that does not grow with steps, and the default-rule table.
+
+    python benchmarks/adaptive_bench.py cost            # step 100 vs step 100 000, per rule
+    python benchmarks/adaptive_bench.py table [--quick] # threshold-free default vs grid and peers
+
+``cost`` times the clipper's own work (norms given; ``clip_`` + ``observe`` and, for SpikeSkip,
+``check`` + ``observe``) on a small model's gradients, after 100 steps and again after 100 000
+steps, and prints the ratio (target <= 1.1). ``table`` trains every task of the experiment
+suite with each strategy for 3 seeds and prints the final losses as the markdown table of
+``docs/adaptive.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+
+import torch
+
+import gradguard as gg
+from gradguard.norms import compute_norms
+
+
+# -- cost -----------------------------------------------------------------------------------
+def _rules():
+    return {
+        "AutoClip (full history)": lambda: gg.AutoClip(10.0),
+        "AutoClip (window 1000)": lambda: gg.AutoClip(10.0, window=1000),
+        "ZClip": lambda: gg.ZClip(),
+        "OvershootClip (momentum SGD)": lambda: gg.OvershootClip(),
+        "SpikeSkip": lambda: gg.SpikeSkip(),
+    }
+
+
+def _time_steps(rule, params, grads, opt, n: int) -> float:
+    """Mean seconds per step over ``n`` steps of the rule's own work."""
+    norms = compute_norms(grads)
+    accept = torch.ones((), dtype=torch.bool)
+    skip_rule = isinstance(rule, gg.SpikeSkip)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        if skip_rule:
+            s = rule.check(norms.total, None)
+            rule.observe(norms.total, None, ~s)
+        else:
+            rule.clip_(params, grads, norms, apply=False)
+            rule.observe(norms, accept)
+    return (time.perf_counter() - t0) / n
+
+
+def cost(reps: int = 2000, far: int = 100_000) -> list[tuple[str, float, float]]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model(torch.randn(16, 64)).pow(2).mean().backward()
+    opt.step()  # momentum buffers exist
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    rows = []
+    for name, make in _rules().items():
+        rule = make()
+        if hasattr(rule, "bind_optimizer"):
+            rule.bind_optimizer(opt)
+        _time_steps(rule, params, grads, opt, 100)                  # now at step 100
+        early = min(_time_steps(rule, params, grads, opt, reps) for _ in range(3))
+        _time_steps(rule, params, grads, opt, far - 100 - 3 * reps)  # now at step 100 000
+        late = min(_time_steps(rule, params, grads, opt, reps) for _ in range(3))
+        rows.append((name, early, late))
+        print(f"{name:32s} step 100: {early * 1e6:8.1f} us   step 100000: {late * 1e6:8.1f} us"
+              f"   ratio {late / early:5.2f}", flush=True)
+    return rows
+
+
+# -- table ----------------------------------------------------------------------------------
+GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+
+
+def _strategies():
+    from gradguard.experiments.strategies import Strategy
+
+    rows = [Strategy(f"global norm {c:g}", (lambda c=c: gg.NormClip(c))) for c in GRID]
+    rows += [
+        Strategy("default (OvershootClip)", lambda: gg.OvershootClip()),
+        Strategy("ZClip (no cap)", lambda: gg.ZClip()),
+        Strategy("AutoClip p10", lambda: gg.AutoClip(10.0)),
+        Strategy("AGC 0.01", lambda: gg.AGC(0.01)),
+        Strategy("none", lambda: None, on_nonfinite="propagate"),
+    ]
+    return rows
+
+
+def _adding_run(strategy, seed: int, steps: int, length: int = 20):
+    """Adding problem (Pascanu et al.), tanh RNN 50, SGD lr 0.01, batch 20, a fixed budget of
+    ``steps``; the loss is the MSE on 1000 fixed held-out sequences after the last step."""
+    from gradguard.experiments import pascanu
+    from gradguard.experiments.loop import train
+
+    torch.manual_seed(seed)
+    model = pascanu.TanhRNN(2, 1, 50, "basic")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = strategy.guard(model)
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    xe, ye = pascanu.generate("adding", 1000, length, torch.Generator().manual_seed(99))
+    mse = torch.nn.MSELoss()
+    per_epoch = 100
+
+    def batches(epoch: int):
+        for _ in range(per_epoch):
+            yield pascanu.generate("adding", 20, length, gen)
+
+    def evaluate() -> float:
+        with torch.no_grad():
+            return float(mse(model(xe), ye))
+
+    return train(model, batches, mse, opt, guard, steps // per_epoch, evaluate=evaluate)
+
+
+def _tasks(quick: bool):
+    from gradguard.experiments import seed_mlp, seq_lstm
+
+    def mlp(s, seed):
+        return seed_mlp.run(s, seed).history
+
+    def lstm(s, seed):
+        return seq_lstm.run(s, seed, seq_lstm.LSTMConfig(epochs=2 if quick else 5)).history
+
+    def adding(s, seed):
+        return _adding_run(s, seed, 1000 if quick else 3000)
+
+    return {"seed MLP (train MSE)": mlp, "LSTM digits (test CE)": lstm,
+            "RNN adding (test MSE)": adding}
+
+
+def table(quick: bool = False, seeds: int = 3) -> None:
+    torch.set_num_threads(1)
+    strategies = _strategies()
+    for task, fn in _tasks(quick).items():
+        res: dict[str, list[float]] = {}
+        for st in strategies:
+            vals = []
+            for seed in range(seeds):
+                h = fn(st, seed)
+                v = h.final_loss if h.first_nonfinite_epoch is None else math.nan
+                vals.append(v)
+            res[st.name] = vals
+            print(f"  {task} | {st.name}: {vals}", file=sys.stderr, flush=True)
+        best = [min((res[f"global norm {c:g}"][i] for c in GRID), key=lambda v: (math.isnan(v), v))
+                for i in range(seeds)]
+        print(f"\n### {task}\n")
+        print("| strategy | " + " | ".join(f"seed {i}" for i in range(seeds))
+              + " | worst ratio to best grid |")
+        print("|---" * (seeds + 2) + "|")
+        for name, vals in res.items():
+            ratios = [v / b if math.isfinite(v) else math.inf for v, b in zip(vals, best)]
+            cells = " | ".join("diverged" if not math.isfinite(v) else f"{v:.4g}" for v in vals)
+            print(f"| {name} | {cells} | {max(ratios):.2f} |")
+        print("| best of grid | " + " | ".join(f"{b:.4g}" for b in best) + " | 1.00 |")
+        sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("cost")
+    c.add_argument("--reps", type=int, default=2000)
+    t = sub.add_parser("table")
+    t.add_argument("--quick", action="store_true")
+    t.add_argument("--seeds", type=int, default=3)
+    args = ap.parse_args(argv)
+    if args.cmd == "cost":
+        torch.set_num_threads(1)
+        rows = cost(args.reps)
+        worst = max(late / early for _, early, late in rows)
+        print(f"worst ratio {worst:.2f} (target <= 1.1)")
+    else:
+        table(args.quick, args.seeds)
+
+
+if __name__ == "__main__":
+    statistics  # noqa: B018  (kept for users extending the table with means)
+    main()
