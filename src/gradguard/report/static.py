@@ -148,7 +148,6 @@ def _flow_fig(v: RunViews, plt: Any) -> Any:
     )
     ax.set_ylabel("gradient norm")
     ax.set_title(f"{_safe(v.name)}: gradient flow")
-    fig.tight_layout()
     return fig
 
 

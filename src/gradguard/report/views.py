@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .data import RunData
-from .downsample import grouped_reduce, select_indices
+from .downsample import select_indices
 
 #: Points per chart before min/max-per-bucket downsampling starts (two points per bucket).
 DEFAULT_BUCKETS = 2000
@@ -106,6 +106,58 @@ def quantise_log(
     return codes, lo, hi, logs
 
 
+class LayerGrid:
+    """Long (step, layer) records bucketed once into a layers x columns grid.
+
+    One pass computes the flat cell index; each reduction afterwards is one ``bincount`` or
+    ``maximum.at`` over it. Columns hold equal numbers of recorded steps.
+    """
+
+    def __init__(self, step: np.ndarray, layer_codes: np.ndarray, n_layers: int, columns: int):
+        uniq = np.unique(step)
+        self.ncols = max(1, min(columns, len(uniq)))
+        self.shape = (n_layers, self.ncols)
+        pos = np.searchsorted(uniq, step)
+        col = (pos * self.ncols) // max(1, len(uniq))
+        self.col = col
+        self.flat = layer_codes.astype(np.int64, copy=False) * self.ncols + col
+        size = n_layers * self.ncols
+        self.records = np.bincount(self.flat, minlength=size).reshape(self.shape)
+        cols_of_uniq = (np.arange(len(uniq)) * self.ncols) // max(1, len(uniq))
+        starts = np.searchsorted(cols_of_uniq, np.arange(self.ncols), side="left")
+        ends = np.searchsorted(cols_of_uniq, np.arange(self.ncols), side="right") - 1
+        self.x0 = [int(v) for v in uniq[starts]]
+        self.x1 = [int(v) for v in uniq[ends]]
+
+    def _size(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def max(self, values: np.ndarray) -> np.ndarray:
+        """Cell maximum of the non-NaN values (inf counts); NaN where a cell has none."""
+        ok = ~np.isnan(values)
+        out = np.full(self._size(), -np.inf)
+        np.maximum.at(out, self.flat[ok], values[ok])
+        out[np.bincount(self.flat[ok], minlength=self._size()) == 0] = np.nan
+        return out.reshape(self.shape)
+
+    def sum_count(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cell sum and count of the finite values."""
+        ok = np.isfinite(values)
+        f = self.flat[ok]
+        tot = np.bincount(f, weights=values[ok], minlength=self._size()).reshape(self.shape)
+        cnt = np.bincount(f, minlength=self._size()).reshape(self.shape)
+        return tot, cnt
+
+    def any(self, mask: np.ndarray) -> np.ndarray:
+        """Cells where ``mask`` is true for some record."""
+        return np.bincount(self.flat[mask], minlength=self._size()).reshape(self.shape) > 0
+
+    def heatmap(self, names: list[str], mx: np.ndarray, nonfinite: np.ndarray, label: str) -> Heatmap:
+        """The quantised heatmap of a cell-maximum matrix."""
+        codes, lo, hi, logs = quantise_log(mx, nonfinite, self.records == 0)
+        return Heatmap(layers=list(names), x0=self.x0, x1=self.x1, lo=lo, hi=hi, codes=codes, label=label, log_values=logs)
+
+
 def heatmap_from_long(
     step: np.ndarray,
     layer_codes: np.ndarray,
@@ -119,31 +171,9 @@ def heatmap_from_long(
     cell's maximum (a spike in one step of a bucket stays visible)."""
     if len(step) == 0 or not layer_names:
         return None
-    uniq = np.unique(step)
-    ncols = max(1, min(columns, len(uniq)))
-    pos = np.searchsorted(uniq, step)
-    col = (pos * ncols) // len(uniq)
-    shape = (len(layer_names), ncols)
-    mx = grouped_reduce(layer_codes, col, values, shape, "max")
-    nf = grouped_reduce(layer_codes, col, nonfinite_rows.astype(np.float64), shape, "sum") > 0
-    cnt = np.bincount(
-        layer_codes.astype(np.int64) * ncols + col, minlength=shape[0] * ncols
-    ).reshape(shape)
-    missing = cnt == 0
-    codes, lo, hi, logs = quantise_log(mx, nf, missing)
-    cols_of_uniq = (np.arange(len(uniq)) * ncols) // len(uniq)
-    starts = np.searchsorted(cols_of_uniq, np.arange(ncols), side="left")
-    ends = np.searchsorted(cols_of_uniq, np.arange(ncols), side="right") - 1
-    return Heatmap(
-        layers=list(layer_names),
-        x0=[int(s) for s in uniq[starts]],
-        x1=[int(s) for s in uniq[ends]],
-        lo=lo,
-        hi=hi,
-        codes=codes,
-        label=label,
-        log_values=logs,
-    )
+    grid = LayerGrid(step, layer_codes, len(layer_names), columns)
+    v = np.asarray(values, dtype=np.float64)
+    return grid.heatmap(layer_names, grid.max(v), grid.any(np.asarray(nonfinite_rows, bool)), label)
 
 
 @dataclass
@@ -239,8 +269,14 @@ def _rate_view(s: pd.DataFrame, buckets: int) -> dict[str, Any] | None:
 
 
 def _layer_codes(layers: pd.DataFrame, names: list[str]) -> np.ndarray:
-    cat = pd.Categorical(layers["layer"].to_numpy(), categories=names)
-    return np.asarray(cat.codes, dtype=np.int64)
+    """Index of each row's layer in ``names`` (-1 if absent), without touching the strings row by row."""
+    col = layers["layer"]
+    if not isinstance(col.dtype, pd.CategoricalDtype):
+        col = col.astype(str).astype("category")
+    cats = [str(c) for c in col.cat.categories]
+    where = {n: i for i, n in enumerate(names)}
+    remap = np.array([where.get(c, -1) for c in cats] + [-1], dtype=np.int64)
+    return remap[np.asarray(col.cat.codes, dtype=np.int64)]
 
 
 def _layer_views(
@@ -253,55 +289,57 @@ def _layer_views(
     if not (r == r[0]).all():
         lay = lay[r == r.min()]
     codes = _layer_codes(lay, names)
-    keep = codes >= 0
-    step = lay["step"].to_numpy()[keep]
-    codes = codes[keep]
-    gn = lay["grad_norm"].to_numpy(dtype=np.float64)[keep]
-    nfc = lay["nonfinite_count"].to_numpy()[keep]
+    step = lay["step"].to_numpy()
+    gn = lay["grad_norm"].to_numpy(dtype=np.float64)
+    nfc = lay["nonfinite_count"].to_numpy()
+    ur = lay["update_ratio"].to_numpy(dtype=np.float64)
+    if (codes < 0).any():
+        keep = codes >= 0
+        codes, step, gn, nfc, ur = codes[keep], step[keep], gn[keep], nfc[keep], ur[keep]
+    grid = LayerGrid(step, codes, len(names), columns)
     nf_rows = (nfc > 0) | ~np.isfinite(gn)
-    hm = heatmap_from_long(step, codes, gn, nf_rows, names, columns, "gradient norm")
-    zeros = np.zeros_like(codes)
-    nl = len(names)
-    mean = grouped_reduce(codes, zeros, gn, (nl, 1), "mean")[:, 0]
-    mx = grouped_reduce(codes, zeros, np.where(np.isfinite(gn), gn, np.nan), (nl, 1), "max")[:, 0]
-    nf_count = grouped_reduce(codes, zeros, nf_rows.astype(np.float64), (nl, 1), "sum")[:, 0]
+    mx_cell = grid.max(gn)
+    nf_cell = grid.any(nf_rows)
+    hm = grid.heatmap(names, mx_cell, nf_cell, "gradient norm")
+    tot, cnt = grid.sum_count(gn)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = tot.sum(axis=1) / cnt.sum(axis=1)
+    finite_mx = np.where(np.isfinite(mx_cell), mx_cell, -np.inf)
+    mx = finite_mx.max(axis=1)
+    mx[~np.isfinite(mx)] = np.nan
+    nf_count = np.bincount(codes[nf_rows], minlength=len(names)).astype(np.float64)
     flow = {
         "layers": names,
         "mean": floats(np.where(mean > 0, mean, np.nan)),
         "max": floats(np.where(mx > 0, mx, np.nan)),
         "nonfinite": [int(v) for v in nf_count],
     }
-    stats = {"mean": mean, "max": mx, "nonfinite": nf_count}
+    stats: dict[str, Any] = {"mean": mean, "max": mx, "nonfinite": nf_count}
     ratio = None
-    ur = lay["update_ratio"].to_numpy(dtype=np.float64)[keep]
     pos = np.isfinite(ur) & (ur > 0)
     if pos.any():
-        lr = np.log10(np.where(pos, ur, 1.0))
-        lr[~pos] = np.nan
-        if hm is not None:
-            uniq = np.unique(step)
-            ncols = len(hm.x0)
-            col = (np.searchsorted(uniq, step) * ncols) // len(uniq)
-            m = grouped_reduce(col, codes, lr, (ncols, nl), "mean")  # geometric mean per cell
-            with np.errstate(all="ignore"):
-                import warnings
+        lr = np.full(len(ur), np.nan)
+        lr[pos] = np.log10(ur[pos])
+        lsum, lcnt = grid.sum_count(lr)
+        import warnings
 
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    qmin = np.nanmin(m, axis=1)
-                    qmed = np.nanmedian(m, axis=1)
-                    qmax = np.nanmax(m, axis=1)
-            per_layer = grouped_reduce(codes, zeros, lr, (nl, 1), "mean")[:, 0]
-            ratio = {
-                "x": hm.x1,
-                "min": floats(10.0**qmin),
-                "median": floats(10.0**qmed),
-                "max": floats(10.0**qmax),
-                "layers": names,
-                "per_layer": floats(10.0**per_layer),
-                "reference": RATIO_REFERENCE,
-            }
-            stats["ratio"] = 10.0**per_layer
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            m = (lsum / lcnt).T  # columns x layers, geometric mean per cell
+            qmin = np.nanmin(m, axis=1)
+            qmed = np.nanmedian(m, axis=1)
+            qmax = np.nanmax(m, axis=1)
+            per_layer = lsum.sum(axis=1) / lcnt.sum(axis=1)
+        ratio = {
+            "x": grid.x1,
+            "min": floats(10.0**qmin),
+            "median": floats(10.0**qmed),
+            "max": floats(10.0**qmax),
+            "layers": names,
+            "per_layer": floats(10.0**per_layer),
+            "reference": RATIO_REFERENCE,
+        }
+        stats["ratio"] = 10.0**per_layer
     return hm, flow, ratio, stats
 
 

@@ -95,6 +95,7 @@
     series.forEach(function (s) { if (!s.marker && !s.reference) total += finiteCount(s.values); });
     if (!x.length || total === 0) { noData(body, id, o.empty || "no data recorded"); return null; }
     var scales = { x: { time: false }, y: o.log === false ? {} : { distr: 3, log: 10 } };
+    if (o.rate) scales.y = { range: function (u, mn, mx) { return [0, Math.max(0.05, mx * 1.05)]; } };
     var axes = [{ label: o.xlabel || "step" }, { label: o.ylabel || "", scale: "y", size: 70 }];
     var useries = [{ label: o.xlabel || "step" }];
     var data = [x];
@@ -215,7 +216,7 @@
     series.forEach(function (s) { s.values.forEach(function (v) { if (v !== null && v > 0) all.push(v); }); });
     if (!labels.length || !all.length) { noData(body, id, o.empty || "no per-layer records"); return; }
     if (o.ref) all.push(o.ref);
-    var lo = Math.floor(Math.log10(Math.min.apply(null, all))), hi = Math.ceil(Math.log10(Math.max.apply(null, all)));
+    var lo = Math.floor(Math.log10(Math.min.apply(null, all)) - 0.3), hi = Math.ceil(Math.log10(Math.max.apply(null, all)));
     if (hi <= lo) hi = lo + 1;
     var n = labels.length, W = widthOf(body);
     var showNames = n <= 60;
@@ -385,7 +386,7 @@
     if (rv) linePlot(body, rid + "-rate", rv.x, [
       { label: "clip rate", values: rv.clip, color: "#f59e0b" },
       { label: "skip rate", values: rv.skip, color: "#dc2626" },
-    ], { log: false, ylabel: "rate", height: 220 });
+    ], { log: false, rate: true, ylabel: "rate", height: 220 });
     else noData(body, rid + "-rate", "no step records yet");
 
     body = card(sec, rid + "-heatmap", "Layer \u00d7 step gradient norm",
