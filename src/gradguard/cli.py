@@ -4,29 +4,71 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .experiments import seed_mlp
+    """``gradguard demo``: every experiment x every clipping strategy x seeds, as a table."""
+    import json
+    import time
+    import warnings
 
-    warnings.filterwarnings("ignore", message=".*target size.*")
-    seeds = list(range(args.seeds))
-    print(f"seed MLP (make_regression 1000x20, SGD lr 0.07 momentum 0.8, 50 epochs), seeds {seeds}")
-    header = f"{'strategy':<18} {'final train MSE':>32} {'first non-finite epoch':>24} {'clipped':>8}"
-    print(header)
-    print("-" * len(header))
-    for name in seed_mlp.STRATEGIES:
-        finals, firsts, rates = [], [], []
-        for seed in seeds:
-            h = seed_mlp.run(name, seed)
-            finals.append(h.final_loss)
-            firsts.append(h.first_nonfinite_epoch)
-            rates.append(h.clip_rate)
-        mse = " ".join(f"{v:.4g}" for v in finals)
-        first = " ".join("-" if f is None else str(f) for f in firsts)
-        rate = sum(rates) / len(rates)
-        print(f"{name:<18} {mse:>32} {first:>24} {rate:>8.0%}")
+    import torch
+    from rich.console import Console
+
+    from .experiments import suite as S
+
+    # Small models train fastest on one thread; several threads on a busy machine are slower.
+    torch.set_num_threads(args.threads)
+    console = Console()
+    if not console.is_terminal:  # piped or captured: room for the table
+        console = Console(width=110)
+    try:
+        experiments = S.plan(args.suite, only=args.only, tiny=args.tiny, mnist_dir=args.mnist_dir,
+                             length=args.length, broadcast_bug=args.broadcast_bug,
+                             charlm_lr=args.charlm_lr)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"gradguard demo: error: {exc}", file=sys.stderr)
+        return 2
+    strats = S.suite_strategies(args.suite, args.strategies)
+    if args.strategies and not any(strats(e) for e in experiments):
+        print(f"gradguard demo: error: no strategy named {args.strategies}", file=sys.stderr)
+        return 2
+    for exp in experiments:
+        console.print(f"[bold]{exp.title}[/bold]: {exp.cfg.describe()}")
+    run_dir = None if args.no_runs else args.runs_dir
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            # detector warnings of exploding runs would bury the table; they stay in the runs
+            warnings.filterwarnings("ignore", message="gradguard")
+            rows, folders = S.run_suite(experiments, strats, args.seeds, run_dir=run_dir,
+                                        progress=not args.no_progress, console=console)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"gradguard demo: error: {exc}", file=sys.stderr)
+        return 2
+    S.print_table(rows, console, title=f"gradguard demo --suite {args.suite}: {args.seeds} seeds, "
+                                       f"{time.perf_counter() - t0:.0f} s")
+    console.print("result: mean ± sample sd over the seeds whose result is finite (solved tasks: "
+                  "k/n seeds solved, at these steps); non-finite at epoch: per seed, '-' never; "
+                  "clipped: share of steps where the clipper changed a gradient; skipped: updates "
+                  "refused (non-finite gradient), all seeds.")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.to_dict() for r in rows], f, indent=1, default=str)
+        console.print(f"wrote {args.json}")
+    if folders:
+        console.print(f"run folders: {len(folders)} under {run_dir}/")
+        if not args.no_report:
+            try:
+                from .report import make_report
+            except ImportError:
+                make_report = None
+            if make_report is not None:
+                try:
+                    out, failed = make_report([str(f) for f in folders], args.report)
+                    console.print(f"report: {out}" + (f" ({len(failed)} runs unreadable)" if failed else ""))
+                except Exception as exc:  # noqa: BLE001 - the table is the demo's result
+                    console.print(f"[yellow]report not written: {exc}[/yellow]")
     return 0
 
 
@@ -76,11 +118,37 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .kernels import bench
+
+    return bench.main_from_args(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gradguard", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the seed article's before/after clipping study")
+    demo.add_argument("--suite", choices=("quick", "full"), default="quick",
+                      help="quick (default, about 2 minutes on 2 cores) or full (long versions)")
     demo.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    demo.add_argument("--only", nargs="+", metavar="EXP",
+                      help="experiments to run: mlp lstm temporal adding charlm")
+    demo.add_argument("--strategies", nargs="+", metavar="NAME",
+                      help="strategy names to keep, as the table spells them (e.g. none 'global norm 1')")
+    demo.add_argument("--mnist-dir", metavar="PATH",
+                      help="train the LSTM on real MNIST read from IDX files in PATH")
+    demo.add_argument("--length", type=int, help="sequence length of the Pascanu tasks")
+    demo.add_argument("--charlm-lr", type=float, help="SGD learning rate of the character LM")
+    demo.add_argument("--broadcast-bug", action="store_true",
+                      help="seed MLP: reproduce the seed's (N,1)-vs-(N,) broadcast loss")
+    demo.add_argument("--tiny", action="store_true", help="every experiment at a seconds-long size")
+    demo.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    demo.add_argument("--runs-dir", default="runs", help="where run folders go (default runs/)")
+    demo.add_argument("--no-runs", action="store_true", help="write no run folders")
+    demo.add_argument("--report", default="runs/report.html", help="HTML report path")
+    demo.add_argument("--no-report", action="store_true", help="write no HTML report")
+    demo.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
     report = sub.add_parser("report", help="an offline HTML report (or static figures) of runs")
     report.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
@@ -91,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     insp.add_argument("run", metavar="RUN", help="run folder")
     insp.add_argument("--top", type=int, default=10, help="events and layers listed (default 10)")
     insp.set_defaults(func=_inspect)
+    bench = sub.add_parser("bench", help="clipping speed against torch, and the memory floor")
+    from .kernels.bench import add_arguments as _bench_arguments
+    _bench_arguments(bench)
+    bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,240 @@
+"""The demo suite: every experiment x every strategy x seeds, one table, run folders, report.
+
+``plan(suite)`` lists the experiments of a suite with their configs; ``run_suite`` trains
+them through each experiment's ``run`` (which all use ``loop.train``), shows progress bars,
+gives one ``Row`` per experiment and strategy, attaches a ``gradguard.Monitor`` to the first
+seed of each (experiment, strategy) when gradguard provides one, and ``print_table`` shows
+the rows in the terminal.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradguard as gg
+
+from . import charlm, pascanu, seed_mlp, seq_lstm
+from .loop import RunResult
+from .strategies import Strategy, strategies
+
+#: experiment keys, in table order
+EXPERIMENTS = ("mlp", "lstm", "temporal", "adding", "charlm")
+QUICK = ("mlp", "lstm", "temporal", "charlm")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """An experiment ready to run: its key, module (with ``run``) and config."""
+
+    key: str
+    module: Any
+    cfg: Any
+    #: the global / per-tensor norm threshold of the quick suite for this experiment
+    norm: float = 1.0
+
+    @property
+    def title(self) -> str:
+        return self.cfg.name if self.key in ("temporal", "adding") else self.module.NAME
+
+
+def plan(suite: str = "quick", *, only: Sequence[str] | None = None, tiny: bool = False,
+         mnist_dir: str | None = None, length: int | None = None,
+         broadcast_bug: bool = False, charlm_lr: float | None = None) -> list[Experiment]:
+    """The experiments of ``suite`` ("quick": mlp, lstm, temporal order, charlm; "full": all
+    five at their long sizes), restricted to ``only``; ``tiny`` shrinks each to seconds."""
+    keys = list(only) if only else list(QUICK if suite == "quick" else EXPERIMENTS)
+    bad = [k for k in keys if k not in EXPERIMENTS]
+    if bad:
+        raise ValueError(f"unknown experiment(s) {bad}; choose from {list(EXPERIMENTS)}")
+    out = []
+    for key in keys:
+        if key == "mlp":
+            cfg: Any = seed_mlp.MLPConfig.for_suite(suite)
+            if broadcast_bug:
+                cfg = seed_mlp.MLPConfig(**{**cfg.__dict__, "broadcast_bug": True})
+            mod: Any = seed_mlp
+        elif key == "lstm":
+            cfg, mod = seq_lstm.LSTMConfig.for_suite(suite, mnist_dir), seq_lstm
+        elif key in ("temporal", "adding"):
+            cfg, mod = pascanu.PascanuConfig.for_suite(suite, key, length), pascanu
+        else:
+            cfg, mod = charlm.CharLMConfig.for_suite(suite), charlm
+            if charlm_lr is not None:
+                cfg = charlm.CharLMConfig(**{**cfg.__dict__, "lr": charlm_lr})
+        if tiny:
+            cfg = cfg.tiny()
+        # Zhang et al. clip their LSTM LM at 0.25; Pascanu and the seed use 1.0
+        out.append(Experiment(key, mod, cfg, norm=0.25 if key == "charlm" else 1.0))
+    return out
+
+
+@dataclass
+class Row:
+    """One line of the results table: an experiment and a strategy over all seeds."""
+
+    experiment: str
+    strategy: str
+    metric_name: str
+    results: list[RunResult] = field(default_factory=list)
+
+    @property
+    def values(self) -> list[float]:
+        return [r.value for r in self.results]
+
+    @property
+    def mean(self) -> float:
+        finite = [v for v in self.values if math.isfinite(v)]
+        return statistics.fmean(finite) if finite else math.nan
+
+    @property
+    def spread(self) -> float:
+        """Sample standard deviation of the finite values (0 for one value)."""
+        finite = [v for v in self.values if math.isfinite(v)]
+        return statistics.stdev(finite) if len(finite) > 1 else 0.0
+
+    @property
+    def nonfinite_epochs(self) -> list[int | None]:
+        return [r.history.first_nonfinite_epoch for r in self.results]
+
+    @property
+    def clip_rate(self) -> float:
+        steps = sum(r.history.steps for r in self.results)
+        return sum(r.history.clipped_steps for r in self.results) / steps if steps else 0.0
+
+    @property
+    def skipped(self) -> int:
+        return sum(r.history.skipped_steps for r in self.results)
+
+    def result_text(self) -> str:
+        """The table's result cell: mean +- spread (non-finite seeds counted apart), or for
+        success tasks "k/n solved" and the steps each took."""
+        if self.metric_name == "solved":
+            steps = [r.success_step for r in self.results if r.success_step is not None]
+            k, n = len(steps), len(self.results)
+            at = f" at {','.join(str(s) for s in sorted(steps))}" if steps else ""
+            return f"{k}/{n}{at}"
+        bad = sum(not math.isfinite(v) for v in self.values)
+        if bad == len(self.values):
+            return "nan"
+        text = f"{_num(self.mean)} ± {_num(self.spread)}"
+        return text + (f" ({bad} nan)" if bad else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row as plain data (``--json``)."""
+        return {
+            "experiment": self.experiment, "strategy": self.strategy,
+            "metric": self.metric_name, "values": self.values, "mean": self.mean,
+            "spread": self.spread, "first_nonfinite_epoch": self.nonfinite_epochs,
+            "clip_rate": self.clip_rate, "skipped_steps": self.skipped,
+            "success_steps": [r.success_step for r in self.results],
+            "max_grad_norm": [r.history.max_grad_norm for r in self.results],
+            "epoch_loss": [r.history.epoch_loss for r in self.results],
+            "epoch_steps": [r.history.epoch_steps for r in self.results],
+            "extra": [r.extra for r in self.results],
+        }
+
+
+def _num(x: float) -> str:
+    if not math.isfinite(x):
+        return str(x)
+    return f"{x:.3g}" if abs(x) < 1e5 else f"{x:.2e}"
+
+
+def _monitor(run_dir: Path, exp: Experiment, strategy: Strategy, seed: int) -> Any:
+    """A ``gradguard.Monitor`` for this run, or None when gradguard has none (yet)."""
+    monitor_cls = getattr(gg, "Monitor", None)
+    if monitor_cls is None:
+        return None
+    folder = run_dir / exp.key / strategy.slug
+    config = {"experiment": exp.title, "strategy": strategy.name, "seed": seed,
+              **{k: v for k, v in exp.cfg.__dict__.items() if isinstance(v, (int, float, str))}}
+    # per-layer statistics every 50 steps keep the monitor's cost small next to these tiny models
+    return monitor_cls(str(folder), name=f"{exp.key}/{strategy.slug}", config=config,
+                       layer_every=50)
+
+
+def suite_strategies(suite: str, names: Sequence[str] | None = None) -> Callable[[Experiment], list[Strategy]]:
+    """Per experiment, the strategies of ``suite`` at the experiment's norm threshold, kept
+    to ``names`` when given (names may leave out the threshold: ``"global norm"``)."""
+    def pick(exp: Experiment) -> list[Strategy]:
+        table = strategies(suite, norm=exp.norm)
+        if not names:
+            return table
+        return [s for s in table if any(s.name == n or s.name.startswith(n + " ") for n in names)]
+    return pick
+
+
+def run_suite(experiments: list[Experiment], strategy_list: list[Strategy] | Callable[[Experiment], list[Strategy]],
+              seeds: int = 3, *, run_dir: str | Path | None = "runs", progress: bool = True,
+              console: Any = None) -> tuple[list[Row], list[Path]]:
+    """Run every experiment with every strategy and ``seeds`` seeds.
+
+    Returns the rows and the run folders written (one per experiment and strategy, for seed
+    0, when a Monitor exists and ``run_dir`` is not None).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    rows: list[Row] = []
+    folders: list[Path] = []
+    columns = (TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
+        for exp in experiments:
+            strats = strategy_list(exp) if callable(strategy_list) else strategy_list
+            per_run = exp.cfg.total_steps()
+            task = bar.add_task(exp.title, total=per_run * len(strats) * seeds)
+            for strategy in strats:
+                row: Row | None = None
+                for seed in range(seeds):
+                    bar.update(task, description=f"{exp.title}: {strategy.name}"[:34])
+                    monitor = None
+                    if seed == 0 and run_dir is not None:
+                        monitor = _monitor(Path(run_dir), exp, strategy, seed)
+                    done = bar.tasks[[t.id for t in bar.tasks].index(task)].completed
+                    try:
+                        result = exp.module.run(strategy, seed, exp.cfg, monitor=monitor,
+                                                on_step=lambda t=task: bar.advance(t))
+                    finally:
+                        if monitor is not None and hasattr(monitor, "close"):
+                            monitor.close()
+                    if monitor is not None:
+                        folders.append(Path(run_dir) / exp.key / strategy.slug)  # type: ignore[arg-type]
+                    # a run that stopped early (solved, or diverged) leaves its bar share
+                    bar.update(task, completed=done + per_run)
+                    if row is None:
+                        row = Row(exp.title, strategy.name, result.metric_name)
+                    row.results.append(result)
+                assert row is not None
+                rows.append(row)
+    return rows, folders
+
+
+def print_table(rows: list[Row], console: Any = None, title: str = "gradguard demo") -> None:
+    """The results table: one line per experiment and strategy."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped or captured: don't squeeze the table into 80
+            console = Console(width=110)
+    table = Table(title=title, show_lines=False)
+    table.add_column("experiment (metric)")
+    table.add_column("strategy", no_wrap=True)
+    table.add_column("result", justify="right", no_wrap=True)
+    table.add_column("non-finite at epoch", justify="right")
+    table.add_column("clipped", justify="right")
+    table.add_column("skipped", justify="right")
+    last = None
+    for r in rows:
+        first = ",".join("-" if e is None else str(e) for e in r.nonfinite_epochs)
+        label = f"{r.experiment} ({r.metric_name})" if r.experiment != last else ""
+        table.add_row(label, r.strategy, r.result_text(), first, f"{r.clip_rate:.0%}",
+                      str(r.skipped), end_section=r is not rows[-1] and rows[rows.index(r) + 1].experiment != r.experiment)
+        last = r.experiment
+    console.print(table)
