@@ -722,9 +722,11 @@ class Monitor:
             try:
                 self._writer.write_meta(self._meta())
             except OSError as exc:
-                if "meta" not in self._failed:
-                    self._failed.add("meta")
-                    msg = f"gradguard monitor: cannot write meta.json ({exc}); training continues"
+                # same source as the shards: a read-only or full disk warns once
+                if "store" not in self._failed:
+                    self._failed.add("store")
+                    msg = (f"gradguard monitor: cannot write the run store ({exc}); training "
+                           "continues")
                     self.notes.append(msg)
                     self._deliveries.append(("warn", msg))
 
