@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
+import warnings
 from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any
@@ -43,19 +44,26 @@ def corpus(max_chars: int = 400_000) -> str:
     modules' source is used instead.
     """
     parts: list[str] = []
-    for name in CORPUS_MODULES:
-        mod = importlib.import_module(name)
-        docs = [inspect.getdoc(mod) or ""]
-        for attr in sorted(vars(mod)):
-            obj = getattr(mod, attr)
-            if attr.startswith("_") or getattr(obj, "__module__", None) != name:
-                continue
-            docs.append(inspect.getdoc(obj) or "")
-        parts.extend(d for d in docs if d)
+    with warnings.catch_warnings():  # typing.io / typing.re announce their deprecation
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in CORPUS_MODULES:
+            parts.extend(_docstrings(name))
     text = "\n\n".join(parts)
     if len(text) < 10_000:  # docstrings stripped (-OO): fall back on source text
         text = "\n".join(inspect.getsource(importlib.import_module(n)) for n in CORPUS_MODULES)
     return text[:max_chars]
+
+
+def _docstrings(name: str) -> list[str]:
+    """The docstring of module ``name`` and of its public members defined there, by name."""
+    mod = importlib.import_module(name)
+    docs = [inspect.getdoc(mod) or ""]
+    for attr in sorted(vars(mod)):
+        obj = getattr(mod, attr)
+        if attr.startswith("_") or getattr(obj, "__module__", None) != name:
+            continue
+        docs.append(inspect.getdoc(obj) or "")
+    return [d for d in docs if d]
 
 
 def encode(text: str) -> tuple[torch.Tensor, list[str]]:

@@ -40,7 +40,7 @@ class LSTMConfig:
         return cls(epochs=2 if suite == "quick" else 10, mnist_dir=mnist_dir)
 
     def tiny(self) -> LSTMConfig:
-        return replace(self, epochs=1, hidden=16, max_train=300)
+        return replace(self, epochs=3, hidden=32, max_train=500)
 
     def total_steps(self) -> int:
         n = self.max_train or (60000 if self.mnist_dir else 1437)
