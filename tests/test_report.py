@@ -353,14 +353,21 @@ def test_partial_tables_with_missing_columns(tmp_path):
     assert r["summary"]["steps"] == 10 and r["norm"]["n"] == 10
 
 
-def test_report_file_path_uses_run_store_reader_when_available(runs):
-    """open_run goes through gradguard.load_run once it exists, and reads the same data."""
+def test_run_store_reader_and_fast_reader_give_the_same_report(runs):
+    """open_run reads through gradguard.load_run on small runs and the fast columnar reader on
+    large ones; both must give the same views."""
     import gradguard
 
     direct = open_run(runs[0], use_load_run=False)
+    fast = open_run(runs[0], fast_read_rows=0)
     via = open_run(runs[0])
-    assert len(via.steps) == len(direct.steps) and len(via.layers) == len(direct.layers)
-    assert len(via.events) == len(direct.events)
     if hasattr(gradguard, "load_run"):
         assert not any("load_run failed" in n for n in via.notes), via.notes
-
+    views = [build_views(r) for r in (direct, fast, via)]
+    for v in views[1:]:
+        assert v.norm == views[0].norm and v.rate == views[0].rate and v.flow == views[0].flow
+        assert v.ratio == views[0].ratio and v.summary == views[0].summary
+        np.testing.assert_array_equal(v.heatmap.codes, views[0].heatmap.codes)
+        assert [e["step"] for e in v.events] == [e["step"] for e in views[0].events]
+        assert [e["window_status"] for e in v.events] == [e["window_status"] for e in views[0].events]
+        assert [e["top_layers"] for e in v.events] == [e["top_layers"] for e in views[0].events]

@@ -46,6 +46,10 @@ LAYER_COLUMNS: dict[str, str] = {
     "update_ratio": "float64",
     "rank": "int32",
 }
+#: The layer columns the report draws; the fast reader leaves grad_max_abs and param_norm on disk.
+REPORT_LAYER_COLUMNS: dict[str, str] = {
+    k: v for k, v in LAYER_COLUMNS.items() if k not in ("grad_max_abs", "param_norm")
+}
 WINDOW_COLUMNS: dict[str, str] = {"step": "int64", "layer": "object", "grad_norm": "float64"}
 
 _SHARD = re.compile(r"^(steps|layers)-r(\d+)-(\d+)\.parquet$")
@@ -259,14 +263,19 @@ def _file_window_reader(folder: Path) -> Callable[[dict[str, Any]], pd.DataFrame
     return read
 
 
-def read_run_folder(folder: Path, diagnosis: Diagnosis | None = None) -> RunData:
+def read_run_folder(
+    folder: Path, diagnosis: Diagnosis | None = None, layer_columns: dict[str, str] = LAYER_COLUMNS
+) -> RunData:
     """Read a run folder directly: tolerant of damaged shards and cut event lines, and fast on
-    large runs (columns read as stored, the layer column dictionary-encoded, no sorting of strings)."""
+    large runs (columns read as stored, the layer column dictionary-encoded, no sorting of strings).
+
+    ``layer_columns`` picks the per-layer columns read (the report passes REPORT_LAYER_COLUMNS).
+    """
     diag = diagnosis or diagnose(folder)
     notes = list(diag.notes)
     meta = diag.meta or {}
     steps = _read_shards(folder, "steps", STEP_COLUMNS, notes)
-    layers = _read_shards(folder, "layers", LAYER_COLUMNS, notes)
+    layers = _read_shards(folder, "layers", layer_columns, notes)
     events = _read_events(folder, notes)
     return RunData(
         name=str(meta.get("name") or folder.name),
@@ -376,7 +385,7 @@ def open_run(path: str | Path, *, use_load_run: bool = True, fast_read_rows: int
             except Exception as exc:
                 diag.notes.insert(0, f"load_run failed ({type(exc).__name__}: {exc}); read file by file")
     if data is None:
-        data = read_run_folder(folder, diag)
+        data = read_run_folder(folder, diag, REPORT_LAYER_COLUMNS)
     if diag.meta is None and not len(data.steps) and not len(data.layers) and not data.events:
         detail = "; ".join(n for n in data.notes if not n.startswith("meta.json missing"))
         raise RunError(
