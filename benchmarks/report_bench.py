@@ -62,11 +62,14 @@ def run_case(base: Path, steps: int, layers: int, every: int) -> dict[str, float
     }
 
 
-def import_time() -> float:
-    """Wall time of ``import gradguard`` alone in a fresh process (torch comes with it)."""
+def import_time() -> tuple[float, float]:
+    """Wall and CPU time of ``import gradguard`` alone in a fresh process (torch comes with it)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import gradguard"], check=True)
-    return time.perf_counter() - t
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> None:
@@ -74,7 +77,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one small case")
     args = ap.parse_args()
     cases = [(20_000, 50, 1)] if args.quick else CASES
-    print(f"`import gradguard` alone (fresh process, wall): {import_time():.2f} s\n")
+    wall, cpu = import_time()
+    print(f"`import gradguard` alone (fresh process): {wall:.2f} s wall, {cpu:.2f} s CPU\n")
     print("| steps | layers | layer rows every | layer rows | read (s) | build page (s) | `gradguard report` wall (s) | its CPU (s) | file (MB) | peak RSS (MB) |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     with tempfile.TemporaryDirectory() as tmp:

@@ -217,3 +217,17 @@ def test_partial_and_half_written_runs_show_notes(browser, tmp_path):
     assert_drawn(plots, ["run0-norm", "run0-heatmap"])
     assert plots["run1-norm"]["status"]["kind"] == "empty"
     page.screenshot(tmp_path / "partial.png")
+
+
+def test_million_steps_500_layers_page_is_drawn(browser, tmp_path):
+    d = write_synthetic_run(tmp_path / "big", steps=1_000_000, layers=500, layer_every=5000, shard_steps=250_000, spikes=6, name="big")
+    out = write_html([open_run(d)], tmp_path / "big.html")
+    assert out.stat().st_size < 10_000_000
+    t = time.time()
+    page = Page(browser, out)
+    assert time.time() - t < 20
+    assert_clean(page)
+    plots = page.plots()
+    assert_drawn(plots, [f"run0-{v}" for v in ("norm", "rate", "heatmap", "flow", "ratio", "ratio-layers")])
+    assert plots["run0-heatmap"]["status"]["points"] == 500 * 200  # 500 layers x 200 recorded steps
+    page.screenshot(tmp_path / "big.png")
