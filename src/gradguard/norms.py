@@ -12,11 +12,11 @@ For p = inf, ``n_i = max |g_i|`` and the total is ``max_i n_i``.
 
 Fast paths (same results, more accurate than torch's):
 
-* CPU, p = 2: chunked BLAS dot products summed in float64 (``_cpu_l2_norms``); float16 and
-  bfloat16 are converted to float32 through a small buffer first (torch's own CPU norm of
-  them is 8x slower with ``dtype=float32`` and off by 1-10% without). A chunk whose squares
-  overflow or underflow float32 is recomputed in float64, so the result stays finite and
-  correct when the norm is.
+* CPU, p = 2: ``torch._foreach_norm`` of 256K-element chunks, squares added in float64
+  (``_cpu_l2_norms``); float16 and bfloat16 are converted to float32 through a small buffer
+  first (torch's own CPU norm of them is 8x slower with ``dtype=float32`` and off by 1-10%
+  without). A chunk whose squares overflow or underflow float32 is recomputed in float64,
+  so the result stays finite and correct when the norm is.
 * CUDA with Triton: one persistent multi-tensor kernel plus one small reduction
   (``gradguard.kernels``), for p in {1, 2, inf}, float16/bfloat16/float32.
 * Otherwise, and while ``torch.compile`` traces: ``torch._foreach_norm(dtype=float32)``.
@@ -62,13 +62,16 @@ def collect_grads(parameters: Tensor | Iterable[Tensor]) -> tuple[list[Tensor], 
     return params, grads
 
 
-# Elements per BLAS dot product on the CPU (4 MiB of float32). Summing the dots of chunks
-# this size in float64 also makes the norm ~100x more accurate than one long float32 dot
-# (relative error ~1e-6 instead of ~3e-4 on a 38M-element tensor; torch's own CPU norm is
-# off by ~3e-3 there).
-_DOT_CHUNK = 1 << 20
-# Elements per float16/bfloat16 -> float32 conversion buffer (1 MiB: stays in L2/L3).
-_CAST_CHUNK = 1 << 18
+# Elements per chunk on the CPU (1 MiB of float32). torch's CPU norm kernel adds the squares
+# of a tensor in one float32 stream: on a 38M-element tensor it is off by ~1e-3 (relative).
+# Taken over chunks this size and added in float64 the error is ~1e-6. (BLAS dot products
+# per chunk were tried: as fast when the machine is idle, 2-6x slower when other processes
+# compete for the cores, through MKL's threading and the number of calls.)
+_CHUNK = 1 << 18
+# float16/bfloat16 chunks are converted into a float32 staging buffer of this many elements
+# (16 MiB: stays in the last-level cache) and normed there: torch's own float16/bfloat16 CPU
+# norm with dtype=float32 is ~8x slower, and without it the result is off by 1-10%.
+_STAGE = 1 << 22
 _HALF = (torch.float16, torch.bfloat16)
 _FAST_CPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # A float32 (float64) sum of squares below n * _TINY[dtype] may have lost contributions to
@@ -103,52 +106,68 @@ def _exact_sumsq(chunk: Tensor) -> float:
 
 
 def _cpu_l2_norms(grads: list[Tensor]) -> Tensor:
-    """L2 norms (float32) of CPU tensors of one floating dtype, from BLAS dot products.
+    """L2 norms (float32) of CPU tensors of one floating dtype, each read once.
 
-    Every tensor is read once, in chunks of ``_DOT_CHUNK`` elements (``_CAST_CHUNK`` for
-    float16/bfloat16, which are converted to float32 in a small reused buffer first, so the
-    squares accumulate in float32 exactly as the module docstring promises). The per-chunk
-    sums of squares s_j (float32, or float64 for float64 tensors) are added in float64:
+    Every tensor is cut into chunks of ``_CHUNK`` elements and ``torch._foreach_norm`` gives
+    the chunks' norms r_j (float32 accumulation; float16/bfloat16 tensors are first
+    converted ``_STAGE`` elements at a time into a reused float32 buffer, one copy per
+    slice). The squares are added per tensor in float64:
 
-        ||g_i||_2 = sqrt( sum_{j in chunks(i)} s_j )
+        ||g_i||_2 = sqrt( sum_{j in chunks(i)} r_j**2 )
 
-    A chunk whose s_j overflowed to inf, or is so small that underflowed squares could
-    matter (s_j < n_j * _TINY), is recomputed exactly (``_exact_sumsq``); a NaN s_j stays
-    NaN. Reading the flags costs nothing: these are CPU tensors (no device to wait for).
-    Non-contiguous tensors are read through ``reshape`` (one copy).
+    A chunk whose sum of squares overflowed float32 (r_j = inf), or is so small that
+    underflowed squares could matter (r_j**2 < n_j * _TINY), is recomputed exactly
+    (``_exact_sumsq``); NaN stays NaN. Reading these flags costs nothing: they are CPU
+    tensors, there is no device to wait for. Non-contiguous tensors are read through
+    ``reshape`` (one copy).
     """
     dtype = grads[0].dtype
-    half = dtype in _HALF
-    chunk_len = _CAST_CHUNK if half else _DOT_CHUNK
-    buf = torch.empty(min(chunk_len, max(g.numel() for g in grads)), dtype=torch.float32) \
-        if half else None
-    parts: list[Tensor] = []
-    chunks: list[Tensor] = []
-    owner: list[int] = []
-    for i, g in enumerate(grads):
-        for c in g.reshape(-1).split(chunk_len):
-            if buf is not None:
-                b = buf[: c.numel()]
-                b.copy_(c)
-                parts.append(torch.dot(b, b))
-            else:
-                parts.append(torch.dot(c, c))
-            chunks.append(c)
-            owner.append(i)
+    k = _CHUNK
+    norms: list[Tensor] = []
+    meta: list[tuple[int, Tensor, int, int]] = []  # per chunk: tensor, source, start, length
+    if dtype in _HALF:
+        buf = torch.empty(min(_STAGE, sum(g.numel() for g in grads)), dtype=torch.float32)
+        views: list[Tensor] = []
+        pos = 0
+        for i, g in enumerate(grads):
+            for src in g.reshape(-1).split(_STAGE):
+                n = src.numel()
+                if pos + n > buf.numel():
+                    norms.extend(torch._foreach_norm(views))
+                    views, pos = [], 0
+                x = buf[pos: pos + n]
+                x.copy_(src)
+                pos += n
+                for start in range(0, n, k):
+                    views.append(x[start: start + k])
+                    meta.append((i, src, start, min(k, n - start)))
+        if views:
+            norms.extend(torch._foreach_norm(views))
+    else:
+        chunks = []
+        for i, g in enumerate(grads):
+            flat = g.reshape(-1)
+            n = flat.numel()
+            for start in range(0, n, k):
+                chunks.append(flat[start: start + k])
+                meta.append((i, flat, start, min(k, n - start)))
+        if chunks:
+            norms = list(torch._foreach_norm(chunks))
     sums = torch.zeros(len(grads), dtype=torch.float64)
-    if not parts:
+    if not norms:
         return sums.float()
-    sq = torch.stack(parts).double()
+    sq = torch.stack(norms).double().square_()
     vals = sq.numpy()
     tiny = _TINY[torch.float64 if dtype == torch.float64 else torch.float32]
-    sizes = np.fromiter((c.numel() for c in chunks), dtype=np.float64, count=len(chunks))
+    sizes = np.fromiter((m[3] for m in meta), dtype=np.float64, count=len(meta))
     # NaN compares False on both sides: left alone. inf > anything finite: recomputed.
     suspect = (vals < sizes * tiny) | (vals == np.inf)
     if suspect.any():
         for j in np.flatnonzero(suspect).tolist():
-            vals[j] = _exact_sumsq(chunks[j])
-    sums.index_add_(0, torch.tensor(owner), sq)
-    return sums.sqrt().float()
+            _, src, start, length = meta[j]
+            vals[j] = _exact_sumsq(src[start: start + length])
+    sums.index_add_(0, torch.tensor([m[0] for m in meta]), sq)
+    return sums.sqrt_().float()
 
 
 def _use_cpu_fast_path(grads: list[Tensor], norm_type: float) -> bool:
