@@ -361,6 +361,12 @@ def _window_heatmap(df: pd.DataFrame, names: list[str]) -> Heatmap | None:
     )
 
 
+def _event_num(x: Any) -> float | str | None:
+    """An event's value or baseline: NaN and null both mean "none" (load_run turns null into NaN)."""
+    v = num(x)
+    return None if v == "NaN" else v
+
+
 def _event_view(run: RunData, ev: dict[str, Any], names: list[str], embed: bool) -> dict[str, Any]:
     top = []
     for t in ev.get("top_layers") or []:
@@ -376,8 +382,8 @@ def _event_view(run: RunData, ev: dict[str, Any], names: list[str], embed: bool)
     out: dict[str, Any] = {
         "step": ev.get("step") if isinstance(ev.get("step"), int) else num(ev.get("step")),
         "rule": str(ev.get("rule", "")),
-        "value": num(ev.get("value")),
-        "baseline": num(ev.get("baseline")),
+        "value": _event_num(ev.get("value")),
+        "baseline": _event_num(ev.get("baseline")),
         "action": str(ev.get("action", "")),
         "message": str(ev.get("message") or ""),
         "first_nonfinite_layer": None
