@@ -41,7 +41,7 @@ def write_synthetic_run(
     ]
     layers = len(names)
     step = np.arange(steps, dtype=np.int64)
-    drift = np.cumsum(rng.normal(0, 0.01, steps))
+    drift = np.cumsum(rng.normal(0, 0.01 * min(1.0, (1000 / max(steps, 1)) ** 0.5), steps))
     log_norm = (
         0.3 * np.sin(step / max(1, steps / 7)) + drift - drift.mean() + rng.normal(0, 0.15, steps)
     )

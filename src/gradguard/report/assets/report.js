@@ -28,6 +28,7 @@
     if (typeof v !== "number") return String(v);
     if (v === 0) return "0";
     var a = Math.abs(v);
+    if (Number.isInteger(v) && a < 1e15) return v.toLocaleString("en-US");
     if (a >= 1e5 || a < 1e-3) return v.toExponential(2);
     if (Number.isInteger(v)) return String(v);
     return String(Number(v.toPrecision(4)));
@@ -96,7 +97,8 @@
     if (!x.length || total === 0) { noData(body, id, o.empty || "no data recorded"); return null; }
     var scales = { x: { time: false }, y: o.log === false ? {} : { distr: 3, log: 10 } };
     if (o.rate) scales.y = { range: function (u, mn, mx) { return [0, Math.max(0.05, mx * 1.05)]; } };
-    var axes = [{ label: o.xlabel || "step" }, { label: o.ylabel || "", scale: "y", size: 70 }];
+    var ticks = function (u, splits) { return splits.map(function (v) { return v === null ? "" : fmt(v); }); };
+    var axes = [{ label: o.xlabel || "step" }, { label: o.ylabel || "", scale: "y", size: 70, values: ticks }];
     var useries = [{ label: o.xlabel || "step" }];
     var data = [x];
     series.forEach(function (s, k) {
@@ -114,7 +116,7 @@
     });
     if (o.second) {
       scales[o.second.scale] = o.second.log ? { distr: 3, log: 10 } : {};
-      axes.push({ scale: o.second.scale, side: 1, label: o.second.label, grid: { show: false }, size: 70 });
+      axes.push({ scale: o.second.scale, side: 1, label: o.second.label, grid: { show: false }, size: 70, values: ticks });
     }
     var opts = {
       width: widthOf(body), height: o.height || 300, scales: scales, axes: axes, series: useries,
