@@ -1,0 +1,168 @@
+"""Monitor overhead on the GPT-2-small parameter set (CPU), and the run store at scale.
+
+    python benchmarks/monitor_bench.py            # full sizes
+    python benchmarks/monitor_bench.py --quick    # a smoke run
+
+1. Guard + Monitor (``layer_every=10``) against Guard alone, both with ``NormClip(1.0)`` and
+   a foreach SGD. The clip's own cost is ``t(Guard alone) - t(optimizer.step alone)``; the
+   Monitor's overhead is ``t(Guard + Monitor) - t(Guard alone)``; printed as a ratio.
+   Timings interleave the three variants step by step and report medians.
+2. The run store: ``--steps`` steps (default 1e5) x ``--layers`` layers (default 200) of
+   per-layer rows (every step, the worst case) written as Parquet shards of 1000 steps
+   through ``RunWriter``, then read with ``load_run``: seconds and bytes on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+import gradguard as gg
+from gradguard.monitor.store import LAYERS_SCHEMA, STEPS_SCHEMA, RunWriter, load_run
+
+
+def gpt2_small() -> list[tuple[str, tuple[int, ...]]]:
+    """The 148 parameter tensors of GPT-2 small (124,439,808 parameters)."""
+    d, vocab, ctx = 768, 50257, 1024
+    shapes = [("wte.weight", (vocab, d)), ("wpe.weight", (ctx, d))]
+    for i in range(12):
+        h = f"h.{i}"
+        shapes += [(f"{h}.ln_1.weight", (d,)), (f"{h}.ln_1.bias", (d,)),
+                   (f"{h}.attn.c_attn.weight", (d, 3 * d)), (f"{h}.attn.c_attn.bias", (3 * d,)),
+                   (f"{h}.attn.c_proj.weight", (d, d)), (f"{h}.attn.c_proj.bias", (d,)),
+                   (f"{h}.ln_2.weight", (d,)), (f"{h}.ln_2.bias", (d,)),
+                   (f"{h}.mlp.c_fc.weight", (d, 4 * d)), (f"{h}.mlp.c_fc.bias", (4 * d,)),
+                   (f"{h}.mlp.c_proj.weight", (4 * d, d)), (f"{h}.mlp.c_proj.bias", (d,))]
+    shapes += [("ln_f.weight", (d,)), ("ln_f.bias", (d,))]
+    return shapes
+
+
+def bench_overhead(steps: int, tmp: Path) -> dict[str, float]:
+    torch.manual_seed(0)
+    shapes = gpt2_small()
+    params = [torch.nn.Parameter(torch.randn(s) * 0.02) for _, s in shapes]
+    names = [n for n, _ in shapes]
+    grads = [torch.randn(s) * 1e-3 for _, s in shapes]
+    n_params = sum(p.numel() for p in params)
+    assert len(params) == 148 and n_params == 124_439_808, (len(params), n_params)
+    opt = torch.optim.SGD(params, lr=1e-6, foreach=True)
+    plain = gg.Guard(list(zip(names, params)), clipper=gg.NormClip(1.0))
+    mon = gg.Monitor(tmp / "bench-run", layer_every=10, flush_every=100)
+    monitored = gg.Guard(list(zip(names, params)), clipper=gg.NormClip(1.0), monitor=mon)
+    loss = torch.tensor(2.0)
+
+    def set_grads():
+        for p, g in zip(params, grads):
+            if p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+
+    # (variant, is_layer_step) -> seconds; minima are robust to other load on the machine
+    times: dict[tuple[str, bool], list[float]] = {}
+    for i in range(steps + 2):
+        for key in ("opt", "plain", "monitored"):
+            set_grads()
+            layer_step = (monitored.step_count + 1) % 10 == 0
+            t0 = time.perf_counter()
+            if key == "opt":
+                opt.step()
+            elif key == "plain":
+                plain.step(opt, loss=loss)
+            else:
+                monitored.step(opt, loss=loss)
+            dt = time.perf_counter() - t0
+            if i >= 2:  # warm-up
+                times.setdefault((key, layer_step if key == "monitored" else False), []).append(dt)
+    monitored.close()
+    t_opt = min(times[("opt", False)])
+    t_plain = min(times[("plain", False)])
+    t_mon = min(times[("monitored", False)])
+    t_mon_layer = min(times.get(("monitored", True), [math.nan]))
+    clip = t_plain - t_opt
+    amortised = (9 * (t_mon - t_plain) + (t_mon_layer - t_plain)) / 10
+    out = {"params": n_params, "tensors": len(params), "opt_ms": t_opt * 1e3,
+           "guard_ms": t_plain * 1e3, "guard_monitor_ms": t_mon * 1e3,
+           "guard_monitor_layer_ms": t_mon_layer * 1e3, "clip_ms": clip * 1e3,
+           "overhead_step_ms": (t_mon - t_plain) * 1e3,
+           "overhead_layer_ms": (t_mon_layer - t_plain) * 1e3, "overhead_ms": amortised * 1e3}
+    out["overhead_vs_clip"] = amortised / clip
+    return out
+
+
+def bench_store(n_steps: int, n_layers: int, shard: int, tmp: Path) -> dict[str, float]:
+    rng = np.random.default_rng(0)
+    path = tmp / "store-run"
+    w = RunWriter(path)
+    layer_names = np.asarray([f"blocks.{i // 4}.part{i % 4}" for i in range(n_layers)], dtype=object)
+    w.write_meta({"name": "bench", "layers": list(layer_names), "config": {}, "versions": {},
+                  "started": None, "notes": [], "ranks": [0]})
+    t_write = 0.0
+    for start in range(0, n_steps, shard):
+        steps = np.arange(start + 1, min(start + shard, n_steps) + 1, dtype=np.int64)
+        n = len(steps)
+        st = {"step": steps, "time": np.full(n, 1.7e9), "loss": rng.random(n), "lr": np.full(n, 1e-3),
+              "total_norm": rng.random(n), "total_norm_after": rng.random(n),
+              "clip_coef": np.ones(n), "threshold": np.ones(n), "clipped": np.zeros(n, bool),
+              "skipped": np.zeros(n, bool), "nonfinite": np.zeros(n, bool),
+              "loss_scale": np.full(n, np.nan), "rank": np.zeros(n, np.int32)}
+        m = n * n_layers
+        ly = {"step": np.repeat(steps, n_layers), "layer": np.tile(layer_names, n),
+              "grad_norm": rng.random(m).astype(np.float32).astype(np.float64),
+              "grad_max_abs": rng.random(m).astype(np.float32).astype(np.float64),
+              "nonfinite_count": np.zeros(m, np.int64),
+              "param_norm": rng.random(m).astype(np.float32).astype(np.float64),
+              "update_ratio": rng.random(m).astype(np.float32).astype(np.float64),
+              "rank": np.zeros(m, np.int32)}
+        t0 = time.perf_counter()
+        w.write_shard("steps", pa.table(st, schema=STEPS_SCHEMA))
+        w.write_shard("layers", pa.table(ly, schema=LAYERS_SCHEMA))
+        w.next_seq()
+        t_write += time.perf_counter() - t0
+    size = sum(p.stat().st_size for p in path.iterdir())
+    t0 = time.perf_counter()
+    run = load_run(path)
+    t_read = time.perf_counter() - t0
+    assert len(run.steps) == n_steps and len(run.layers) == n_steps * n_layers
+    return {"steps": n_steps, "layers": n_layers, "layer_rows": n_steps * n_layers,
+            "write_s": t_write, "read_s": t_read, "bytes": size,
+            "bytes_per_layer_row": size / (n_steps * n_layers)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    ap.add_argument("--overhead-steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=100_000)
+    ap.add_argument("--layers", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    if a.quick:
+        a.overhead_steps, a.steps = 10, 5_000
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        o = bench_overhead(a.overhead_steps, tmp)
+        print(f"GPT-2-small parameter set: {o['tensors']} tensors, {o['params']:,} parameters, "
+              f"{torch.get_num_threads()} threads, {a.overhead_steps} steps (layer_every=10)")
+        print(f"  optimizer.step alone        {o['opt_ms']:8.1f} ms (minimum over steps)")
+        print(f"  Guard alone                 {o['guard_ms']:8.1f} ms  -> clip's own cost {o['clip_ms']:.1f} ms")
+        print(f"  Guard + Monitor, plain step {o['guard_monitor_ms']:8.1f} ms  ({o['overhead_step_ms']:+.1f} ms)")
+        print(f"  Guard + Monitor, layer step {o['guard_monitor_layer_ms']:8.1f} ms  ({o['overhead_layer_ms']:+.1f} ms)")
+        print(f"  Monitor overhead, amortised over layer_every=10: {o['overhead_ms']:+.1f} ms per step "
+              f"= {100 * o['overhead_vs_clip']:+.1f}% of the clip's own cost")
+        s = bench_store(a.steps, a.layers, 1000, tmp)
+        print(f"Run store: {s['steps']:,} steps x {s['layers']} layers = {s['layer_rows']:,} layer rows")
+        print(f"  write {s['write_s']:.2f} s, read (load_run) {s['read_s']:.2f} s, "
+              f"{s['bytes'] / 1e6:.1f} MB on disk ({s['bytes_per_layer_row']:.2f} B per layer row)")
+
+
+if __name__ == "__main__":
+    main()
