@@ -126,7 +126,7 @@ def _layout(tensors: list[Tensor]) -> _Layout | None:
             return None
         ptrs.append(t.data_ptr())
     numels = [t.numel() for t in tensors]
-    key = (t0.device, t0.dtype, tuple(ptrs), tuple(numels))
+    key = (t0.device, t0.dtype, CHUNK, tuple(ptrs), tuple(numels))
     hit = _LAYOUTS.get(key)
     if hit is not None:
         _LAYOUTS.move_to_end(key)
@@ -193,7 +193,7 @@ def multi_tensor_norms(tensors: list[Tensor], norm_type: float = 2.0, *,
     out = torch.empty(n_t + 1, dtype=torch.float32, device=dev)
     if lay.n_chunks:
         k._norm_partials[(lay.grid,)](tensors[lay.base], lay.starts, lay.lens, partials, lay.n_chunks,
-                                      P=p, BLOCK=BLOCK, CHUNK=CHUNK, ALIGN=lay.align,
+                                      P=p, BLOCK=BLOCK, ALIGN=lay.align,
                                       num_warps=NUM_WARPS)
     k._norm_reduce[(n_t + 1,)](partials, lay.tstart, out, out[n_t:], n_t, P=p, RBLOCK=RBLOCK,
                                num_warps=4)
@@ -218,7 +218,7 @@ def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor, *, allow_cpu: bool 
                 rest.extend(group)
             elif lay.n_chunks:
                 k._scale[(lay.grid,)](group[lay.base], lay.starts, lay.lens, coef32, lay.n_chunks,
-                                      BLOCK=BLOCK, CHUNK=CHUNK, ALIGN=lay.align,
+                                      BLOCK=BLOCK, ALIGN=lay.align,
                                       num_warps=NUM_WARPS)
         if rest:
             torch._foreach_mul_(rest, coef)

@@ -36,7 +36,7 @@ import triton.language as tl
 
 @triton.jit
 def _norm_partials(base_ptr, starts_ptr, lens_ptr, partials_ptr, n_chunks,
-                   P: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                   P: tl.constexpr, BLOCK: tl.constexpr,
                    ALIGN: tl.constexpr):
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
@@ -115,7 +115,7 @@ def _norm_reduce(partials_ptr, tstart_ptr, per_ptr, total_ptr, n_tensors,
 
 @triton.jit
 def _scale(base_ptr, starts_ptr, lens_ptr, coef_ptr, n_chunks,
-           BLOCK: tl.constexpr, CHUNK: tl.constexpr, ALIGN: tl.constexpr):
+           BLOCK: tl.constexpr, ALIGN: tl.constexpr):
     coef = tl.load(coef_ptr).to(tl.float32)
     if coef != 1.0:
         pid = tl.program_id(0)
