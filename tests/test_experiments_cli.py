@@ -95,12 +95,13 @@ def test_find_mnist_errors(tmp_path):
 
 def test_demo_table_in_process(tmp_path, capsys):
     out = tmp_path / "rows.json"
-    rc = main(["demo", "--tiny", "--seeds", "2", "--only", "mlp", "--no-progress",
+    rc = main(["demo", "--tiny", "--seeds", "2", "--only", "mlp", "--no-progress", "--jobs", "1",
                "--runs-dir", str(tmp_path / "runs"), "--no-report", "--json", str(out),
-               "--strategies", "none", "global norm"])
+               "--strategies", "none", "global norm", "--curves"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "seed MLP" in text and "global norm 1" in text and "none" in text
+    assert "loss against steps" in text
     rows = json.loads(out.read_text())
     assert [r["strategy"] for r in rows] == ["none", "global norm 1"]
     none, clip = rows
@@ -112,6 +113,19 @@ def test_demo_table_in_process(tmp_path, capsys):
     if hasattr(gg, "Monitor"):  # one run folder per experiment and strategy (seed 0)
         folders = sorted(p.name for p in (tmp_path / "runs" / "mlp").iterdir())
         assert folders == ["global-norm-1", "none"]
+
+
+def test_parallel_jobs_give_the_same_rows():
+    from gradguard.experiments.suite import plan, run_suite
+
+    exps = plan("quick", only=["mlp"], tiny=True)
+    kw = dict(names=["none", "global norm"], run_dir=None, progress=False)
+    one, _ = run_suite(exps, "quick", 2, jobs=1, **kw)
+    two, _ = run_suite(exps, "quick", 2, jobs=2, **kw)
+    assert [r.strategy for r in two] == ["none", "global norm 1"]
+    for a, b in zip(one, two):
+        assert [x.seed for x in b.results] == [0, 1]
+        np.testing.assert_equal(a.to_dict()["epoch_loss"], b.to_dict()["epoch_loss"])  # NaN == NaN
 
 
 def test_demo_rejects_unknown_experiment(capsys):

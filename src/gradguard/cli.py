@@ -25,12 +25,12 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         experiments = S.plan(args.suite, only=args.only, tiny=args.tiny, mnist_dir=args.mnist_dir,
                              length=args.length, broadcast_bug=args.broadcast_bug,
-                             charlm_lr=args.charlm_lr)
+                             charlm_lr=args.charlm_lr, max_steps=args.max_steps)
     except (ValueError, FileNotFoundError) as exc:
         print(f"gradguard demo: error: {exc}", file=sys.stderr)
         return 2
-    strats = S.suite_strategies(args.suite, args.strategies)
-    if args.strategies and not any(strats(e) for e in experiments):
+    if args.strategies and not any(S.suite_strategies(args.suite, args.strategies)(e)
+                                   for e in experiments):
         print(f"gradguard demo: error: no strategy named {args.strategies}", file=sys.stderr)
         return 2
     for exp in experiments:
@@ -41,8 +41,10 @@ def _demo(args: argparse.Namespace) -> int:
         with warnings.catch_warnings():
             # detector warnings of exploding runs would bury the table; they stay in the runs
             warnings.filterwarnings("ignore", message="gradguard")
-            rows, folders = S.run_suite(experiments, strats, args.seeds, run_dir=run_dir,
-                                        progress=not args.no_progress, console=console)
+            rows, folders = S.run_suite(experiments, args.suite, args.seeds,
+                                        names=args.strategies, run_dir=run_dir,
+                                        progress=not args.no_progress, console=console,
+                                        jobs=args.jobs)
     except (ValueError, FileNotFoundError) as exc:
         print(f"gradguard demo: error: {exc}", file=sys.stderr)
         return 2
@@ -52,6 +54,8 @@ def _demo(args: argparse.Namespace) -> int:
                   "k/n seeds solved, at these steps); non-finite at epoch: per seed, '-' never; "
                   "clipped: share of steps where the clipper changed a gradient; skipped: updates "
                   "refused (non-finite gradient), all seeds.")
+    if args.curves:
+        S.print_curves(rows, console)
     if args.json:
         with open(args.json, "w") as f:
             json.dump([r.to_dict() for r in rows], f, indent=1, default=str)
@@ -138,15 +142,21 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--mnist-dir", metavar="PATH",
                       help="train the LSTM on real MNIST read from IDX files in PATH")
     demo.add_argument("--length", type=int, help="sequence length of the Pascanu tasks")
+    demo.add_argument("--max-steps", type=int,
+                      help="step budget of the Pascanu tasks and the character LM")
     demo.add_argument("--charlm-lr", type=float, help="SGD learning rate of the character LM")
     demo.add_argument("--broadcast-bug", action="store_true",
                       help="seed MLP: reproduce the seed's (N,1)-vs-(N,) broadcast loss")
     demo.add_argument("--tiny", action="store_true", help="every experiment at a seconds-long size")
     demo.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    demo.add_argument("--jobs", type=int, default=1,
+                      help="runs in parallel processes (default 1, with per-step progress); "
+                           "helps only on idle cores")
     demo.add_argument("--runs-dir", default="runs", help="where run folders go (default runs/)")
     demo.add_argument("--no-runs", action="store_true", help="write no run folders")
     demo.add_argument("--report", default="runs/report.html", help="HTML report path")
     demo.add_argument("--no-report", action="store_true", help="write no HTML report")
+    demo.add_argument("--curves", action="store_true", help="also print loss against steps")
     demo.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)

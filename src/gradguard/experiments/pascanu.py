@@ -50,7 +50,7 @@ class PascanuConfig:
     @classmethod
     def for_suite(cls, suite: str, task: str, length: int | None = None) -> PascanuConfig:
         if suite == "quick":
-            return cls(task=task, length=length or 10, max_steps=400, eval_every=100,
+            return cls(task=task, length=length or 10, max_steps=400, eval_every=50,
                        eval_size=500)
         return cls(task=task, length=length or 50)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ from .strategies import Strategy, strategies
 
 #: experiment keys, in table order
 EXPERIMENTS = ("mlp", "lstm", "temporal", "adding", "charlm")
+MODULES: dict[str, Any] = {"mlp": seed_mlp, "lstm": seq_lstm, "temporal": pascanu,
+                           "adding": pascanu, "charlm": charlm}
 QUICK = ("mlp", "lstm", "temporal", "charlm")
 
 
@@ -44,9 +46,11 @@ class Experiment:
 
 def plan(suite: str = "quick", *, only: Sequence[str] | None = None, tiny: bool = False,
          mnist_dir: str | None = None, length: int | None = None,
-         broadcast_bug: bool = False, charlm_lr: float | None = None) -> list[Experiment]:
+         broadcast_bug: bool = False, charlm_lr: float | None = None,
+         max_steps: int | None = None) -> list[Experiment]:
     """The experiments of ``suite`` ("quick": mlp, lstm, temporal order, charlm; "full": all
-    five at their long sizes), restricted to ``only``; ``tiny`` shrinks each to seconds."""
+    five at their long sizes), restricted to ``only``; ``tiny`` shrinks each to seconds.
+    ``max_steps`` sets the step budget of the Pascanu tasks and the character LM."""
     keys = list(only) if only else list(QUICK if suite == "quick" else EXPERIMENTS)
     bad = [k for k in keys if k not in EXPERIMENTS]
     if bad:
@@ -56,16 +60,20 @@ def plan(suite: str = "quick", *, only: Sequence[str] | None = None, tiny: bool 
         if key == "mlp":
             cfg: Any = seed_mlp.MLPConfig.for_suite(suite)
             if broadcast_bug:
-                cfg = seed_mlp.MLPConfig(**{**cfg.__dict__, "broadcast_bug": True})
+                cfg = replace(cfg, broadcast_bug=True)
             mod: Any = seed_mlp
         elif key == "lstm":
             cfg, mod = seq_lstm.LSTMConfig.for_suite(suite, mnist_dir), seq_lstm
         elif key in ("temporal", "adding"):
             cfg, mod = pascanu.PascanuConfig.for_suite(suite, key, length), pascanu
+            if max_steps is not None:
+                cfg = replace(cfg, max_steps=max_steps)
         else:
             cfg, mod = charlm.CharLMConfig.for_suite(suite), charlm
             if charlm_lr is not None:
-                cfg = charlm.CharLMConfig(**{**cfg.__dict__, "lr": charlm_lr})
+                cfg = replace(cfg, lr=charlm_lr)
+            if max_steps is not None:
+                cfg = replace(cfg, steps=max_steps)
         if tiny:
             cfg = cfg.tiny()
         # Zhang et al. clip their LSTM LM at 0.25; Pascanu and the seed use 1.0
@@ -169,48 +177,106 @@ def suite_strategies(suite: str, names: Sequence[str] | None = None) -> Callable
     return pick
 
 
-def run_suite(experiments: list[Experiment], strategy_list: list[Strategy] | Callable[[Experiment], list[Strategy]],
-              seeds: int = 3, *, run_dir: str | Path | None = "runs", progress: bool = True,
-              console: Any = None) -> tuple[list[Row], list[Path]]:
-    """Run every experiment with every strategy and ``seeds`` seeds.
+@dataclass(frozen=True)
+class _Job:
+    """One run, as plain data a worker process can receive."""
 
-    Returns the rows and the run folders written (one per experiment and strategy, for seed
-    0, when a Monitor exists and ``run_dir`` is not None).
+    key: str
+    cfg: Any
+    norm: float
+    suite: str
+    strategy: str
+    seed: int
+    folder: str | None  # run folder for the monitor, or None
+
+
+def _execute(job: _Job, on_step: Callable[[], None] | None = None) -> RunResult:
+    exp = Experiment(job.key, MODULES[job.key], job.cfg, job.norm)
+    strategy = next(s for s in strategies(job.suite, norm=job.norm) if s.name == job.strategy)
+    monitor = _monitor(Path(job.folder), exp, strategy, job.seed) if job.folder else None
+    try:
+        return exp.module.run(strategy, job.seed, job.cfg, monitor=monitor, on_step=on_step)
+    finally:
+        if monitor is not None and hasattr(monitor, "close"):
+            monitor.close()
+
+
+def _worker(job: _Job) -> RunResult:
+    """Entry point of a worker process: one torch thread, detector warnings silenced."""
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="gradguard")
+        return _execute(job)
+
+
+def run_suite(experiments: list[Experiment], suite: str = "quick", seeds: int = 3, *,
+              names: Sequence[str] | None = None, run_dir: str | Path | None = "runs",
+              progress: bool = True, console: Any = None, jobs: int = 1) -> tuple[list[Row], list[Path]]:
+    """Run every experiment with every strategy of ``suite`` (kept to ``names``) and
+    ``seeds`` seeds, in ``jobs`` processes (1: in this process, with per-step progress).
+
+    Returns the rows, in table order whatever order the runs finish in, and the run folders
+    written (one per experiment and strategy, for seed 0, when gradguard has a Monitor and
+    ``run_dir`` is not None).
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    pick = suite_strategies(suite, names)
+    monitored = run_dir is not None and hasattr(gg, "Monitor")
+    plan_: list[tuple[int, _Job]] = []  # (index of the row, job)
     rows: list[Row] = []
     folders: list[Path] = []
+    for exp in experiments:
+        for strategy in pick(exp):
+            folder = Path(run_dir) / exp.key / strategy.slug if monitored else None  # type: ignore[arg-type]
+            if folder is not None:
+                folders.append(folder)
+            rows.append(Row(exp.title, strategy.name, ""))
+            for seed in range(seeds):
+                plan_.append((len(rows) - 1, _Job(exp.key, exp.cfg, exp.norm, suite, strategy.name,
+                                                  seed, str(folder) if seed == 0 and folder else None)))
+    results: dict[int, RunResult] = {}
     columns = (TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
+        tasks = {}
         for exp in experiments:
-            strats = strategy_list(exp) if callable(strategy_list) else strategy_list
-            per_run = exp.cfg.total_steps()
-            task = bar.add_task(exp.title, total=per_run * len(strats) * seeds)
-            for strategy in strats:
-                row: Row | None = None
-                for seed in range(seeds):
-                    bar.update(task, description=f"{exp.title}: {strategy.name}"[:34])
-                    monitor = None
-                    if seed == 0 and run_dir is not None:
-                        monitor = _monitor(Path(run_dir), exp, strategy, seed)
-                    done = bar.tasks[[t.id for t in bar.tasks].index(task)].completed
-                    try:
-                        result = exp.module.run(strategy, seed, exp.cfg, monitor=monitor,
-                                                on_step=lambda t=task: bar.advance(t))
-                    finally:
-                        if monitor is not None and hasattr(monitor, "close"):
-                            monitor.close()
-                    if monitor is not None:
-                        folders.append(Path(run_dir) / exp.key / strategy.slug)  # type: ignore[arg-type]
-                    # a run that stopped early (solved, or diverged) leaves its bar share
-                    bar.update(task, completed=done + per_run)
-                    if row is None:
-                        row = Row(exp.title, strategy.name, result.metric_name)
-                    row.results.append(result)
-                assert row is not None
-                rows.append(row)
+            n = sum(1 for _, j in plan_ if j.key == exp.key)
+            tasks[exp.key] = bar.add_task(exp.title, total=n * exp.cfg.total_steps())
+        if jobs <= 1:
+            for i, (row_index, job) in enumerate(plan_):
+                task = tasks[job.key]
+                bar.update(task, description=f"{rows[row_index].experiment}: {job.strategy}"[:34])
+                done = bar.tasks[[t.id for t in bar.tasks].index(task)].completed
+                results[i] = _execute(job, on_step=lambda t=task: bar.advance(t))
+                # a run that stopped early (solved, or diverged) leaves its share of the bar
+                bar.update(task, completed=done + job.cfg.total_steps())
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            # forkserver: workers fork from a clean server that imported gradguard and torch
+            # once (cheap to start, and no fork of this process's threads); spawn elsewhere
+            if "forkserver" in multiprocessing.get_all_start_methods():
+                ctx = multiprocessing.get_context("forkserver")
+                ctx.set_forkserver_preload([__name__])
+            else:
+                ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+                futures = {pool.submit(_worker, job): i for i, (_, job) in enumerate(plan_)}
+                for fut in as_completed(futures):
+                    i = futures[fut]
+                    job = plan_[i][1]
+                    results[i] = fut.result()
+                    bar.update(tasks[job.key], advance=job.cfg.total_steps(),
+                               description=f"{rows[plan_[i][0]].experiment}: {job.strategy}"[:34])
+    for i, (row_index, _) in enumerate(plan_):
+        rows[row_index].results.append(results[i])
+        rows[row_index].metric_name = results[i].metric_name
     return rows, folders
 
 
@@ -238,3 +304,31 @@ def print_table(rows: list[Row], console: Any = None, title: str = "gradguard de
                       str(r.skipped), end_section=r is not rows[-1] and rows[rows.index(r) + 1].experiment != r.experiment)
         last = r.experiment
     console.print(table)
+
+
+def print_curves(rows: list[Row], console: Any = None, points: int = 8) -> None:
+    """Loss against steps (mean over the seeds that reached each point), one line per row:
+    the epoch losses at up to ``points`` evenly spaced evaluations."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    by_exp: dict[str, list[Row]] = {}
+    for r in rows:
+        by_exp.setdefault(r.experiment, []).append(r)
+    for exp, group in by_exp.items():
+        steps = max((r.history.epoch_steps for r in group[0].results), key=len, default=[])
+        if not steps:
+            continue
+        idx = sorted({round(i * (len(steps) - 1) / max(points - 1, 1)) for i in range(points)})
+        table = Table(title=f"{exp}: loss against steps (mean over seeds)")
+        table.add_column("strategy", no_wrap=True)
+        for i in idx:
+            table.add_column(str(steps[i]), justify="right")
+        for r in group:
+            cells = []
+            for i in idx:
+                vals = [h.epoch_loss[i] for h in (x.history for x in r.results) if len(h.epoch_loss) > i]
+                cells.append(_num(statistics.fmean(vals)) if vals else "")
+            table.add_row(r.strategy, *cells)
+        console.print(table)
