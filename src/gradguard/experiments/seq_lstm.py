@@ -11,6 +11,7 @@ set's mean and spread (the seed's ``Normalize((0.1307,), (0.3081,))``).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -53,8 +54,11 @@ class LSTMConfig:
                 f"batch {self.batch_size}, {self.epochs} epochs")
 
 
+@cache
 def load_data(cfg: LSTMConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_train, y_train, x_test, y_test); x as float32 (N, rows, cols), standardised."""
+    """(x_train, y_train, x_test, y_test); x as float32 (N, rows, cols), standardised.
+
+    Cached per config (every strategy and seed reads the same data); don't modify them."""
     if cfg.mnist_dir:
         from .idx import load_mnist
 
@@ -116,11 +120,14 @@ def run(strategy: Strategy, seed: int = 0, cfg: LSTMConfig | None = None, *,
         with torch.no_grad():
             return torch.cat([model(xte[i:i + 2000]) for i in range(0, len(xte), 2000)])
 
-    def evaluate() -> float:
-        return float(ce(test_outputs(), yte))
+    last: list[torch.Tensor] = []
 
-    def accuracy() -> float:
-        return float((test_outputs().argmax(1) == yte).float().mean())
+    def evaluate() -> float:
+        last[:] = [test_outputs()]
+        return float(ce(last[0], yte))
+
+    def accuracy() -> float:  # called right after evaluate(): reuse its outputs
+        return float((last[0].argmax(1) == yte).float().mean())
 
     hist = train(model, batches, ce, opt, guard, cfg.epochs, evaluate=evaluate,
                  metric=accuracy, on_step=on_step)

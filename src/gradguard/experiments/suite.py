@@ -141,6 +141,7 @@ class Row:
             "clip_rate": self.clip_rate, "skipped_steps": self.skipped,
             "success_steps": [r.success_step for r in self.results],
             "max_grad_norm": [r.history.max_grad_norm for r in self.results],
+            "final_metric": [r.history.final_metric for r in self.results],
             "epoch_loss": [r.history.epoch_loss for r in self.results],
             "epoch_steps": [r.history.epoch_steps for r in self.results],
             "extra": [r.extra for r in self.results],
