@@ -97,11 +97,12 @@ def test_demo_table_in_process(tmp_path, capsys):
     out = tmp_path / "rows.json"
     rc = main(["demo", "--tiny", "--seeds", "2", "--only", "mlp", "--no-progress", "--jobs", "1",
                "--runs-dir", str(tmp_path / "runs"), "--no-report", "--json", str(out),
-               "--strategies", "none", "global norm", "--curves"])
+               "--strategies", "none", "global norm", "--curves", "--markdown"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "seed MLP" in text and "global norm 1" in text and "none" in text
     assert "loss against steps" in text
+    assert "| seed MLP (train MSE) | none | nan | 0,0 | 0% | 0 |" in text
     rows = json.loads(out.read_text())
     assert [r["strategy"] for r in rows] == ["none", "global norm 1"]
     none, clip = rows

@@ -54,6 +54,8 @@ def _demo(args: argparse.Namespace) -> int:
                   "k/n seeds solved, at these steps); non-finite at epoch: per seed, '-' never; "
                   "clipped: share of steps where the clipper changed a gradient; skipped: updates "
                   "refused (non-finite gradient), all seeds.")
+    if args.markdown:
+        print(S.markdown_table(rows))
     if args.curves:
         S.print_curves(rows, console)
     if args.json:
@@ -156,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--no-runs", action="store_true", help="write no run folders")
     demo.add_argument("--report", default="runs/report.html", help="HTML report path")
     demo.add_argument("--no-report", action="store_true", help="write no HTML report")
+    demo.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     demo.add_argument("--curves", action="store_true", help="also print loss against steps")
     demo.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -333,3 +333,17 @@ def print_curves(rows: list[Row], console: Any = None, points: int = 8) -> None:
                 cells.append(_num(statistics.fmean(vals)) if vals else "")
             table.add_row(r.strategy, *cells)
         console.print(table)
+
+
+def markdown_table(rows: list[Row]) -> str:
+    """The results table as GitHub markdown (``gradguard demo --markdown``)."""
+    lines = ["| experiment (metric) | strategy | result | non-finite at epoch | clipped | skipped |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    last = None
+    for r in rows:
+        first = ",".join("-" if e is None else str(e) for e in r.nonfinite_epochs)
+        label = f"{r.experiment} ({r.metric_name})" if r.experiment != last else ""
+        lines.append(f"| {label} | {r.strategy} | {r.result_text()} | {first} | "
+                     f"{r.clip_rate:.0%} | {r.skipped} |")
+        last = r.experiment
+    return "\n".join(lines)
