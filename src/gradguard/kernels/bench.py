@@ -347,6 +347,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--warmup", type=int, default=None, help="untimed runs first")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     ap.add_argument("--quick", action="store_true", help="gpt2-124M float32 only, 5 repeats")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads for both libraries (default: torch's default)")
 
 
 def main_from_args(args: argparse.Namespace) -> int:
@@ -359,6 +361,8 @@ def main_from_args(args: argparse.Namespace) -> int:
                 raise SystemExit(f"unknown set or dtype {item!r}; sets {list(SETS)}, dtypes {list(DTYPES)}")
             configs.append((name, dt or "float32"))
     repeats = args.repeats
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         configs = configs or [("gpt2-124M", "float32")]
         repeats = repeats or 5
