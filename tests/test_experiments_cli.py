@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gradguard.cli import main
-from gradguard.experiments import seq_lstm
+from gradguard.experiments import seed_mlp, seq_lstm
 from gradguard.experiments.idx import find_mnist, load_mnist, read_idx, write_idx
 from gradguard.experiments.strategies import strategies
 
@@ -114,6 +114,8 @@ def test_demo_table_in_process(tmp_path, capsys):
     if hasattr(gg, "Monitor"):  # one run folder per experiment and strategy (seed 0)
         folders = sorted(p.name for p in (tmp_path / "runs" / "mlp").iterdir())
         assert folders == ["global-norm-1", "none"]
+        run = gg.load_run(tmp_path / "runs" / "mlp" / "global-norm-1")
+        assert len(run.steps) == seed_mlp.MLPConfig().tiny().total_steps()  # seed 0 only
 
 
 def test_parallel_jobs_give_the_same_rows():

@@ -154,12 +154,11 @@ def _num(x: float) -> str:
     return f"{x:.3g}" if abs(x) < 1e5 else f"{x:.2e}"
 
 
-def _monitor(run_dir: Path, exp: Experiment, strategy: Strategy, seed: int) -> Any:
-    """A ``gradguard.Monitor`` for this run, or None when gradguard has none (yet)."""
+def _monitor(folder: Path, exp: Experiment, strategy: Strategy, seed: int) -> Any:
+    """A ``gradguard.Monitor`` writing to ``folder``, or None when gradguard has none (yet)."""
     monitor_cls = getattr(gg, "Monitor", None)
     if monitor_cls is None:
         return None
-    folder = run_dir / exp.key / strategy.slug
     config = {"experiment": exp.title, "strategy": strategy.name, "seed": seed,
               **{k: v for k, v in exp.cfg.__dict__.items() if isinstance(v, (int, float, str))}}
     # per-layer statistics every 50 steps keep the monitor's cost small next to these tiny models
