@@ -424,7 +424,7 @@ def test_guard_default_is_overshootclip_and_none_means_none():
 def test_overshoot_modes_follow_the_optimizer():
     for opt_fn, mode in [
         (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "momentum"),
-        (lambda p: torch.optim.SGD(p, lr=0.1), "sgd"),
+        (lambda p: torch.optim.SGD(p, lr=0.1), "cap"),
         (lambda p: torch.optim.Adam(p, lr=0.1), "cap"),
     ]:
         c = gg.OvershootClip()
@@ -443,8 +443,9 @@ def test_overshoot_matches_reference_plain_sgd():
         grads.append(osc * base * (1 + 0.3 * rng.random()) + 0.2 * rng.normal(size=d))
     p = torch.nn.Parameter(torch.ones(d) * 0.5)
     opt = torch.optim.SGD([p], lr=0.1)
-    c = gg.OvershootClip(beta=0.3)
+    c = gg.OvershootClip(beta=0.3, use_last_gradient=True)
     c.bind_optimizer(opt)
+    assert c.mode == "sgd"
     got = []
     for g in grads:
         p.grad = torch.tensor(g, dtype=torch.float32)
@@ -460,7 +461,7 @@ def test_overshoot_matches_reference_plain_sgd():
 def test_overshoot_shrinks_on_oscillation_and_grows_when_updates_agree():
     p = torch.nn.Parameter(torch.ones(4))
     opt = torch.optim.SGD([p], lr=1.0)
-    c = gg.OvershootClip(beta=0.5, floor=0.0)
+    c = gg.OvershootClip(beta=0.5, floor=0.0, use_last_gradient=True)
     c.bind_optimizer(opt)
     g = torch.tensor([1.0, 2.0, -1.0, 0.5])
 

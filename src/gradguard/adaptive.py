@@ -413,8 +413,8 @@ class OvershootClip(_ThresholdClipper):
 
     **Step-size control S** (for ``torch.optim.SGD``, where the clip threshold *is* the step
     length ``lr * min(||g||, S)``). At each step the new gradient ``g_t`` is compared with the
-    direction of the last update ``u_{t-1}`` (SGD's momentum buffer, or the last gradient
-    without momentum): ``c_t = cos(g_t, u_{t-1})``. ``-g_t . u_{t-1}`` is the derivative of the
+    direction of the last update ``u_{t-1}`` (SGD's momentum buffer; without momentum only
+    with ``use_last_gradient=True``, the last gradient): ``c_t = cos(g_t, u_{t-1})``. ``-g_t . u_{t-1}`` is the derivative of the
     loss with respect to the last step's length (the "hypergradient" of Baydin et al. 2018), so
 
         c_t < 0 (the step overshot):        S <- min(S, ||g_{t-1}||) * exp(beta * c_t)
@@ -429,8 +429,9 @@ class OvershootClip(_ThresholdClipper):
     **Spike cap** (every optimizer): ``level`` is the EMA (``ema``) of the log of accepted,
     clipped norms, so a norm above ``spike_factor * exp(level)`` is clipped; feeding the
     clipped value keeps an explosion from dragging the cap up with it. With adaptive
-    optimizers (Adam, RMSprop, ...; the update does not scale with the gradient) and when no
-    optimizer is known (``Guard.clip``), only the cap acts.
+    optimizers (Adam, RMSprop, ...; the update does not scale with the gradient), with SGD
+    without momentum (unless ``use_last_gradient``) and when no optimizer is known
+    (``Guard.clip``), only the cap acts.
 
     The rule needs the optimizer: the Guard hands it over through ``bind_optimizer``. Cost per
     step: one cosine over at most ``sample`` strided gradient elements (the whole gradient for
@@ -439,7 +440,8 @@ class OvershootClip(_ThresholdClipper):
     """
 
     def __init__(self, *, beta: float = 0.1, init_step: float = 1e-2, floor: float = 0.02,
-                 spike_factor: float = 3.0, ema: float = 0.95, sample: int = 65536):
+                 spike_factor: float = 3.0, ema: float = 0.95, sample: int = 65536,
+                 use_last_gradient: bool = False):
         self.beta = _nonneg(beta, "beta", positive=True)
         self.init_step = _nonneg(init_step, "init_step", positive=True)
         self.floor = _nonneg(floor, "floor")
@@ -448,6 +450,7 @@ class OvershootClip(_ThresholdClipper):
             raise ValueError(f"spike_factor must be >= 1, got {spike_factor!r}")
         self.ema = _open_unit(ema, "ema")
         self.sample = _int_at_least(sample, "sample", 1)
+        self.use_last_gradient = bool(use_last_gradient)
         self._optimizer: torch.optim.Optimizer | None = None
         self._mode = _CAP_ONLY
         self._lr: Any = None
@@ -471,7 +474,12 @@ class OvershootClip(_ThresholdClipper):
         self._optimizer = optimizer
         if isinstance(optimizer, torch.optim.SGD):
             momenta = [g.get("momentum", 0.0) for g in groups]
-            self._mode = _SGD_MOMENTUM if all(m > 0 for m in momenta) else _SGD_PLAIN
+            if all(m > 0 for m in momenta):
+                self._mode = _SGD_MOMENTUM
+            else:
+                # without momentum the only direction is the last minibatch gradient, a noisy
+                # proxy: measured on the adding problem it over-clips, so it is opt-in
+                self._mode = _SGD_PLAIN if self.use_last_gradient else _CAP_ONLY
         else:
             self._mode = _CAP_ONLY
 
