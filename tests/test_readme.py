@@ -28,3 +28,14 @@ def test_quickstart_runs_as_written(tmp_path, monkeypatch, capsys):
 def test_readme_names_the_two_commands():
     text = README.read_text()
     assert "make demo" in text and "make test" in text
+
+
+def test_public_names_resolve_and_import_is_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, gradguard as gg; assert 'torch' not in sys.modules; "
+            "assert sorted(gg.__all__) == sorted(gg._EXPORTS); "
+            "[getattr(gg, n) for n in gg.__all__]; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"

@@ -1,41 +1,90 @@
-"""gradguard: gradient clipping, bad-step skipping and gradient-health monitoring."""
+"""gradguard: gradient clipping, bad-step skipping and gradient-health monitoring.
 
-from .adaptive import AutoClip, OvershootClip, SpikeSkip, ZClip, default_clipper
-from .clippers import AGC, Clipper, ClipStats, NormClip, ValueClip
-from .errors import GradientExplosionError, NonFiniteGradientError
-from .functional import (
-    clip_grad_agc_,
-    clip_grad_norm_,
-    clip_grad_norm_per_tensor_,
-    clip_grad_value_,
-    grad_norm,
-)
-from .guard import Guard
-from .monitor import Monitor, load_run
-from .norms import GradNorms
+Public names are imported lazily, on first use, so that ``gradguard report`` and
+``gradguard inspect`` (which never touch torch) start without importing it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "AGC": "clippers",
+    "Clipper": "clippers",
+    "ClipStats": "clippers",
+    "NormClip": "clippers",
+    "ValueClip": "clippers",
+    "AutoClip": "adaptive",
+    "OvershootClip": "adaptive",
+    "SpikeSkip": "adaptive",
+    "ZClip": "adaptive",
+    "default_clipper": "adaptive",
+    "GradientExplosionError": "errors",
+    "NonFiniteGradientError": "errors",
+    "clip_grad_agc_": "functional",
+    "clip_grad_norm_": "functional",
+    "clip_grad_norm_per_tensor_": "functional",
+    "clip_grad_value_": "functional",
+    "grad_norm": "functional",
+    "Guard": "guard",
+    "Monitor": "monitor",
+    "load_run": "monitor",
+    "GradNorms": "norms",
+}
 
 __all__ = [
     "AGC",
     "AutoClip",
-    "OvershootClip",
-    "SpikeSkip",
-    "ZClip",
-    "default_clipper",
     "ClipStats",
     "Clipper",
     "GradNorms",
     "GradientExplosionError",
     "Guard",
+    "Monitor",
     "NonFiniteGradientError",
     "NormClip",
+    "OvershootClip",
+    "SpikeSkip",
     "ValueClip",
+    "ZClip",
     "clip_grad_agc_",
     "clip_grad_norm_",
     "clip_grad_norm_per_tensor_",
     "clip_grad_value_",
+    "default_clipper",
     "grad_norm",
     "load_run",
-    "Monitor",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gradguard' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from .adaptive import AutoClip, OvershootClip, SpikeSkip, ZClip, default_clipper
+    from .clippers import AGC, Clipper, ClipStats, NormClip, ValueClip
+    from .errors import GradientExplosionError, NonFiniteGradientError
+    from .functional import (
+        clip_grad_agc_,
+        clip_grad_norm_,
+        clip_grad_norm_per_tensor_,
+        clip_grad_value_,
+        grad_norm,
+    )
+    from .guard import Guard
+    from .monitor import Monitor, load_run
+    from .norms import GradNorms
