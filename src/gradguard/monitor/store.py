@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -41,10 +42,13 @@ STEPS_SCHEMA = pa.schema([
     ("skipped", pa.bool_()), ("nonfinite", pa.bool_()), ("loss_scale", pa.float64()),
     ("rank", pa.int32()),
 ])
+#: ``layer`` is dictionary-encoded (int32 codes into the layer names; read back as a pandas
+#: categorical); the statistics are float32, as computed on the device.
+LAYER_TYPE = pa.dictionary(pa.int32(), pa.string())
 LAYERS_SCHEMA = pa.schema([
-    ("step", pa.int64()), ("layer", pa.string()), ("grad_norm", pa.float64()),
-    ("grad_max_abs", pa.float64()), ("nonfinite_count", pa.int64()),
-    ("param_norm", pa.float64()), ("update_ratio", pa.float64()), ("rank", pa.int32()),
+    ("step", pa.int64()), ("layer", LAYER_TYPE), ("grad_norm", pa.float32()),
+    ("grad_max_abs", pa.float32()), ("nonfinite_count", pa.int64()),
+    ("param_norm", pa.float32()), ("update_ratio", pa.float32()), ("rank", pa.int32()),
 ])
 WINDOW_SCHEMA = pa.schema([("step", pa.int64()), ("layer", pa.string()), ("grad_norm", pa.float64())])
 EVENT_FIELDS = ("step", "rule", "value", "baseline", "action", "top_layers",
@@ -94,7 +98,7 @@ class RunWriter:
         final = self.path / name
         tmp = self.path / f".{name}.tmp"
         try:
-            pq.write_table(table, tmp, compression="zstd")
+            pq.write_table(table, tmp, **_write_options(table.schema))
             os.replace(tmp, final)
         except BaseException:
             try:
@@ -127,6 +131,24 @@ class RunWriter:
             os.close(fd)
 
 
+def _write_options(schema: pa.Schema) -> dict[str, Any]:
+    """zstd; dictionary encoding for the integer, boolean and layer columns (steps repeat per
+    layer, layers per step), byte-stream-split for the floats (a dictionary of floats costs
+    time and saves nothing; split bytes compress well when values change slowly);
+    statistics (for row-group pruning) on ``step`` and ``rank`` only."""
+    floats = [f.name for f in schema if pa.types.is_floating(f.type)]
+    return {"compression": "zstd",
+            "use_dictionary": [f.name for f in schema if f.name not in floats],
+            "use_byte_stream_split": floats or False,
+            "write_statistics": [c for c in ("step", "rank") if c in schema.names]}
+
+
+def layer_column(names: list[str], n_steps: int) -> pa.DictionaryArray:
+    """The ``layer`` column of ``n_steps`` layer steps of all ``names`` (codes, not strings)."""
+    codes = np.tile(np.arange(len(names), dtype=np.int32), n_steps)
+    return pa.DictionaryArray.from_arrays(pa.array(codes, pa.int32()), pa.array(list(names), pa.string()))
+
+
 def _jsonable(x: Any) -> Any:
     if isinstance(x, dict):
         return {k: _jsonable(v) for k, v in x.items()}
@@ -145,21 +167,84 @@ def _empty(schema: pa.Schema):
     return schema.empty_table().to_pandas()
 
 
-def _read_shards(path: Path, kind: str, schema: pa.Schema):
-    import pandas as pd
+def _shard_files(path: Path, kind: str) -> list[Path]:
+    """The finished shards of ``kind``, by rank then sequence number (numerically)."""
+    found = []
+    for p in path.glob(f"{kind}-r*-*.parquet"):
+        m = _SHARD.match(p.name)
+        if m:
+            found.append((int(m.group(2)), int(m.group(3)), p))
+    return [p for _r, _s, p in sorted(found)]
 
-    files = sorted(p for p in path.glob(f"{kind}-r*-*.parquet") if _SHARD.match(p.name))
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with ``schema``'s columns, in its order: shards of older versions (layer as
+    plain strings) are converted, a missing column is filled with nulls. Floating columns keep
+    their stored precision (older shards hold float64 statistics: never rounded on reading)."""
+    if table.schema.equals(schema):
+        return table
+    cols, fields = [], []
+    for f in schema:
+        if f.name not in table.column_names:
+            c = pa.nulls(table.num_rows, f.type)
+        else:
+            c = table.column(f.name)
+            if c.type == f.type or (pa.types.is_floating(f.type) and pa.types.is_floating(c.type)):
+                pass
+            elif pa.types.is_dictionary(f.type):
+                c = c.cast(pa.string()).dictionary_encode()
+                c = c.cast(f.type) if c.type != f.type else c
+            else:
+                c = c.cast(f.type, safe=False)
+        cols.append(c)
+        fields.append(pa.field(f.name, c.type))
+    return pa.table(cols, schema=pa.schema(fields))
+
+
+def _ordered(df, keys: list[str]) -> bool:
+    """True when the rows are already sorted by ``keys`` (one vectorised pass per key)."""
+    n = len(df)
+    if n < 2:
+        return True
+    tied = np.ones(n - 1, dtype=bool)  # consecutive rows equal on the keys so far
+    for k in keys:
+        d = np.diff(_sort_key(df, k))
+        if np.any(tied & (d < 0)):
+            return False
+        tied &= d == 0
+        if not tied.any():
+            break
+    return True
+
+
+def _sort_key(df, k: str) -> np.ndarray:
+    col = df[k]
+    return col.cat.codes.to_numpy() if k == "layer" else col.to_numpy()
+
+
+def _read_shards(path: Path, kind: str, schema: pa.Schema):
+    """All readable shards of ``kind`` in one frame, sorted by step, rank (and, for layers,
+    the layer's position in ``meta["layers"]``). Rows of one rank written in order need no
+    sort: that is checked, and only out-of-order frames (several ranks, a resumed run) are
+    sorted (stable, on integer keys)."""
     tables = []
-    for f in files:
+    for f in _shard_files(path, kind):
         try:
-            tables.append(pq.read_table(f, schema=schema))
-        except (OSError, pa.ArrowInvalid):
+            tables.append(_conform(pq.read_table(f), schema))
+        except (OSError, pa.ArrowException):
             continue  # a shard damaged outside gradguard: skip it, keep the rest
     if not tables:
         return _empty(schema)
-    df = pa.concat_tables(tables).to_pandas()
-    sort = ["step", "rank"] + (["layer"] if kind == "layers" else [])
-    return df.sort_values(sort, kind="stable").reset_index(drop=True) if len(df) else df if isinstance(df, pd.DataFrame) else df
+    table = pa.concat_tables(tables, promote_options="permissive")  # float32 + float64 -> float64
+    if kind == "layers":
+        table = table.unify_dictionaries()
+    del tables
+    df = table.to_pandas(split_blocks=True, self_destruct=True)
+    del table
+    keys = ["step", "rank"] + (["layer"] if kind == "layers" else [])
+    if not _ordered(df, keys):
+        df = df.take(np.lexsort([_sort_key(df, k) for k in reversed(keys)]))
+    return df.reset_index(drop=True)
 
 
 def _read_events(path: Path):
