@@ -25,7 +25,7 @@ import pyarrow as pa
 import torch
 
 import gradguard as gg
-from gradguard.monitor.store import LAYERS_SCHEMA, STEPS_SCHEMA, RunWriter, load_run
+from gradguard.monitor.store import LAYERS_SCHEMA, STEPS_SCHEMA, RunWriter, layer_column, load_run
 
 
 def gpt2_small() -> list[tuple[str, tuple[int, ...]]]:
@@ -58,6 +58,21 @@ def bench_overhead(steps: int, tmp: Path) -> dict[str, float]:
     monitored = gg.Guard(list(zip(names, params)), clipper=gg.NormClip(1.0), monitor=mon)
     loss = torch.tensor(2.0)
 
+    # time spent inside the Monitor's own methods (robust to other load on the machine)
+    inside = [0.0]
+
+    def timed(fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                inside[0] += time.perf_counter() - t0
+        return wrapper
+
+    mon.record = timed(mon.record)  # type: ignore[method-assign]
+    mon.before_step = timed(mon.before_step)  # type: ignore[method-assign]
+
     def set_grads():
         for p, g in zip(params, grads):
             if p.grad is None:
@@ -65,12 +80,14 @@ def bench_overhead(steps: int, tmp: Path) -> dict[str, float]:
             else:
                 p.grad.copy_(g)
 
-    # (variant, is_layer_step) -> seconds; minima are robust to other load on the machine
-    times: dict[tuple[str, bool], list[float]] = {}
+    rows: list[dict[str, float]] = []
     for i in range(steps + 2):
-        for key in ("opt", "plain", "monitored"):
+        order = ("opt", "plain", "monitored") if i % 2 else ("opt", "monitored", "plain")
+        t: dict[str, float] = {}
+        layer_step = (monitored.step_count + 1) % 10 == 0
+        for key in order:
             set_grads()
-            layer_step = (monitored.step_count + 1) % 10 == 0
+            inside[0] = 0.0
             t0 = time.perf_counter()
             if key == "opt":
                 opt.step()
@@ -78,22 +95,37 @@ def bench_overhead(steps: int, tmp: Path) -> dict[str, float]:
                 plain.step(opt, loss=loss)
             else:
                 monitored.step(opt, loss=loss)
-            dt = time.perf_counter() - t0
-            if i >= 2:  # warm-up
-                times.setdefault((key, layer_step if key == "monitored" else False), []).append(dt)
+            t[key] = time.perf_counter() - t0
+            if key == "monitored":
+                t["inside"] = inside[0]
+        if i >= 2:  # warm-up
+            t["layer"] = float(layer_step)
+            rows.append(t)
+    t0 = time.perf_counter()
     monitored.close()
-    t_opt = min(times[("opt", False)])
-    t_plain = min(times[("plain", False)])
-    t_mon = min(times[("monitored", False)])
-    t_mon_layer = min(times.get(("monitored", True), [math.nan]))
-    clip = t_plain - t_opt
-    amortised = (9 * (t_mon - t_plain) + (t_mon_layer - t_plain)) / 10
-    out = {"params": n_params, "tensors": len(params), "opt_ms": t_opt * 1e3,
-           "guard_ms": t_plain * 1e3, "guard_monitor_ms": t_mon * 1e3,
-           "guard_monitor_layer_ms": t_mon_layer * 1e3, "clip_ms": clip * 1e3,
-           "overhead_step_ms": (t_mon - t_plain) * 1e3,
-           "overhead_layer_ms": (t_mon_layer - t_plain) * 1e3, "overhead_ms": amortised * 1e3}
-    out["overhead_vs_clip"] = amortised / clip
+    t_close = time.perf_counter() - t0
+
+    def med(xs):
+        return float(np.median(xs)) if len(xs) else math.nan
+
+    ordinary = [r for r in rows if not r["layer"]]
+    layer = [r for r in rows if r["layer"]]
+    clip = med([r["plain"] - r["opt"] for r in rows])
+    d_ord = med([r["monitored"] - r["plain"] for r in ordinary])
+    d_lay = med([r["monitored"] - r["plain"] for r in layer])
+    in_ord = med([r["inside"] for r in ordinary])
+    in_lay = med([r["inside"] for r in layer])
+    out = {"params": n_params, "tensors": len(params), "steps": len(rows), "layer_steps": len(layer),
+           "opt_ms": med([r["opt"] for r in rows]) * 1e3,
+           "guard_ms": med([r["plain"] for r in rows]) * 1e3,
+           "guard_monitor_ms": med([r["monitored"] for r in ordinary]) * 1e3,
+           "guard_monitor_layer_ms": med([r["monitored"] for r in layer]) * 1e3,
+           "clip_ms": clip * 1e3, "overhead_step_ms": d_ord * 1e3, "overhead_layer_ms": d_lay * 1e3,
+           "inside_step_ms": in_ord * 1e3, "inside_layer_ms": in_lay * 1e3, "close_ms": t_close * 1e3}
+    out["overhead_ms"] = (9 * d_ord + d_lay) / 10 * 1e3
+    out["inside_ms"] = (9 * in_ord + in_lay) / 10 * 1e3
+    out["overhead_vs_clip"] = out["overhead_ms"] / out["clip_ms"]
+    out["inside_vs_clip"] = out["inside_ms"] / out["clip_ms"]
     return out
 
 
@@ -101,8 +133,8 @@ def bench_store(n_steps: int, n_layers: int, shard: int, tmp: Path) -> dict[str,
     rng = np.random.default_rng(0)
     path = tmp / "store-run"
     w = RunWriter(path)
-    layer_names = np.asarray([f"blocks.{i // 4}.part{i % 4}" for i in range(n_layers)], dtype=object)
-    w.write_meta({"name": "bench", "layers": list(layer_names), "config": {}, "versions": {},
+    layer_names = [f"blocks.{i // 4}.part{i % 4}" for i in range(n_layers)]
+    w.write_meta({"name": "bench", "layers": layer_names, "config": {}, "versions": {},
                   "started": None, "notes": [], "ranks": [0]})
     t_write = 0.0
     for start in range(0, n_steps, shard):
@@ -114,12 +146,12 @@ def bench_store(n_steps: int, n_layers: int, shard: int, tmp: Path) -> dict[str,
               "skipped": np.zeros(n, bool), "nonfinite": np.zeros(n, bool),
               "loss_scale": np.full(n, np.nan), "rank": np.zeros(n, np.int32)}
         m = n * n_layers
-        ly = {"step": np.repeat(steps, n_layers), "layer": np.tile(layer_names, n),
-              "grad_norm": rng.random(m).astype(np.float32).astype(np.float64),
-              "grad_max_abs": rng.random(m).astype(np.float32).astype(np.float64),
+        ly = {"step": np.repeat(steps, n_layers), "layer": layer_column(layer_names, n),
+              "grad_norm": rng.random(m, dtype=np.float32),
+              "grad_max_abs": rng.random(m, dtype=np.float32),
               "nonfinite_count": np.zeros(m, np.int64),
-              "param_norm": rng.random(m).astype(np.float32).astype(np.float64),
-              "update_ratio": rng.random(m).astype(np.float32).astype(np.float64),
+              "param_norm": rng.random(m, dtype=np.float32),
+              "update_ratio": rng.random(m, dtype=np.float32),
               "rank": np.zeros(m, np.int32)}
         t0 = time.perf_counter()
         w.write_shard("steps", pa.table(st, schema=STEPS_SCHEMA))
@@ -139,7 +171,7 @@ def bench_store(n_steps: int, n_layers: int, shard: int, tmp: Path) -> dict[str,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
-    ap.add_argument("--overhead-steps", type=int, default=30)
+    ap.add_argument("--overhead-steps", type=int, default=100)
     ap.add_argument("--steps", type=int, default=100_000)
     ap.add_argument("--layers", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
@@ -151,13 +183,17 @@ def main() -> None:
         tmp = Path(d)
         o = bench_overhead(a.overhead_steps, tmp)
         print(f"GPT-2-small parameter set: {o['tensors']} tensors, {o['params']:,} parameters, "
-              f"{torch.get_num_threads()} threads, {a.overhead_steps} steps (layer_every=10)")
-        print(f"  optimizer.step alone        {o['opt_ms']:8.1f} ms (minimum over steps)")
+              f"{torch.get_num_threads()} threads, {o['steps']} steps ({o['layer_steps']} layer steps, "
+              "layer_every=10); medians, variants interleaved step by step")
+        print(f"  optimizer.step alone        {o['opt_ms']:8.1f} ms")
         print(f"  Guard alone                 {o['guard_ms']:8.1f} ms  -> clip's own cost {o['clip_ms']:.1f} ms")
-        print(f"  Guard + Monitor, plain step {o['guard_monitor_ms']:8.1f} ms  ({o['overhead_step_ms']:+.1f} ms)")
-        print(f"  Guard + Monitor, layer step {o['guard_monitor_layer_ms']:8.1f} ms  ({o['overhead_layer_ms']:+.1f} ms)")
+        print(f"  Guard + Monitor, plain step {o['guard_monitor_ms']:8.1f} ms  ({o['overhead_step_ms']:+.1f} ms; "
+              f"inside the Monitor {o['inside_step_ms']:.2f} ms)")
+        print(f"  Guard + Monitor, layer step {o['guard_monitor_layer_ms']:8.1f} ms  ({o['overhead_layer_ms']:+.1f} ms; "
+              f"inside the Monitor {o['inside_layer_ms']:.1f} ms)")
         print(f"  Monitor overhead, amortised over layer_every=10: {o['overhead_ms']:+.1f} ms per step "
-              f"= {100 * o['overhead_vs_clip']:+.1f}% of the clip's own cost")
+              f"= {100 * o['overhead_vs_clip']:+.1f}% of the clip's own cost (time inside the Monitor: "
+              f"{o['inside_ms']:.1f} ms = {100 * o['inside_vs_clip']:.1f}%); close() {o['close_ms']:.0f} ms")
         s = bench_store(a.steps, a.layers, 1000, tmp)
         print(f"Run store: {s['steps']:,} steps x {s['layers']} layers = {s['layer_rows']:,} layer rows")
         print(f"  write {s['write_s']:.2f} s, read (load_run) {s['read_s']:.2f} s, "

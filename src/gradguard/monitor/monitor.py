@@ -22,10 +22,11 @@ Every ``layer_every`` steps, per layer (parameters grouped by module path, see
 * ``nonfinite_count``: NaN/Inf elements (counted only in tensors whose norm is not finite:
   a finite norm proves the count is 0); -1 when the parameters are unknown (standalone use);
 * ``param_norm``: ``||w_l||_2`` after the step;
-* ``update_ratio``: ``||w_l(t) - w_l(t-1)||_2 / ||w_l(t-1)||_2`` over a fixed strided sample
-  of at most ``update_sample`` elements per tensor (every k-th element,
-  ``k = ceil(numel / update_sample)``; exact when ``numel <= update_sample`` or
-  ``update_sample=None``). Karpathy's rule of thumb: ~1e-3 is healthy.
+* ``update_ratio``: ``||w_l(t) - w_l(t-1)||_2 / ||w_l(t-1)||_2`` over a fixed sample of at
+  most ``update_sample`` elements per tensor: runs of 16 consecutive elements (one 64-byte
+  cache line of float32), every k-th run, ``k = ceil((numel // 16) / (update_sample // 16))``
+  (a tail of fewer than 16 elements is left out); exact when ``numel <= update_sample`` or
+  ``update_sample=None``. Karpathy's rule of thumb: ~1e-3 is healthy.
 
 Flight recorder: the per-layer gradient norms of every step, ``recorder_steps`` of them, stay
 in a ring buffer on the device; when a detector fires, the ``recorder_steps`` steps up to and
@@ -85,17 +86,27 @@ def _versions() -> dict[str, str]:
 
 
 _NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
+_RUN = 16  # elements per run of the update-ratio sample
+_MAX_BLOCK = 1 << 18  # elements: max and min of a block while it is in the L2 cache
 
 
 def _cpu_max_abs(grads: list[Tensor]) -> np.ndarray:
-    """``max |g|`` per CPU tensor (float64; NaN when the tensor holds a NaN, 0 when empty)."""
+    """``max |g|`` per CPU tensor (float64; NaN when the tensor holds a NaN, 0 when empty).
+
+    numpy's vectorised ``max`` and ``min`` (4x faster than ``torch.aminmax`` on the GPT-2
+    set), block by block so that memory is read once; NaN propagates through both."""
     out = np.zeros(len(grads), dtype=np.float64)
     for j, g in enumerate(grads):
         if g.numel() == 0:
             continue
-        if g.dtype in _NUMPY_DTYPES and not g.is_sparse:
+        if g.dtype in _NUMPY_DTYPES and g.layout == torch.strided:
             a = g.detach().reshape(-1).numpy()
-            hi, lo = float(a.max()), float(a.min())  # NaN propagates through both
+            his, los = [], []
+            for start in range(0, a.size, _MAX_BLOCK):
+                block = a[start: start + _MAX_BLOCK]
+                his.append(block.max())
+                los.append(block.min())
+            hi, lo = float(np.max(his)), float(np.min(los))
         else:
             lo_t, hi_t = torch.aminmax(g.detach().reshape(-1))
             hi, lo = float(hi_t), float(lo_t)
@@ -393,10 +404,17 @@ class Monitor:
     def _sample_views(self) -> list[Tensor]:
         assert self.params is not None
         out = []
+        us = self.update_sample
         for p in self.params:
             flat = p.detach().reshape(-1)
-            k = 1 if self.update_sample is None else max(1, -(-flat.numel() // self.update_sample))
-            out.append(flat[::k])
+            n = flat.numel()
+            if us is None or n <= us:
+                out.append(flat)
+                continue
+            # runs of _RUN elements: a cache line each, not one per sampled element
+            runs = n // _RUN
+            k = max(1, -(-runs // max(1, us // _RUN)))
+            out.append(flat[: runs * _RUN].view(runs, _RUN)[::k])
         return out
 
     def _layer_stats(self, s: int, lnorm: Tensor, mask, idx: Tensor) -> None:
@@ -416,8 +434,7 @@ class Monitor:
             grads = [p.grad for p in params]
             counts = torch.zeros(len(grads), dtype=torch.int64, device=dev)
             if dev.type == "cpu":
-                # numpy's vectorised min and max (a CPU tensor is read without waiting for
-                # anything): 4x faster than torch.aminmax per tensor on the GPT-2 set
+                # a CPU tensor is read without waiting for anything
                 mx = _cpu_max_abs(grads)
                 per_max = torch.from_numpy(mx.astype(np.float32))
                 for j in np.flatnonzero(~np.isfinite(mx)).tolist():

@@ -277,9 +277,11 @@ def _read_events(path: Path):
 
 @dataclass
 class Run:
-    """A run read back from its folder; DataFrames sorted by step.
+    """A run read back from its folder; DataFrames sorted by step, then rank.
 
-    ``steps``: STEPS_SCHEMA columns; ``layers``: LAYERS_SCHEMA columns; ``events``: one row
+    ``steps``: STEPS_SCHEMA columns; ``layers``: LAYERS_SCHEMA columns (``layer`` a pandas
+    categorical of ``meta["layers"]``, layers of a step in that order; float32 statistics, or
+    float64 where older shards stored them); ``events``: one row
     per event (EVENT_FIELDS); ``meta``: the parsed ``meta.json`` (``{}``-like defaults when
     missing); ``window(step)``: the flight-recorder dump written for that step's event.
     """
