@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -44,7 +45,7 @@ def _demo(args: argparse.Namespace) -> int:
             rows, folders = S.run_suite(experiments, args.suite, args.seeds,
                                         names=args.strategies, run_dir=run_dir,
                                         progress=not args.no_progress, console=console,
-                                        jobs=args.jobs)
+                                        jobs=args.jobs or min(2, os.cpu_count() or 1))
     except (ValueError, FileNotFoundError) as exc:
         print(f"gradguard demo: error: {exc}", file=sys.stderr)
         return 2
@@ -151,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
                       help="seed MLP: reproduce the seed's (N,1)-vs-(N,) broadcast loss")
     demo.add_argument("--tiny", action="store_true", help="every experiment at a seconds-long size")
     demo.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    demo.add_argument("--jobs", type=int, default=1,
-                      help="runs in parallel processes (default 1, with per-step progress); "
-                           "helps only on idle cores")
+    demo.add_argument("--jobs", type=int, default=0,
+                      help="runs in parallel processes (default 0: one per CPU core, at most 2; "
+                           "1 runs in this process with per-step progress); the results do not "
+                           "depend on it")
     demo.add_argument("--runs-dir", default="runs", help="where run folders go (default runs/)")
     demo.add_argument("--no-runs", action="store_true", help="write no run folders")
     demo.add_argument("--report", default="runs/report.html", help="HTML report path")
