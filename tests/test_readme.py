@@ -34,8 +34,11 @@ def test_public_names_resolve_and_import_is_light():
     import subprocess
     import sys
 
-    code = ("import sys, gradguard as gg; assert 'torch' not in sys.modules; "
+    code = ("import sys, gradguard as gg, gradguard.monitor as mon; gg.load_run; mon.Run; "
+            "assert 'torch' not in sys.modules, 'torch imported'; "
             "assert sorted(gg.__all__) == sorted(gg._EXPORTS); "
-            "[getattr(gg, n) for n in gg.__all__]; print('ok')")
+            "assert sorted(mon.__all__) == sorted(mon._EXPORTS); "
+            "[getattr(gg, n) for n in gg.__all__]; [getattr(mon, n) for n in mon.__all__]; "
+            "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"

@@ -6,8 +6,9 @@ Public names are imported lazily, on first use, so that ``gradguard report`` and
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -31,8 +32,8 @@ _EXPORTS = {
     "clip_grad_value_": "functional",
     "grad_norm": "functional",
     "Guard": "guard",
-    "Monitor": "monitor",
-    "load_run": "monitor",
+    "Monitor": "monitor.monitor",
+    "load_run": "monitor.store",
     "GradNorms": "norms",
 }
 
@@ -61,17 +62,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'gradguard' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
