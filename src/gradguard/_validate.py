@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,6 +22,31 @@ def norm_type(value: float | int | str, name: str = "norm_type") -> float:
     if math.isnan(p) or p <= 0:
         raise ValueError(f"{name} must be a positive number or inf, got {value!r}")
     return p
+
+
+def number(value: Any, name: str) -> float:
+    """``value`` as a float; TypeError for non-numbers, ValueError for NaN."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if math.isnan(v):
+        raise ValueError(f"{name} must not be NaN")
+    return v
+
+
+def open_unit(value: Any, name: str) -> float:
+    """``value`` as a float in the open interval (0, 1)."""
+    v = number(value, name)
+    if not 0.0 < v < 1.0:
+        raise ValueError(f"{name} must lie in the open interval (0, 1), got {value!r}")
+    return v
+
+
+def int_at_least(value: Any, name: str, low: int) -> int:
+    """``value`` as an int >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
 
 
 def nonneg_finite(value: float, name: str, *, allow_inf: bool = False, positive: bool = False) -> float:

@@ -31,44 +31,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._validate import int_at_least as _int_at_least
+from ._validate import nonneg_finite as _nonneg
+from ._validate import number as _number
+from ._validate import open_unit as _open_unit
 from .clippers import Clipper, ClipStats, norm_clip_coef
 from .norms import GradNorms
 from .sketch import LogHistogram, RingWindow
 
 __all__ = ["AutoClip", "OvershootClip", "SpikeSkip", "ZClip", "default_clipper"]
-
-
-# -- argument checks --------------------------------------------------------------------
-def _number(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    v = float(value)
-    if math.isnan(v):
-        raise ValueError(f"{name} must not be NaN")
-    return v
-
-
-def _open_unit(value: Any, name: str) -> float:
-    v = _number(value, name)
-    if not 0.0 < v < 1.0:
-        raise ValueError(f"{name} must lie in the open interval (0, 1), got {value!r}")
-    return v
-
-
-def _nonneg(value: Any, name: str, *, positive: bool = False, allow_inf: bool = False) -> float:
-    v = _number(value, name)
-    if (math.isinf(v) and not allow_inf) or v < 0 or (positive and v == 0):
-        kind = "a positive" if positive else "a non-negative"
-        raise ValueError(f"{name} must be {kind} finite number, got {value!r}")
-    return v
-
-
-def _int_at_least(value: Any, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
 
 
 def _scalar(value: float, like: Tensor) -> Tensor:
