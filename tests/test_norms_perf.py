@@ -164,14 +164,16 @@ def test_mixed_dtypes_keep_parameter_order(small_chunks):
 
 
 def test_no_multiply_when_nothing_to_clip(monkeypatch):
+    from gradguard import kernels
+
     calls = []
-    real = torch._foreach_mul_
+    real = kernels._cpu_scale_
 
-    def spy(tensors, scalar):
+    def spy(tensors, coef, c):
         calls.append(len(tensors))
-        return real(tensors, scalar)
+        return real(tensors, coef, c)
 
-    monkeypatch.setattr(torch, "_foreach_mul_", spy)
+    monkeypatch.setattr(kernels, "_cpu_scale_", spy)
     gs = _grads(torch.float32, seed=4)
     ps = _params(gs)
     before = [g.clone() for g in gs]
@@ -181,6 +183,29 @@ def test_no_multiply_when_nothing_to_clip(monkeypatch):
         assert torch.equal(p.grad, b)
     gg.clip_grad_norm_(ps, 1.0)
     assert calls == [len(gs)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_scale_is_bit_identical_to_torch_foreach_mul(threads, monkeypatch):
+    """numpy's multiply on the thread pool writes exactly what torch's would."""
+    from gradguard import _pool, kernels
+
+    monkeypatch.setattr(_pool, "threads", lambda: threads)
+    torch.manual_seed(0)
+    big = torch.randn(3 * kernels._CPU_CHUNK + 11)
+    tensors = [big, torch.randn(0), torch.randn(7, 5).t(), torch.randn(100, dtype=torch.float64),
+               torch.randn(50).half(), torch.randn(50).bfloat16(), torch.tensor([1e-40, -3e38, 7.0]),
+               torch.randn(2 * kernels._CPU_CHUNK) * 1e-3]
+    monkeypatch.setattr(kernels, "_CPU_PARALLEL_MIN", 0)  # the pool even for small inputs
+    for coef_value in (0.3, 1e-30, 7.5, float("nan")):
+        coef = torch.tensor(coef_value, dtype=torch.float32)
+        want = [t.clone() for t in tensors]
+        torch._foreach_mul_(want, coef)
+        got = [t.clone() for t in tensors]
+        kernels._cpu_scale_(got, coef, float(coef))
+        for w, g in zip(want, got):
+            torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+            assert g.stride() == w.stride()
 
 
 def test_cpu_clip_makes_no_host_read_the_counter_sees(sync_counter, small_chunks):

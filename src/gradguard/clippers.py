@@ -56,6 +56,8 @@ class ClipStats:
     per_tensor_norms 1-d float32, per-tensor norms before clipping, in parameter order
     threshold        0-d float32 max norm in force for this step (norm clippers), else None
     skipped          0-d bool, the Guard refused this update (None outside a Guard)
+    per_tensor_max_abs  1-d float32, max |g| per tensor before clipping, when the Guard's
+                     monitor asked for it on this step (its layer steps), else None
     """
 
     total_norm: Tensor
@@ -65,6 +67,7 @@ class ClipStats:
     per_tensor_norms: Tensor
     threshold: Tensor | None = None
     skipped: Tensor | None = None
+    per_tensor_max_abs: Tensor | None = None
 
     @property
     def total_norm_after(self) -> Tensor:

@@ -253,14 +253,15 @@ class Guard:
 
     def _decide(self, loss, *, fold: bool, scaler_handles_nonfinite: bool = False):
         params, grads, names = self._grads()
-        norms = compute_norms(grads, self.norm_type)
+        with_max = self._monitor_wants_max_abs()
+        norms = compute_norms(grads, self.norm_type, with_max_abs=with_max)
         nonfinite = norms.nonfinite
         if self.on_nonfinite == "raise":
             self._raise_if_nonfinite(norms, names)
         elif self.on_nonfinite == "zero" and bool(nonfinite):
             for g in grads:
                 torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
-            norms = compute_norms(grads, self.norm_type)
+            norms = compute_norms(grads, self.norm_type, with_max_abs=with_max)
             nonfinite = norms.nonfinite
         propagate = self.on_nonfinite == "propagate"
         if self.clipper is not None:
@@ -281,8 +282,18 @@ class Guard:
             self.clipper.observe(norms, accept)
         for rule in rules:
             rule.observe(norms.total, loss, accept)
-        stats = dataclasses.replace(stats, skipped=skip)
+        stats = dataclasses.replace(stats, skipped=skip, per_tensor_max_abs=norms.max_abs)
         return params, grads, names, norms, stats
+
+    def _monitor_wants_max_abs(self) -> bool:
+        # On the monitor's layer steps max |g| comes out of the norm pass (one read of memory).
+        ask = getattr(self.monitor, "wants_max_abs", None)
+        if ask is None:
+            return False
+        try:
+            return bool(ask(self.step_count))
+        except Exception:  # noqa: BLE001 - monitoring never takes training down
+            return False
 
     def _skip_rules(self) -> list[Any]:
         """The skip rule, and the monitor when its detectors may refuse a step."""

@@ -16,9 +16,10 @@ Every ``layer_every`` steps, per layer (parameters grouped by module path, see
 
 * ``grad_norm``: ``||g_l||_2`` before clipping, from the Guard's per-tensor norms (no extra
   read of the gradients);
-* ``grad_max_abs``: ``max |g|`` over the layer's gradient elements, as the optimizer received
-  them (after an in-place clip; when the clip is folded into a fused optimizer's
-  ``grad_scale`` the gradient in memory is unscaled, so this is the pre-clip value);
+* ``grad_max_abs``: ``max |g|`` over the layer's gradient elements before clipping, like
+  ``grad_norm``: under a Guard it comes out of the Guard's own norm pass on layer steps
+  (``ClipStats.per_tensor_max_abs``; on the CPU the same read of memory); used alone,
+  ``record`` reads the gradients as they are when it is called;
 * ``nonfinite_count``: NaN/Inf elements (counted only in tensors whose norm is not finite:
   a finite norm proves the count is 0); -1 when the parameters are unknown (standalone use);
 * ``param_norm``: ``||w_l||_2`` after the step;
@@ -41,8 +42,9 @@ on CUDA, with an event) and a background thread turns them into Parquet shards, 
 sink writes. Warnings, callbacks and ``"raise"`` actions reach the training thread at the
 next ``record`` after that (``flush_every=1`` for immediate delivery, at one host read per
 step). A detector with ``action="skip"`` decides on the device in the step itself, through
-the Guard (``Monitor.check``). Per-layer statistics on a layer step read the gradients once
-(``max |g|``) and the parameters once (``param_norm``); see ``docs/performance.md``.
+the Guard (``Monitor.check``). Per-layer statistics on a layer step read the parameters once
+(``param_norm``); ``max |g|`` comes with the Guard's norm pass (``wants_max_abs``); see
+``docs/performance.md``.
 
 Monitoring never takes training down: every failure (disk full, read-only folder, a sink
 that raises, a callback that raises) gives one warning per source and a note in
@@ -70,7 +72,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..norms import per_tensor_norms
+from ..norms import _max_abs, per_tensor_norms
 from .detectors import AnomalyError, Detector, StepDetector, Vanishing, default_detectors
 from .layers import LayerMap, layer_l2, layer_max, layer_sum
 
@@ -85,33 +87,7 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-_NUMPY_DTYPES = (torch.float32, torch.float64, torch.float16)
 _RUN = 16  # elements per run of the update-ratio sample
-_MAX_BLOCK = 1 << 18  # elements: max and min of a block while it is in the L2 cache
-
-
-def _cpu_max_abs(grads: list[Tensor]) -> np.ndarray:
-    """``max |g|`` per CPU tensor (float64; NaN when the tensor holds a NaN, 0 when empty).
-
-    numpy's vectorised ``max`` and ``min`` (4x faster than ``torch.aminmax`` on the GPT-2
-    set), block by block so that memory is read once; NaN propagates through both."""
-    out = np.zeros(len(grads), dtype=np.float64)
-    for j, g in enumerate(grads):
-        if g.numel() == 0:
-            continue
-        if g.dtype in _NUMPY_DTYPES and g.layout == torch.strided:
-            a = g.detach().reshape(-1).numpy()
-            his, los = [], []
-            for start in range(0, a.size, _MAX_BLOCK):
-                block = a[start: start + _MAX_BLOCK]
-                his.append(block.max())
-                los.append(block.min())
-            hi, lo = float(np.max(his)), float(np.min(los))
-        else:
-            lo_t, hi_t = torch.aminmax(g.detach().reshape(-1))
-            hi, lo = float(hi_t), float(lo_t)
-        out[j] = math.nan if (math.isnan(hi) or math.isnan(lo)) else max(hi, -lo)
-    return out
 
 
 def _rank_world() -> tuple[int, int]:
@@ -385,7 +361,7 @@ class Monitor:
         self._n += 1
 
         if s % self.layer_every == 0:
-            self._layer_stats(s, lnorm, mask, idx)
+            self._layer_stats(s, lnorm, mask, idx, getattr(stats, "per_tensor_max_abs", None))
         if self._n >= self.flush_every:
             self.flush()
 
@@ -417,7 +393,13 @@ class Monitor:
             out.append(flat[: runs * _RUN].view(runs, _RUN)[::k])
         return out
 
-    def _layer_stats(self, s: int, lnorm: Tensor, mask, idx: Tensor) -> None:
+    def wants_max_abs(self, step: int) -> bool:
+        """True when ``step`` is a layer step: the Guard then hands over ``max |g|`` per
+        tensor from its own norm pass (``ClipStats.per_tensor_max_abs``)."""
+        return self.params is not None and step % self.layer_every == 0
+
+    def _layer_stats(self, s: int, lnorm: Tensor, mask, idx: Tensor,
+                     given_max: Tensor | None = None) -> None:
         assert self.layer_map is not None
         L = self.layer_map.n_layers
         dev = lnorm.device
@@ -432,25 +414,21 @@ class Monitor:
         else:
             params = self.params if mask is None else [p for p, m in zip(self.params, mask) if m]
             grads = [p.grad for p in params]
-            counts = torch.zeros(len(grads), dtype=torch.int64, device=dev)
-            if dev.type == "cpu":
-                # a CPU tensor is read without waiting for anything
-                mx = _cpu_max_abs(grads)
-                per_max = torch.from_numpy(mx.astype(np.float32))
-                for j in np.flatnonzero(~np.isfinite(mx)).tolist():
-                    counts[j] = torch.count_nonzero(~torch.isfinite(grads[j]))
+            if given_max is not None and given_max.numel() == len(grads):
+                per_max = given_max.to(dev, torch.float32)
             elif grads:
-                maxabs = []
-                for g in grads:
-                    if g.numel() == 0:
-                        maxabs.append(torch.zeros((), dtype=torch.float32, device=dev))
-                        continue
-                    lo, hi = torch.aminmax(g.reshape(-1))
-                    maxabs.append(torch.maximum(lo.abs(), hi.abs()).to(torch.float32))
-                per_max = torch.stack(maxabs)
-                counts = torch.stack([torch.count_nonzero(~torch.isfinite(g)) for g in grads])
+                per_max = _max_abs(grads).to(dev)
             else:
                 per_max = torch.zeros(0, dtype=torch.float32, device=dev)
+            if dev.type == "cpu":
+                # a CPU tensor is read without waiting for anything: count only where needed
+                counts = torch.zeros(len(grads), dtype=torch.int64)
+                for j in np.flatnonzero(~np.isfinite(per_max.numpy())):
+                    counts[j] = torch.count_nonzero(~torch.isfinite(grads[j]))
+            elif grads:
+                counts = torch.stack([torch.count_nonzero(~torch.isfinite(g)) for g in grads])
+            else:
+                counts = torch.zeros(0, dtype=torch.int64, device=dev)
             out[1].copy_(layer_max(per_max, idx, L))
             out[2].copy_(layer_sum(counts, idx, L, torch.float64))
             full_idx = self.layer_map.device_index(dev, None)
