@@ -211,3 +211,21 @@ def test_folded_fused_adamw_step_captured_in_a_cuda_graph():
     torch.cuda.synchronize()
     for a, b in zip(w, w_ref):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_max_abs_with_the_norms_on_cuda(dtype):
+    """compute_norms(with_max_abs=True) on the GPU: exact max |g|, norms unchanged, no sync."""
+    grads = _grads(dtype, seed=11, scale=3.0)
+    grads[1][17] = -1e4  # a negative peak
+    plain = norms.compute_norms(grads)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = norms.compute_norms(grads, with_max_abs=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(got.per_tensor, plain.per_tensor) and torch.equal(got.total, plain.total)
+    want = [float(g.double().abs().max()) if g.numel() else 0.0 for g in grads]
+    assert got.max_abs.device.type == "cuda"
+    assert got.max_abs.cpu().tolist() == [float(np.float32(w)) for w in want]
