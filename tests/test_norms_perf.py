@@ -202,10 +202,12 @@ def test_cpu_scale_is_bit_identical_to_torch_foreach_mul(threads, monkeypatch):
         want = [t.clone() for t in tensors]
         torch._foreach_mul_(want, coef)
         got = [t.clone() for t in tensors]
+        versions = [t._version for t in got]
         kernels._cpu_scale_(got, coef, float(coef))
-        for w, g in zip(want, got):
+        for w, g, v in zip(want, got, versions):
             torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
             assert g.stride() == w.stride()
+            assert g._version > v  # autograd sees the in-place change, as with torch's mul_
 
 
 def test_cpu_clip_makes_no_host_read_the_counter_sees(sync_counter, small_chunks):

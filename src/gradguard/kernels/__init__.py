@@ -251,8 +251,11 @@ def _cpu_scale_(tensors: list[Tensor], coef: Tensor, c: float) -> None:
     scalars: list = []
     rest: list[Tensor] = []
     c32 = np.float32(c)
+    done: list[Tensor] = []
     for t in reversed(tensors):
-        if t.dtype in (torch.float32, torch.float64) and t.is_contiguous() and not t.is_neg():
+        if (t.dtype in (torch.float32, torch.float64) and t.is_contiguous() and not t.is_neg()
+                and not t.requires_grad):
+            done.append(t)
             a = t.detach().view(-1).numpy()
             sc = c32 if t.dtype == torch.float32 else np.float64(c32)
             for start in range(((a.size - 1) // _CPU_CHUNK) * _CPU_CHUNK, -1, -_CPU_CHUNK):
@@ -267,5 +270,9 @@ def _cpu_scale_(tensors: list[Tensor], coef: Tensor, c: float) -> None:
     total = sum(a.size for a in arrays)
     _pool.run_indexed(len(arrays), work, _pool.threads() if total >= _CPU_PARALLEL_MIN else 1,
                       context=lambda: np.errstate(all="ignore"))
+    if done:
+        # as an in-place torch op would: autograd sees that these tensors changed
+        from torch.autograd.graph import increment_version
+        increment_version(done)
     if rest:
         torch._foreach_mul_(rest[::-1], coef)
