@@ -297,3 +297,43 @@ def test_standalone_monitor_reads_max_abs_itself(tmp_path):
     for layer in ("enc.0", "head"):
         ref = max(float(p.grad.abs().max()) for n, p in net.named_parameters() if layer_of(n) == layer)
         assert rows.loc[layer, "grad_max_abs"] == pytest.approx(ref, rel=1e-7)
+
+
+def test_monitored_run_is_bit_identical_to_unmonitored(tmp_path):
+    """Asking the norm pass for max |g| on layer steps changes nothing in training."""
+    finals = []
+    for monitored in (False, True):
+        torch.manual_seed(0)
+        net = Net()
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        mon = Monitor(tmp_path / "run", layer_every=2, flush_every=4, async_flush=False) if monitored else None
+        guard = gg.Guard(net, clipper=gg.NormClip(0.3), monitor=mon)
+        x, y = torch.randn(32, 6), torch.randn(32, 2)
+        for _ in range(12):
+            opt.zero_grad()
+            loss = ((net(x) - y) ** 2).mean()
+            loss.backward()
+            guard.step(opt, loss=loss)
+        guard.close()
+        finals.append([p.detach().clone() for p in net.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*finals))
+
+
+def test_update_ratio_follows_replaced_parameter_memory(tmp_path):
+    """Cached sample views are rebuilt when a parameter's memory is replaced (p.data = ...)."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.ones(64))
+    mon = Monitor(tmp_path / "run", layer_every=1, flush_every=2, async_flush=False,
+                  update_sample=None)
+    mon.attach(["w"], [w])
+    one = torch.ones(())
+    for new_value in (2.0, 5.0):
+        w.grad = torch.ones(64)
+        mon.before_step(step=mon.step + 1)
+        w.data = torch.full((64,), new_value)  # new memory, as some frameworks do
+        norms = gg.grad_norm([w])
+        mon.record(gg.ClipStats(norms.total, one, one < 0, norms.nonfinite, norms.per_tensor))
+    mon.close()
+    ratio = load_run(tmp_path / "run").layers.set_index("step").update_ratio
+    # the snapshot is taken from the memory in use at before_step: 1 -> 2, then 2 -> 5
+    assert ratio.loc[1] == pytest.approx(1.0) and ratio.loc[2] == pytest.approx(1.5)

@@ -221,8 +221,8 @@ def bench_set(name: str, dtype_name: str, device: str, repeats: int, warmup: int
     noclip = interleaved({"torch": torch_clip(4 * n0), "gg": gg_clip(4 * n0)}, timer,
                          repeats, warmup)
     extra: dict[str, float] = {}
-    if device.startswith("cuda"):
-        extra.update(_cuda_extras(params, grads, timer, repeats, warmup, clip_max, refresh))
+    if device.startswith("cuda") or dtype == torch.float32:
+        extra.update(_extras(params, grads, timer, repeats, warmup, clip_max, refresh))
     row = Row(name, dtype_name, device, len(shapes), sum(g.numel() for g in grads), nbytes,
               clip["torch"], clip["gg"], noclip["torch"], noclip["gg"],
               3 * nbytes / bw * 1e3, nbytes / bw * 1e3,
@@ -231,7 +231,7 @@ def bench_set(name: str, dtype_name: str, device: str, repeats: int, warmup: int
     return row
 
 
-def _cuda_extras(params, grads, timer, repeats, warmup, clip_max, refresh) -> dict[str, float]:
+def _extras(params, grads, timer, repeats, warmup, clip_max, refresh) -> dict[str, float]:
     """Norm alone, and the clip folded into a fused AdamW step by ``Guard.step``."""
     import gradguard as gg
 

@@ -175,6 +175,7 @@ class Monitor:
         self._pending: tuple[int, list[tuple[Tensor, Tensor, Tensor]]] | None = None
         self._observed = False
         self._snap: list[Tensor] | None = None
+        self._views: tuple[tuple[int, ...], list[Tensor]] | None = None
         self._snap_step = -1
         self._failed: set[str] = set()
         self._deliveries: deque[tuple[str, Any]] = deque()
@@ -204,6 +205,7 @@ class Monitor:
             raise ValueError("attach: names and params differ in length")
         self.layer_map = LayerMap.from_names(list(names))
         self.params = list(params)
+        self._views = None
         self._dev = None
         self._write_meta()
 
@@ -379,6 +381,17 @@ class Monitor:
 
     def _sample_views(self) -> list[Tensor]:
         assert self.params is not None
+        # views of the parameters' own memory stay valid while that memory does
+        key = tuple(p.data_ptr() for p in self.params)
+        if self._views is not None and self._views[0] == key:
+            return self._views[1]
+        out = self._build_sample_views()
+        if all(p.is_contiguous() for p in self.params):  # else reshape copied: rebuild each time
+            self._views = (key, out)
+        return out
+
+    def _build_sample_views(self) -> list[Tensor]:
+        assert self.params is not None
         out = []
         us = self.update_sample
         for p in self.params:
@@ -437,8 +450,8 @@ class Monitor:
             if self._snap is not None and self._snap_step == s:
                 cur = self._sample_views()
                 diff = torch._foreach_sub(cur, self._snap)
-                dn = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64) for t in diff])
-                wn = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64) for t in self._snap])
+                dn = per_tensor_norms(diff).to(dev, torch.float64)
+                wn = per_tensor_norms(self._snap).to(dev, torch.float64)
                 num = layer_sum(dn.square(), full_idx, L, torch.float64).sqrt()
                 den = layer_sum(wn.square(), full_idx, L, torch.float64).sqrt()
                 out[4].copy_(torch.where(den > 0, num / torch.where(den > 0, den, 1.0),
