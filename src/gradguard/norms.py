@@ -250,7 +250,7 @@ def _max_abs_cpu(grads: list[Tensor]) -> Tensor:
 
 
 def _max_abs(group: list[Tensor]) -> Tensor:
-    if group[0].device.type == "cpu":
+    if group[0].device.type == "cpu" and not is_compiling():
         return _max_abs_cpu(group)
     return torch.stack(_foreach_norms(group, math.inf))
 
