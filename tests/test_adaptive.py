@@ -196,11 +196,18 @@ def test_autoclip_first_step_unclipped_and_percentile_100_never_clips():
 # -- non-finite and skipped steps never enter the statistics -------------------------------
 
 
+def _bound_to_adam(clipper, betas=(0.9, 0.999)):
+    """``clipper`` bound to an Adam optimizer."""
+    clipper.bind_optimizer(torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], betas=betas))
+    return clipper
+
+
 CLIPPERS = {
     "autoclip": lambda: gg.AutoClip(10.0),
     "autoclip-window": lambda: gg.AutoClip(50.0, window=8),
     "zclip": lambda: gg.ZClip(warmup_steps=3),
     "overshoot": lambda: gg.OvershootClip(),
+    "overshoot-adam": lambda: _bound_to_adam(gg.OvershootClip(optimizer_scale=True)),
 }
 
 
@@ -351,6 +358,7 @@ RESUME = {
     "autoclip-window": lambda: gg.AutoClip(25.0, window=16),
     "zclip": lambda: gg.ZClip(warmup_steps=5),
     "overshoot": lambda: gg.OvershootClip(),
+    "overshoot-optimizer-scale": lambda: gg.OvershootClip(optimizer_scale=True),
 }
 
 
@@ -393,6 +401,7 @@ def test_resume_is_bit_exact(name, optim):
     (lambda: gg.AutoClip(10.0), "adamw"),
     (lambda: gg.AutoClip(10.0, window=8), "adamw"),
     (lambda: "auto", "adamw"),
+    (lambda: gg.OvershootClip(optimizer_scale=True), "adamw"),
     (lambda: "auto", "sgd-momentum"),
 ])
 def test_no_host_sync_per_step_with_fused_optimizer(sync_counter, make, optim):
@@ -428,6 +437,18 @@ def test_overshoot_modes_follow_the_optimizer():
         (lambda p: torch.optim.Adam(p, lr=0.1), "cap"),
     ]:
         c = gg.OvershootClip()
+        c.bind_optimizer(opt_fn(_model().parameters()))
+        assert c.mode == mode
+    for opt_fn, mode in [  # optimizer_scale=True
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "momentum"),
+        (lambda p: torch.optim.SGD(p, lr=0.1), "cap"),
+        (lambda p: torch.optim.Adam(p, lr=0.1), "adaptive"),
+        (lambda p: torch.optim.AdamW(p, lr=0.1), "adaptive"),
+        (lambda p: torch.optim.RMSprop(p, lr=0.1), "adaptive"),
+        (lambda p: torch.optim.Adagrad(p, lr=0.1), "adaptive"),
+        (lambda p: torch.optim.Rprop(p, lr=0.1), "cap"),
+    ]:
+        c = gg.OvershootClip(optimizer_scale=True)
         c.bind_optimizer(opt_fn(_model().parameters()))
         assert c.mode == mode
 
@@ -495,3 +516,112 @@ def test_overshoot_caps_spikes_with_adaptive_optimizers():
     assert float(stats.threshold) == pytest.approx(3.0 * level, rel=1e-5)
     assert float(stats.total_norm_after) == pytest.approx(3.0 * level, rel=1e-4)
     assert float(stats.clip_coef) < 0.01
+
+
+# -- OvershootClip with adaptive optimizers -----------------------------------------------------
+
+
+def _adaptive_reference(norms, beta2, k):
+    """Thresholds of the adaptive mode, float64: k * sqrt(v), v the bias-corrected EMA (decay
+    ``beta2``) of the squared clipped norms; a non-finite norm leaves v unchanged."""
+    v, n, out = 0.0, 0, []
+    for g in norms:
+        thr = k * math.sqrt(v) if n else math.inf
+        out.append(thr)
+        if not math.isfinite(g):
+            continue
+        x = min(g, thr)
+        n += 1
+        w = (1 - beta2) / (1 - beta2 ** n)
+        v += w * (x * x - v)
+    return out
+
+
+def test_overshoot_adaptive_mode_hand_computed():
+    c = _bound_to_adam(gg.OvershootClip(optimizer_scale=True), betas=(0.9, 0.9))
+    assert c.mode == "adaptive"
+    norms = [1.0, 2.0, 4.0, 100.0, 1.0, math.nan, 1.0]
+    thr, coefs = _drive(c, norms)
+    # by hand, beta2 0.9, spike_factor 3:
+    #   v1 = 1                                    (w1 = 1)
+    #   thr2 = 3;        v2 = 1 + 0.1/0.19 * (4 - 1)           = 2.578947
+    #   thr3 = 4.817730; v3 = v2 + 0.1/0.271 * (16 - v2)        = 7.531365
+    #   thr4 = 8.233000; the 100 enters as 8.233: v4 = 25.05126
+    #   thr5 = 15.01537; v5 = 19.17808; the NaN leaves it: thr6 = thr7 = 13.13784
+    expected = [math.inf, 3.0, 4.817730, 8.233000, 15.01537, 13.13784, 13.13784]
+    _close(thr, expected, rel=1e-5)
+    _close(thr, _adaptive_reference(norms, 0.9, 3.0), rel=1e-5)
+    assert coefs[3] == pytest.approx(8.233000 / 100.0, rel=1e-5)
+    assert coefs[:3] == [1.0, 1.0, 1.0]
+
+
+@settings(max_examples=30, deadline=None)
+@given(norms=norm_lists, beta2=st.sampled_from([0.5, 0.9, 0.99, 0.999]),
+       k=st.sampled_from([1.0, 2.0, 3.0]))
+def test_overshoot_adaptive_mode_matches_reference(norms, beta2, k):
+    c = _bound_to_adam(gg.OvershootClip(spike_factor=k, optimizer_scale=True), betas=(0.9, beta2))
+    thr, _ = _drive(c, norms)
+    _close(thr, _adaptive_reference(norms, beta2, k), rel=1e-4)
+
+
+def test_overshoot_reads_the_second_moment_decay():
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    for opt, b in [(torch.optim.Adam(p, betas=(0.9, 0.95)), 0.95),
+                   (torch.optim.AdamW(p), 0.999),
+                   (torch.optim.RMSprop(p, alpha=0.9), 0.9),
+                   (torch.optim.Adadelta(p, rho=0.8), 0.8),
+                   (torch.optim.Adagrad(p), 0.999)]:
+        c = gg.OvershootClip(optimizer_scale=True)
+        c.bind_optimizer(opt)
+        assert c.mode == "adaptive" and c._beta2 == b, (type(opt).__name__, c._beta2)
+
+
+def test_overshoot_adaptive_state_round_trip():
+    norms = [0.5, 0.7, 1.5, 40.0, 1.1, 0.9, 1.3, 0.8]
+    whole = _bound_to_adam(gg.OvershootClip(optimizer_scale=True), betas=(0.9, 0.99))
+    thr_whole, _ = _drive(whole, norms + [1.0, 50.0, 1.2])
+
+    first = _bound_to_adam(gg.OvershootClip(optimizer_scale=True), betas=(0.9, 0.99))
+    _drive(first, norms)
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    resumed = _bound_to_adam(gg.OvershootClip(optimizer_scale=True), betas=(0.9, 0.99))
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    assert _state_equal(first.state_dict(), resumed.state_dict())
+    thr_rest, _ = _drive(resumed, [1.0, 50.0, 1.2])
+    assert thr_rest == thr_whole[len(norms):]  # bit for bit
+    assert _state_equal(whole.state_dict(), resumed.state_dict())
+
+
+@pytest.mark.parametrize("older", [True, False])
+def test_overshoot_adaptive_mode_from_a_geometric_state(older):
+    """A state saved by the default mode (or before ``sq_level`` existed) starts the adaptive
+    mode at the square of the geometric level, then follows the reference."""
+    c = gg.OvershootClip()
+    _drive(c, [1.0, 2.0, 4.0])
+    sd = c.state_dict()
+    if older:
+        del sd["sq_level"]
+    d = _bound_to_adam(gg.OvershootClip(optimizer_scale=True), betas=(0.9, 0.9))
+    d.load_state_dict(sd)
+    level = math.exp(float(sd["log_level"]))
+    thr, _ = _drive(d, [2.0, 50.0])
+    w = 0.1 / (1 - 0.9 ** 4)  # the 4th accepted norm
+    v = level ** 2 + w * (4.0 - level ** 2)
+    _close(thr, [3.0 * level, 3.0 * math.sqrt(v)], rel=1e-5)
+
+
+def test_overshoot_adaptive_mode_does_not_clip_a_steady_rise():
+    """Adam's bias-corrected v follows the early rise of the norms, and so does the
+    ``optimizer_scale`` cap: a
+    rise of 1.3x per step for 10 steps is not clipped, a 1000x spike after it is."""
+    c = _bound_to_adam(gg.OvershootClip(optimizer_scale=True))
+    rise = [0.1 * 1.3 ** i for i in range(10)]
+    _, coefs = _drive(c, rise + [1000.0 * rise[-1]])
+    assert coefs[:-1] == [1.0] * len(rise)
+    assert coefs[-1] < 0.01
+    old = gg.OvershootClip()  # the default geometric cap grows at most 5.6 % per step
+    old.bind_optimizer(torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))]))
+    _, old_coefs = _drive(old, rise)
+    assert min(old_coefs) < 0.5

@@ -376,7 +376,30 @@ class SpikeSkip:
 # -- OvershootClip: the threshold-free default ---------------------------------------------
 _SGD_MOMENTUM = "momentum"   # update direction: SGD's momentum buffer
 _SGD_PLAIN = "sgd"           # update direction: the last accepted gradient (a sample of it)
-_CAP_ONLY = "cap"            # no step-size control (adaptive optimizers, unknown optimizer)
+_ADAPTIVE = "adaptive"       # optimizer_scale with Adam & co.: the cap follows the optimizer's v
+_CAP_ONLY = "cap"            # no step-size control, geometric spike cap only
+
+#: optimizers that divide the update by a running RMS of the gradient (a global gradient scale
+#: does not change their step); any optimizer whose defaults have ``betas`` counts too
+_ADAPTIVE_OPTIMIZERS = tuple(getattr(torch.optim, n) for n in (
+    "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Adagrad", "Adadelta", "SparseAdam",
+    "Adafactor") if hasattr(torch.optim, n))
+
+
+def _second_moment_decay(optimizer: torch.optim.Optimizer) -> float:
+    """The decay of the optimizer's running mean of squared gradients: Adam's ``betas[1]``,
+    RMSprop's ``alpha``, Adadelta's ``rho``; 0.999 (Adam's default) when it has none."""
+    group = optimizer.param_groups[0] if optimizer.param_groups else {}
+    betas = group.get("betas")
+    if isinstance(betas, (tuple, list)) and len(betas) > 1:
+        cand = betas[1]
+    else:
+        cand = group.get("alpha", group.get("rho", 0.999))
+    try:
+        b = float(cand)
+    except (TypeError, ValueError):
+        return 0.999
+    return b if 0.0 < b < 1.0 else 0.999
 
 
 class OvershootClip(_ThresholdClipper):
@@ -404,6 +427,15 @@ class OvershootClip(_ThresholdClipper):
     without momentum (unless ``use_last_gradient``) and when no optimizer is known
     (``Guard.clip``), only the cap acts.
 
+    **Opt-in, adaptive optimizers** (``optimizer_scale=True``; Adam, AdamW, RMSprop, ...):
+    the cap is measured in the optimizer's own scale instead, ``spike_factor * sqrt(v)``,
+    where ``v`` is the bias-corrected EMA of the squared accepted, clipped global norm with the
+    optimizer's second-moment decay (Adam's ``betas[1]``), the global-norm counterpart of
+    Adam's ``v`` (which also sees the clipped gradient). It follows the early rise of the norms
+    as Adam's ``v`` does, so it clips almost no normal step, and still holds a spike to
+    ``spike_factor`` times what ``v`` holds. Measured, it is no better than the default
+    geometric cap (``docs/adaptive.md``), so it is not the default.
+
     The rule needs the optimizer: the Guard hands it over through ``bind_optimizer``. Cost per
     step: one cosine over at most ``sample`` strided gradient elements (the whole gradient for
     models below that size) and O(1) scalar updates; memory O(sample). See
@@ -412,7 +444,7 @@ class OvershootClip(_ThresholdClipper):
 
     def __init__(self, *, beta: float = 0.1, init_step: float = 1e-2, floor: float = 0.02,
                  spike_factor: float = 3.0, ema: float = 0.95, sample: int = 65536,
-                 use_last_gradient: bool = False):
+                 use_last_gradient: bool = False, optimizer_scale: bool = False):
         self.beta = _nonneg(beta, "beta", positive=True)
         self.init_step = _nonneg(init_step, "init_step", positive=True)
         self.floor = _nonneg(floor, "floor")
@@ -422,8 +454,10 @@ class OvershootClip(_ThresholdClipper):
         self.ema = _open_unit(ema, "ema")
         self.sample = _int_at_least(sample, "sample", 1)
         self.use_last_gradient = bool(use_last_gradient)
+        self.optimizer_scale = bool(optimizer_scale)
         self._optimizer: torch.optim.Optimizer | None = None
         self._mode = _CAP_ONLY
+        self._beta2 = 0.999
         self._lr: Any = None
         self._state: dict[str, Tensor] | None = None
         self._pending: dict[str, Tensor] | None = None
@@ -451,12 +485,18 @@ class OvershootClip(_ThresholdClipper):
                 # without momentum the only direction is the last minibatch gradient, a noisy
                 # proxy: measured on the adding problem it over-clips, so it is opt-in
                 self._mode = _SGD_PLAIN if self.use_last_gradient else _CAP_ONLY
+        elif self.optimizer_scale and (isinstance(optimizer, _ADAPTIVE_OPTIMIZERS)
+                                       or "betas" in getattr(optimizer, "defaults", {})):
+            self._mode = _ADAPTIVE
+            self._beta2 = _second_moment_decay(optimizer)
         else:
             self._mode = _CAP_ONLY
 
     @property
     def mode(self) -> str:
-        """"momentum", "sgd" (step-size control on) or "cap" (spike cap only)."""
+        """"momentum", "sgd" (step-size control on), "adaptive" (``optimizer_scale``: cap at
+        ``spike_factor`` times the RMS level of the optimizer's second moment) or "cap"
+        (geometric spike cap only)."""
         return self._mode
 
     # -- state ----------------------------------------------------------------------------
@@ -467,6 +507,7 @@ class OvershootClip(_ThresholdClipper):
             "step_limit": torch.full((), math.inf, dtype=f, device=dev),   # S
             "log_level": torch.zeros((), dtype=f, device=dev),             # EMA log clipped norm
             "log_raw": torch.zeros((), dtype=f, device=dev),               # EMA log raw norm
+            "sq_level": torch.zeros((), dtype=f, device=dev),              # adaptive: v-hat
             "prev_norm": torch.zeros((), dtype=f, device=dev),             # ||g_{t-1}||
             "count": torch.zeros((), dtype=torch.int64, device=dev),       # accepted steps
             "started": torch.zeros((), dtype=torch.bool, device=dev),      # S initialised
@@ -485,13 +526,22 @@ class OvershootClip(_ThresholdClipper):
         return self.threshold(total)
 
     def threshold(self, like: Tensor) -> Tensor:
-        """``min(S, spike_factor * exp(level))``; inf before the first accepted step (unless S
-        was set from the parameter norm)."""
+        """``min(S, spike_factor * exp(level))``; in the "adaptive" mode (``optimizer_scale``
+        with an adaptive optimizer) ``spike_factor * sqrt(v)``; inf before the first accepted step (unless S was set from
+        the parameter norm)."""
         st = self._ensure(like)
+        inf = torch.full_like(st["log_level"], math.inf)
+        if self._mode == _ADAPTIVE:
+            return torch.where(st["count"] > 0, self.spike_factor * torch.sqrt(self._v(st)), inf)
         S = self._S_now if self._S_now is not None else st["step_limit"]
-        cap = torch.where(st["count"] > 0, self.spike_factor * torch.exp(st["log_level"]),
-                          torch.full_like(st["log_level"], math.inf))
+        cap = torch.where(st["count"] > 0, self.spike_factor * torch.exp(st["log_level"]), inf)
         return torch.minimum(S, cap)
+
+    @staticmethod
+    def _v(st: dict[str, Tensor]) -> Tensor:
+        """The adaptive mode's v; 0 means never updated (a state from another mode or an older
+        version): then the square of the geometric level stands in."""
+        return torch.where(st["sq_level"] > 0, st["sq_level"], torch.exp(2 * st["log_level"]))
 
     def _flat_sample(self, tensors: list[Tensor]) -> Tensor:
         total = sum(t.numel() for t in tensors)
@@ -566,10 +616,20 @@ class OvershootClip(_ThresholdClipper):
         log_level = torch.where(first, torch.log(clipped),
                                 a * st["log_level"] + (1 - a) * torch.log(clipped))
         log_raw = torch.where(first, torch.log(total), a * st["log_raw"] + (1 - a) * torch.log(total))
+        sq_level = st["sq_level"]
+        if self._mode == _ADAPTIVE:  # the default modes do not pay for it
+            sq_level = torch.where(st["count"] > 0, self._v(st), sq_level)
+            # bias-corrected EMA of the squared clipped norm, in the incremental form
+            # v_t = v_{t-1} + w_t (x^2 - v_{t-1}),  w_t = (1 - b) / (1 - b^t)  (w_1 = 1)
+            b = torch.full_like(sq_level, self._beta2)
+            n = (st["count"] + 1).to(torch.float32)
+            w = (1 - b) / (1 - torch.pow(b, n))
+            sq_level = sq_level + w * (clipped * clipped - sq_level)
         new = {
             "step_limit": _keep(accept, pending["step_limit"], st["step_limit"]),
             "log_level": _keep(accept, log_level, st["log_level"]),
             "log_raw": _keep(accept, log_raw, st["log_raw"]),
+            "sq_level": _keep(accept, sq_level, st["sq_level"]),
             "prev_norm": _keep(accept, total, st["prev_norm"]),
             "count": st["count"] + accept.to(torch.int64),
             "started": _keep(accept, pending["started"], st["started"]),
@@ -596,6 +656,9 @@ class OvershootClip(_ThresholdClipper):
         self._state = {k: state_dict[k].clone() for k in (
             "step_limit", "log_level", "log_raw", "prev_norm", "count", "started", "init_limit",
             "prev_sample")}
+        sq = state_dict.get("sq_level")  # absent in states saved before the adaptive mode
+        self._state["sq_level"] = sq.clone() if sq is not None else torch.zeros_like(
+            self._state["log_level"])
         self._have_init = bool(state_dict.get("have_init", False))
         lay = state_dict.get("layout")
         self._layout = None if lay is None else (len(lay), tuple(int(n) for n in lay))
