@@ -173,6 +173,7 @@ class _EMAZ(StepDetector):
         self.var: Tensor | None = None
         self.count: Tensor | None = None
         self.max: Tensor | None = None
+        self._prep: tuple[Tensor, tuple[Tensor, Tensor, Tensor]] | None = None
 
     def _state_names(self):
         return ("mean", "var", "count", "max")
@@ -193,15 +194,26 @@ class _EMAZ(StepDetector):
     def _x(self, total_norm: Tensor, loss: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def evaluate(self, total_norm, loss):
+    def _prepared(self, total_norm, loss):
+        """``(x, y, finite)`` for this step's input, computed once for evaluate and update."""
         x = self._x(total_norm, loss)
         if x is None:
+            return None
+        cached = self._prep
+        if cached is not None and cached[0] is x:
+            return cached[1]
+        x32 = x.to(torch.float32)
+        self._ensure(x32.device)
+        out = (x32, self._y(x32), torch.isfinite(x32))
+        self._prep = (x, out)
+        return out
+
+    def evaluate(self, total_norm, loss):
+        prep = self._prepared(total_norm, loss)
+        if prep is None:
             nan = torch.full((), math.nan, dtype=torch.float32, device=total_norm.device)
             return torch.zeros((), dtype=torch.bool, device=total_norm.device), nan, nan
-        x = x.to(torch.float32)
-        self._ensure(x.device)
-        y = self._y(x)
-        finite = torch.isfinite(x)
+        x, y, finite = prep
         z = (y - self.mean) / self._scale()
         fired = finite & (self.count >= self.warmup) & (z > self.z_threshold)
         if self.hard_factor is not None:
@@ -210,13 +222,13 @@ class _EMAZ(StepDetector):
         return fired, x, baseline
 
     def update(self, total_norm, loss, accept, fired):
-        x = self._x(total_norm, loss)
-        if x is None:
+        prep = self._prepared(total_norm, loss)
+        self._prep = None  # the next step brings new inputs
+        if prep is None:
             return
-        x = x.to(torch.float32)
-        self._ensure(x.device)
-        ok = accept & ~fired & torch.isfinite(x)
-        y = torch.where(ok, self._y(x), self.mean)
+        x, y, finite = prep
+        ok = accept & ~fired & finite
+        y = torch.where(ok, y, self.mean)
         n = self.count.to(torch.float32)
         a = torch.clamp(n / (n + 1.0), max=self.alpha)
         d = y - self.mean
@@ -323,12 +335,14 @@ class Growth(StepDetector):
     def evaluate(self, total_norm, loss):
         self._ensure(total_norm.device)
         ring = self._shifted(total_norm)
+        self._next = (total_norm, ring)
         yc = ring - ring.mean()
-        sjj = (self._jc * self._jc).sum()
+        W = self.window
+        sjj = W * (W * W - 1) / 12.0  # sum of (j - jbar)^2 over j = 0..W-1
         sjy = (self._jc * yc).sum()
         syy = (yc * yc).sum()
         slope = sjy / sjj
-        r2 = torch.where(syy > 0, sjy * sjy / (sjj * torch.clamp(syy, min=1e-30)), torch.zeros_like(syy))
+        r2 = torch.where(syy > 0, sjy * sjy / (sjj * torch.clamp(syy, min=1e-30)), 0.0)
         growth = torch.exp(slope * (self.window - 1))
         full = (self.count + 1) >= self.window
         cond = full & torch.isfinite(total_norm) & (growth >= self.factor) & (r2 >= self.min_r2)
@@ -338,7 +352,10 @@ class Growth(StepDetector):
     def update(self, total_norm, loss, accept, fired):
         self._ensure(total_norm.device)
         ok = accept & torch.isfinite(total_norm)
-        self.ring = torch.where(ok, self._shifted(total_norm), self.ring)
+        nxt = getattr(self, "_next", None)
+        shifted = nxt[1] if nxt is not None and nxt[0] is total_norm else self._shifted(total_norm)
+        self._next = None
+        self.ring = torch.where(ok, shifted, self.ring)
         self.count = self.count + ok.to(torch.int64)
         cond = getattr(self, "_cond", None)
         if cond is not None:
@@ -369,6 +386,7 @@ class Vanishing(Detector):
         self.log_sum: Tensor | None = None
         self.count: Tensor | None = None
         self.low: Tensor | None = None
+        self._factor_t: Tensor | None = None
 
     def _state_names(self):
         return ("log_sum", "count", "low")
@@ -387,7 +405,7 @@ class Vanishing(Detector):
         self._alloc(layer_norms.numel(), layer_norms.device)
         ready = self.count >= self.baseline_steps
         base = torch.exp(self.log_sum / torch.clamp(self.count, min=1).to(torch.float32))
-        return torch.where(ready, layer_norms.to(torch.float32) / base, torch.full_like(base, math.nan))
+        return torch.where(ready, layer_norms.to(torch.float32) / base, math.nan)
 
     def evaluate_layers(self, layer_norms: Tensor, accept: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Evaluate and update at once: ``(fired, min_ratio, factor, ratios)``."""
@@ -400,9 +418,11 @@ class Vanishing(Detector):
         self.log_sum = self.log_sum + torch.where(take, torch.log(torch.clamp(x, min=1e-30)), torch.zeros_like(x))
         self.count = self.count + take.to(torch.int64)
         self.low = low
-        finite = torch.where(torch.isnan(ratios), torch.full_like(ratios, math.inf), ratios)
+        finite = torch.where(torch.isnan(ratios), math.inf, ratios)
         value = finite.min() if finite.numel() else torch.full((), math.inf, device=x.device)
-        return fired, value, _f32(self.factor, x.device), ratios
+        if self._factor_t is None or self._factor_t.device != x.device:
+            self._factor_t = _f32(self.factor, x.device)
+        return fired, value, self._factor_t, ratios
 
 
 def default_detectors() -> list[Detector]:

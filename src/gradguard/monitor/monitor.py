@@ -24,9 +24,7 @@ Every ``layer_every`` steps, per layer (parameters grouped by module path, see
   a finite norm proves the count is 0); -1 when the parameters are unknown (standalone use);
 * ``param_norm``: ``||w_l||_2`` after the step;
 * ``update_ratio``: ``||w_l(t) - w_l(t-1)||_2 / ||w_l(t-1)||_2`` over a fixed sample of at
-  most ``update_sample`` elements per tensor: runs of 16 consecutive elements (one 64-byte
-  cache line of float32), every k-th run, ``k = ceil((numel // 16) / (update_sample // 16))``
-  (a tail of fewer than 16 elements is left out); exact when ``numel <= update_sample`` or
+  most ``update_sample`` elements per tensor (``gradguard.monitor.update_sample``); exact when
   ``update_sample=None``. Karpathy's rule of thumb: ~1e-3 is healthy.
 
 Flight recorder: the per-layer gradient norms of every step, ``recorder_steps`` of them, stay
@@ -75,6 +73,7 @@ from torch import Tensor
 from ..norms import _max_abs, per_tensor_norms
 from .detectors import AnomalyError, Detector, StepDetector, Vanishing, default_detectors
 from .layers import LayerMap, layer_l2, layer_max, layer_sum
+from .update_sample import UpdateSample
 
 STEP_COLS = ("loss", "lr", "total_norm", "total_norm_after", "clip_coef", "threshold",
              "clipped", "skipped", "nonfinite", "loss_scale")
@@ -87,7 +86,6 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-_RUN = 16  # elements per run of the update-ratio sample
 
 
 def _rank_world() -> tuple[int, int]:
@@ -174,8 +172,8 @@ class Monitor:
                                         for k in ("fired", "value", "baseline")]
         self._pending: tuple[int, list[tuple[Tensor, Tensor, Tensor]]] | None = None
         self._observed = False
-        self._snap: list[Tensor] | None = None
-        self._views: tuple[tuple[int, ...], list[Tensor]] | None = None
+        self._snap: tuple[Tensor | None, Tensor | None] | None = None
+        self._update_sample: UpdateSample | None = None
         self._snap_step = -1
         self._failed: set[str] = set()
         self._deliveries: deque[tuple[str, Any]] = deque()
@@ -205,7 +203,7 @@ class Monitor:
             raise ValueError("attach: names and params differ in length")
         self.layer_map = LayerMap.from_names(list(names))
         self.params = list(params)
-        self._views = None
+        self._update_sample = None
         self._dev = None
         self._write_meta()
 
@@ -243,7 +241,7 @@ class Monitor:
             s = self.step + 1 if step is None else int(step)
             if self.params is not None and s % self.layer_every == 0:
                 with torch.no_grad():
-                    self._snap = [v.clone() for v in self._sample_views()]
+                    self._snap = self._sample().take()
                 self._snap_step = s
         except Exception as exc:  # noqa: BLE001
             self._fail("record", exc)
@@ -379,32 +377,11 @@ class Monitor:
                              "have a gradient")
         return mask
 
-    def _sample_views(self) -> list[Tensor]:
+    def _sample(self) -> UpdateSample:
         assert self.params is not None
-        # views of the parameters' own memory stay valid while that memory does
-        key = tuple(p.data_ptr() for p in self.params)
-        if self._views is not None and self._views[0] == key:
-            return self._views[1]
-        out = self._build_sample_views()
-        if all(p.is_contiguous() for p in self.params):  # else reshape copied: rebuild each time
-            self._views = (key, out)
-        return out
-
-    def _build_sample_views(self) -> list[Tensor]:
-        assert self.params is not None
-        out = []
-        us = self.update_sample
-        for p in self.params:
-            flat = p.detach().reshape(-1)
-            n = flat.numel()
-            if us is None or n <= us:
-                out.append(flat)
-                continue
-            # runs of _RUN elements: a cache line each, not one per sampled element
-            runs = n // _RUN
-            k = max(1, -(-runs // max(1, us // _RUN)))
-            out.append(flat[: runs * _RUN].view(runs, _RUN)[::k])
-        return out
+        if self._update_sample is None:
+            self._update_sample = UpdateSample(self.params, self.update_sample)
+        return self._update_sample
 
     def wants_max_abs(self, step: int) -> bool:
         """True when ``step`` is a layer step: the Guard then hands over ``max |g|`` per
@@ -448,12 +425,9 @@ class Monitor:
             pn = per_tensor_norms([p.detach() for p in self.params])
             out[3].copy_(layer_l2(pn.to(dev), full_idx, L))
             if self._snap is not None and self._snap_step == s:
-                cur = self._sample_views()
-                diff = torch._foreach_sub(cur, self._snap)
-                dn = per_tensor_norms(diff).to(dev, torch.float64)
-                wn = per_tensor_norms(self._snap).to(dev, torch.float64)
-                num = layer_sum(dn.square(), full_idx, L, torch.float64).sqrt()
-                den = layer_sum(wn.square(), full_idx, L, torch.float64).sqrt()
+                sample = self._sample()
+                num = layer_sum(sample.change_sumsq(self._snap).to(dev), full_idx, L, torch.float64).sqrt()
+                den = layer_sum(sample.sumsq(self._snap).to(dev), full_idx, L, torch.float64).sqrt()
                 out[4].copy_(torch.where(den > 0, num / torch.where(den > 0, den, 1.0),
                                          torch.full_like(den, math.nan)))
             else:
