@@ -71,6 +71,11 @@ def _f32(x: float, device: torch.device) -> Tensor:
     return torch.full((), float(x), dtype=torch.float32, device=device)
 
 
+def _as_f32(t: Tensor) -> Tensor:
+    # .to() is a dispatcher call even when nothing changes: microseconds on every step
+    return t if t.dtype == torch.float32 else t.to(torch.float32)
+
+
 class Detector:
     """Base class: ``evaluate`` (pure) then ``update`` (state), both on the device.
 
@@ -143,10 +148,10 @@ class NonFinite(StepDetector):
 
     def evaluate(self, total_norm, loss):
         fired = ~torch.isfinite(total_norm)
-        value = total_norm.to(torch.float32)
+        value = _as_f32(total_norm)
         if loss is not None:
             bad_loss = ~torch.isfinite(loss)
-            value = torch.where(fired, value, loss.to(torch.float32))
+            value = torch.where(fired, value, _as_f32(loss))
             fired = fired | bad_loss
         return fired, value, torch.full_like(value, math.nan)
 
@@ -185,7 +190,7 @@ class _EMAZ(StepDetector):
             setattr(self, n, torch.zeros((), dtype=dt, device=device) if cur is None else cur.to(device))
 
     def _y(self, x: Tensor) -> Tensor:
-        x = x.to(torch.float32)
+        x = _as_f32(x)
         return torch.log(torch.clamp(x, min=1e-30)) if self.log else x
 
     def _scale(self) -> Tensor:
@@ -202,7 +207,7 @@ class _EMAZ(StepDetector):
         cached = self._prep
         if cached is not None and cached[0] is x:
             return cached[1]
-        x32 = x.to(torch.float32)
+        x32 = _as_f32(x)
         self._ensure(x32.device)
         out = (x32, self._y(x32), torch.isfinite(x32))
         self._prep = (x, out)
@@ -228,14 +233,14 @@ class _EMAZ(StepDetector):
             return
         x, y, finite = prep
         ok = accept & ~fired & finite
-        y = torch.where(ok, y, self.mean)
         n = self.count.to(torch.float32)
         a = torch.clamp(n / (n + 1.0), max=self.alpha)
-        d = y - self.mean
-        self.mean = torch.where(ok, self.mean + (1.0 - a) * d, self.mean)
-        self.var = torch.where(ok, a * (self.var + (1.0 - a) * d * d), self.var)
-        self.max = torch.where(ok, torch.maximum(self.max, torch.where(ok, x, self.max)), self.max)
-        self.count = self.count + ok.to(torch.int64)
+        b = 1.0 - a
+        d = torch.where(ok, y - self.mean, 0.0)  # a refused step moves nothing
+        self.mean = self.mean + b * d
+        self.var = torch.where(ok, a * (self.var + b * d * d), self.var)
+        self.max = torch.maximum(self.max, torch.where(ok, x, self.max))
+        self.count = self.count + ok
 
 
 class Spike(_EMAZ):
@@ -329,34 +334,40 @@ class Growth(StepDetector):
         self._jc = (j - j.mean()).to(device)
 
     def _shifted(self, total_norm):
-        y = torch.log(torch.clamp(total_norm.to(torch.float32), min=1e-30))
+        y = torch.log(torch.clamp(_as_f32(total_norm), min=1e-30))
         return torch.cat([self.ring[1:], y.reshape(1)])
 
     def evaluate(self, total_norm, loss):
         self._ensure(total_norm.device)
         ring = self._shifted(total_norm)
-        self._next = (total_norm, ring)
-        yc = ring - ring.mean()
+        finite = torch.isfinite(total_norm)
+        self._next = (total_norm, ring, finite)
+        ybar = ring.mean()
+        yc = ring - ybar
         W = self.window
         sjj = W * (W * W - 1) / 12.0  # sum of (j - jbar)^2 over j = 0..W-1
-        sjy = (self._jc * yc).sum()
-        syy = (yc * yc).sum()
+        sjy = torch.dot(self._jc, yc)
+        syy = torch.dot(yc, yc)
         slope = sjy / sjj
-        r2 = torch.where(syy > 0, sjy * sjy / (sjj * torch.clamp(syy, min=1e-30)), 0.0)
-        growth = torch.exp(slope * (self.window - 1))
-        full = (self.count + 1) >= self.window
-        cond = full & torch.isfinite(total_norm) & (growth >= self.factor) & (r2 >= self.min_r2)
+        # S_yy = 0 means y is constant, so S_jy = 0 too and r^2 = 0 (not 0/0)
+        r2 = sjy * sjy / (sjj * torch.clamp(syy, min=1e-30))
+        growth = torch.exp(slope * (W - 1))
+        full = self.count >= W - 1  # this step would complete the window
+        cond = full & finite & (growth >= self.factor) & (r2 >= self.min_r2)
         self._cond = cond
-        return cond & ~self.active, growth, torch.exp(ring.mean())
+        return cond & ~self.active, growth, torch.exp(ybar)
 
     def update(self, total_norm, loss, accept, fired):
         self._ensure(total_norm.device)
-        ok = accept & torch.isfinite(total_norm)
         nxt = getattr(self, "_next", None)
-        shifted = nxt[1] if nxt is not None and nxt[0] is total_norm else self._shifted(total_norm)
+        if nxt is not None and nxt[0] is total_norm:
+            shifted, finite = nxt[1], nxt[2]
+        else:
+            shifted, finite = self._shifted(total_norm), torch.isfinite(total_norm)
         self._next = None
+        ok = accept & finite
         self.ring = torch.where(ok, shifted, self.ring)
-        self.count = self.count + ok.to(torch.int64)
+        self.count = self.count + ok
         cond = getattr(self, "_cond", None)
         if cond is not None:
             self.active = torch.where(ok, cond, self.active)
@@ -405,7 +416,7 @@ class Vanishing(Detector):
         self._alloc(layer_norms.numel(), layer_norms.device)
         ready = self.count >= self.baseline_steps
         base = torch.exp(self.log_sum / torch.clamp(self.count, min=1).to(torch.float32))
-        return torch.where(ready, layer_norms.to(torch.float32) / base, math.nan)
+        return torch.where(ready, _as_f32(layer_norms) / base, math.nan)
 
     def evaluate_layers(self, layer_norms: Tensor, accept: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Evaluate and update at once: ``(fired, min_ratio, factor, ratios)``."""
@@ -413,7 +424,7 @@ class Vanishing(Detector):
         is_low = (ratios < self.factor) & accept  # NaN compares False
         low = torch.where(accept, torch.where(is_low, self.low + 1, torch.zeros_like(self.low)), self.low)
         fired = (low == self.patience).any() & accept
-        x = layer_norms.to(torch.float32)
+        x = _as_f32(layer_norms)
         take = accept & (self.count < self.baseline_steps) & torch.isfinite(x) & (x > 0)
         self.log_sum = self.log_sum + torch.where(take, torch.log(torch.clamp(x, min=1e-30)), torch.zeros_like(x))
         self.count = self.count + take.to(torch.int64)

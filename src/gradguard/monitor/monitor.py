@@ -340,21 +340,21 @@ class Monitor:
             fired, value, base, _ = d.evaluate_layers(lnorm, accept)
             det_vals[id(d)] = (fired, value, base)
 
+        # one stack into the buffer row; it promotes bool / float64 entries to float32 itself
         f32 = torch.float32
         thr = getattr(stats, "threshold", None)
         row = [
-            self._nan if loss_t is None else loss_t.to(f32),
+            self._nan if loss_t is None else loss_t,
             lr.detach().reshape(-1)[0].to(dev, f32) if isinstance(lr, Tensor) else self._nan,
-            total.to(f32), stats.total_norm_after.to(f32), stats.clip_coef.to(f32),
-            self._nan if thr is None else thr.to(dev, f32),
-            stats.clipped.to(f32), skipped.to(f32), stats.nonfinite.to(f32),
+            total, stats.total_norm_after, stats.clip_coef,
+            self._nan if thr is None else thr.to(dev),
+            stats.clipped, skipped, stats.nonfinite,
             self._scalar(loss_scale, dev),
         ]
         for d in self.detectors:
-            fired, value, base = det_vals[id(d)]
-            row += [fired.to(f32), value.to(f32), base.to(f32)]
+            row += det_vals[id(d)]
         i = self._n
-        self._buf[i].copy_(torch.stack(row))
+        torch.stack(row, out=self._buf[i])
         self._host_step[i] = s
         self._host_time[i] = time.time()
         self._host_lr[i] = float(lr) if (lr is not None and not isinstance(lr, Tensor)) else math.nan
