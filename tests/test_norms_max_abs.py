@@ -151,3 +151,28 @@ def test_pool_survives_fork():
             os._exit(2)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_pool_waits_for_helpers_and_raises_their_error():
+    import threading
+    import time
+
+    import pytest
+
+    from gradguard import _pool
+
+    done = []
+    lock = threading.Lock()
+
+    def work(j):
+        if j == 3:
+            raise ValueError("item 3")
+        time.sleep(0.002)
+        with lock:
+            done.append(j)
+
+    with pytest.raises(ValueError, match="item 3"):
+        _pool.run_indexed(12, work, 2)
+    settled = len(done)
+    time.sleep(0.05)
+    assert len(done) == settled  # nothing still running after the call returned

@@ -72,6 +72,11 @@ def run_indexed(n: int, work: Callable[[int], None], nthreads: int,
 
     helpers = min(nthreads, n) - 1
     futures = [_executor(helpers).submit(drain) for _ in range(helpers)]
-    drain()
-    for f in futures:
-        f.result()
+    try:
+        drain()
+    finally:
+        # never return while a helper may still write into the caller's outputs
+        errors = [f.exception() for f in futures]
+    for e in errors:
+        if e is not None:
+            raise e
