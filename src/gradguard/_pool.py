@@ -33,9 +33,17 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may run on
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def threads() -> int:
-    """How many threads a CPU pass may use: ``torch.get_num_threads()``, at most 8."""
-    return max(1, min(torch.get_num_threads(), os.cpu_count() or 1, _MAX_THREADS))
+    """How many threads a CPU pass may use: ``torch.get_num_threads()``, at most the cores
+    this process may run on, at most 8."""
+    return max(1, min(torch.get_num_threads(), _cores(), _MAX_THREADS))
 
 
 def _executor(helpers: int) -> ThreadPoolExecutor:
