@@ -147,34 +147,44 @@ def _strategies(only: str | None = None):
     return rows
 
 
-def _adding_run(strategy, seed: int, steps: int, length: int = 10):
-    """Adding problem (Pascanu et al.), length 10, tanh RNN 50, SGD lr 0.01, batch 20, budget
-    ``steps``; the loss is the MSE on 1000 fixed held-out sequences after the last step."""
+def _pascanu_run(strategy, seed: int, steps: int, task: str = "adding", length: int = 10):
+    """A Pascanu et al. task with the suite's model and optimizer (tanh RNN 50, basic init, SGD
+    lr 0.01, batch 20), a fixed budget of ``steps``; the loss is the task's own loss (adding:
+    MSE, temporal order: cross-entropy) on 1000 fixed held-out sequences after the last step
+    (not the suite's stop-when-solved run: every strategy trains for the same steps)."""
     from gradguard.experiments import pascanu
     from gradguard.experiments.loop import train
 
+    cfg = pascanu.PascanuConfig(task=task, length=length)
     torch.manual_seed(seed)
-    model = pascanu.TanhRNN(2, 1, 50, "basic")
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    n_in, n_out = (6, 4) if task == "temporal" else (2, 1)
+    model = pascanu.TanhRNN(n_in, n_out, cfg.hidden, cfg.init)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     guard = strategy.guard(model)
     gen = torch.Generator().manual_seed(10_000 + seed)
-    xe, ye = pascanu.generate("adding", 1000, length, torch.Generator().manual_seed(99))
-    mse = torch.nn.MSELoss()
+    xe, ye = pascanu.generate(task, 1000, length, torch.Generator().manual_seed(99))
+    loss_fn = torch.nn.CrossEntropyLoss() if task == "temporal" else torch.nn.MSELoss()
     per_epoch = 100
 
     def batches(epoch: int):
         for _ in range(per_epoch):
-            yield pascanu.generate("adding", 20, length, gen)
+            yield pascanu.generate(task, cfg.batch_size, length, gen)
 
     def evaluate() -> float:
         with torch.no_grad():
-            return float(mse(model(xe), ye))
+            return float(loss_fn(model(xe), ye))
 
-    return train(model, batches, mse, opt, guard, steps // per_epoch, evaluate=evaluate)
+    return train(model, batches, loss_fn, opt, guard, steps // per_epoch, evaluate=evaluate)
+
+
+#: the two tasks' budgets (steps); one run takes about 6 s (temporal) and 25-30 s (char LM)
+#: on one core
+TEMPORAL_STEPS, TEMPORAL_LENGTH = 3000, 20
+CHARLM_STEPS = 2000
 
 
 def _tasks(quick: bool, extra: bool = False):
-    from gradguard.experiments import seed_mlp, seq_lstm
+    from gradguard.experiments import charlm, seed_mlp, seq_lstm
 
     # each returns (History, the test loss after the last step when the table's loss is a
     # mean over the last epoch, else None)
@@ -194,7 +204,17 @@ def _tasks(quick: bool, extra: bool = False):
         return seq_lstm.run(s, seed, cfg).history, None
 
     def adding(s, seed):
-        return _adding_run(s, seed, 500 if quick else 2000), None
+        return _pascanu_run(s, seed, 500 if quick else 2000), None
+
+    def temporal(s, seed):
+        # results.md section 3's configuration (T = 20, 3000 steps, plain SGD lr 0.01)
+        steps = 500 if quick else TEMPORAL_STEPS
+        return _pascanu_run(s, seed, steps, "temporal", TEMPORAL_LENGTH), None
+
+    def charlm_task(s, seed):
+        # the suite's model and lr 10 (results.md section 4), 2000 of its 3000 steps
+        cfg = replace(charlm.CharLMConfig(), steps=100 if quick else CHARLM_STEPS)
+        return charlm.run(s, seed, cfg).history, None
 
     def lstm_cosine(s, seed):
         # not a task of the criterion: the Adam task run to convergence (10 epochs, lr decayed
@@ -210,7 +230,9 @@ def _tasks(quick: bool, extra: bool = False):
     return {"seed MLP (train MSE)": mlp,
             "LSTM digits, Adam (test CE, mean over the last epoch)": lstm,
             "LSTM digits, SGD momentum 0.9 (test CE)": lstm_sgd,
-            "RNN adding (test MSE)": adding}
+            "RNN adding (test MSE)": adding,
+            f"RNN temporal order T={TEMPORAL_LENGTH} (test CE)": temporal,
+            "char LSTM LM, SGD lr 10 (held-out CE, nats/char)": charlm_task}
 
 
 def _select(tasks: dict, only: str | None) -> dict:

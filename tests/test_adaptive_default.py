@@ -80,3 +80,23 @@ def test_lstm_tail_evals_only_change_the_reading():
     assert h1.final_loss == h0.final_loss == tail.extra["final_point_loss"]
     assert h4.final_loss != h0.final_loss and math.isfinite(h4.final_loss)
     assert plain.value == tail.value  # same final model: same test accuracy
+
+
+def test_bench_temporal_and_charlm_tasks_run():
+    """The table's temporal-order and char-LM tasks (``--quick`` budgets: 500 and 100 steps)
+    train with the default and report a finite held-out loss."""
+    import importlib.util
+    from pathlib import Path
+
+    torch.set_num_threads(1)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "adaptive_bench.py"
+    spec = importlib.util.spec_from_file_location("adaptive_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tasks = bench._tasks(quick=True)
+    picked = {k: v for k, v in tasks.items() if "temporal" in k or "char" in k}
+    assert len(picked) == 2, list(tasks)
+    for name, fn in picked.items():
+        h, _ = fn(Strategy("default", gg.default_clipper), 0)
+        assert h.first_nonfinite_epoch is None and h.steps in (100, 500), (name, h.steps)
+        assert math.isfinite(h.final_loss) and h.final_loss < 5.0, (name, h.final_loss)
