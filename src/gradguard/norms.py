@@ -149,18 +149,18 @@ def _cpu_l2_norms(grads: list[Tensor], with_max_abs: bool = False) -> tuple[Tens
         lo_l: list[float] = []
         buf = torch.empty(min(_STAGE, sum(g.numel() for g in grads)), dtype=torch.float32)
         nbuf = buf.numpy()
-        for i, g in enumerate(grads):
-            for src in g.detach().reshape(-1).split(_STAGE):
-                n = src.numel()
-                buf[:n].copy_(src)
-                for start in range(0, n, k):
-                    a = nbuf[start: min(start + k, n)]
-                    with _quiet():
+        with _quiet():
+            for i, g in enumerate(grads):
+                for src in g.detach().reshape(-1).split(_STAGE):
+                    n = src.numel()
+                    buf[:n].copy_(src)
+                    for start in range(0, n, k):
+                        a = nbuf[start: min(start + k, n)]
                         sq_l.append(np.dot(a, a))
-                    if with_max_abs:  # while the chunk is in the cache
-                        hi_l.append(a.max())
-                        lo_l.append(a.min())
-                    meta.append((i, src, start, min(k, n - start)))
+                        if with_max_abs:  # while the chunk is in the cache
+                            hi_l.append(a.max())
+                            lo_l.append(a.min())
+                        meta.append((i, src, start, min(k, n - start)))
         sq = np.array(sq_l, dtype=np.float64)
         his = np.array(hi_l, dtype=np.float64)
         los = np.array(lo_l, dtype=np.float64)

@@ -38,6 +38,7 @@ class UpdateSample:
         self._run_owner: Tensor | None = None
         self._whole_owner: Tensor | None = None
         self._whole_sizes: list[int] = []
+        self._whole_index: list[int] = []
 
     def _build(self) -> None:
         key = tuple(p.data_ptr() for p in self.params)
