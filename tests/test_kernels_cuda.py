@@ -229,3 +229,43 @@ def test_max_abs_with_the_norms_on_cuda(dtype):
     want = [float(g.double().abs().max()) if g.numel() else 0.0 for g in grads]
     assert got.max_abs.device.type == "cuda"
     assert got.max_abs.cpu().tolist() == [float(np.float32(w)) for w in want]
+
+
+@needs_triton
+def test_monitored_guard_no_host_sync_on_cuda(tmp_path):
+    """A Guard with a Monitor (ordinary steps, layer steps, flushes copied to pinned memory and
+    written by the Monitor's thread) runs under ``set_sync_debug_mode("error")``; the run store
+    then holds every step with the norms the Guard computed."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
+                                torch.nn.Linear(128, 8)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    mon = gg.Monitor(tmp_path / "run", layer_every=2, flush_every=4)
+    guard = gg.Guard(model, gg.NormClip(0.5), monitor=mon)
+    x = torch.randn(32, 64, device="cuda")
+    want = []
+
+    def step():
+        loss = model(x).square().mean()
+        loss.backward()
+        want.append(torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(p.grad.double()) for p in model.parameters()])))
+        guard.step(opt, loss=loss)
+        opt.zero_grad(set_to_none=False)
+
+    for _ in range(4):  # warm-up: Triton compiles, optimizer state, the first flush
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(8):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    mon.close()
+    assert not mon.notes, mon.notes
+    run = gg.load_run(tmp_path / "run")
+    assert len(run.steps) == 12 and (np.diff(run.steps["step"].to_numpy()) == 1).all()
+    got = run.steps["total_norm"].to_numpy()
+    np.testing.assert_allclose(got, [float(w) for w in want], rtol=1e-5)
+    assert len(run.layers) > 0 and np.isfinite(run.layers["grad_norm"]).all()
