@@ -58,8 +58,10 @@ except Exception as e:  # noqa: BLE001
     import traceback
     print("Guard.step NOT capturable:", type(e).__name__, str(e)[:300])
     print("".join(traceback.format_exc().splitlines(keepends=True)[-14:]))
-torch.cuda.synchronize()
+PYEOF
 
+timeout 120 $PY - <<'PYEOF' 2>&1 | tee -a "$OUTDIR/guard_graph.txt"
+import torch, gradguard as gg
 # torch's CUDA multiply of bf16/fp16 by a float32 0-d tensor: is the coefficient rounded first?
 for dt in (torch.bfloat16, torch.float16):
     x = torch.randn(1 << 20, device="cuda").to(dt)
@@ -89,9 +91,10 @@ PYEOF
 
 if [ "$(elapsed)" -lt 330 ]; then
   echo "== 4. kernel shapes ($(elapsed)s)"
-  for cfg in "GRADGUARD_TRITON_BLOCK=8192 GRADGUARD_TRITON_WARPS=8" \
-             "GRADGUARD_TRITON_BLOCK=2048 GRADGUARD_TRITON_WARPS=4" \
-             "GRADGUARD_TRITON_CHUNK=262144 GRADGUARD_TRITON_PROGRAMS_PER_SM=8"; do
+  for cfg in "GRADGUARD_TRITON_WARPS=16" \
+             "GRADGUARD_TRITON_BLOCK=16384 GRADGUARD_TRITON_WARPS=16" \
+             "GRADGUARD_TRITON_PROGRAMS_PER_SM=2" \
+             "GRADGUARD_TRITON_PROGRAMS_PER_SM=8"; do
     echo "-- $cfg"
     env $cfg timeout 90 $PY benchmarks/clip_bench.py --device cuda \
         --sets gpt2-124M:float32,gpt-1.3B:float32,gpt-1.3B:bfloat16 \

@@ -38,7 +38,7 @@ from torch import Tensor
 
 #: elements per chunk (the unit of work of one program iteration) and per tile
 CHUNK = int(os.environ.get("GRADGUARD_TRITON_CHUNK", 1 << 16))
-BLOCK = int(os.environ.get("GRADGUARD_TRITON_BLOCK", 4096))
+BLOCK = int(os.environ.get("GRADGUARD_TRITON_BLOCK", 8192))
 #: persistent programs per streaming multiprocessor
 PROGRAMS_PER_SM = int(os.environ.get("GRADGUARD_TRITON_PROGRAMS_PER_SM", 4))
 NUM_WARPS = int(os.environ.get("GRADGUARD_TRITON_WARPS", 8))
