@@ -38,10 +38,10 @@ from torch import Tensor
 
 #: elements per chunk (the unit of work of one program iteration) and per tile
 CHUNK = int(os.environ.get("GRADGUARD_TRITON_CHUNK", 1 << 16))
-BLOCK = int(os.environ.get("GRADGUARD_TRITON_BLOCK", 8192))
+BLOCK = int(os.environ.get("GRADGUARD_TRITON_BLOCK", 16384))
 #: persistent programs per streaming multiprocessor
 PROGRAMS_PER_SM = int(os.environ.get("GRADGUARD_TRITON_PROGRAMS_PER_SM", 4))
-NUM_WARPS = int(os.environ.get("GRADGUARD_TRITON_WARPS", 8))
+NUM_WARPS = int(os.environ.get("GRADGUARD_TRITON_WARPS", 16))
 RBLOCK = 1024
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _P_CODE = {2.0: 2, 1.0: 1, math.inf: 0}
