@@ -51,14 +51,26 @@ def ref_ema_z(xs, accepts, *, log, z_thr, alpha, warmup, floor, hard=None, rel_f
     return fired, m, v, n
 
 
-def run_step_detector(det, xs, accepts, as_loss=False):
+KINDS = ["torch", "numpy"]  # tensors (the device path) or numpy scalars (the Monitor's CPU path)
+
+
+def val(x, kind, dtype=np.float32):
+    """``x`` as a detector input of ``kind``: a tensor, or a numpy scalar / array."""
+    if kind == "torch":
+        return torch.tensor(x) if not isinstance(x, float) else torch.tensor(x, dtype=torch.float32)
+    a = np.asarray(x, dtype=dtype)
+    return a[()] if a.ndim == 0 else a
+
+
+def run_step_detector(det, xs, accepts, as_loss=False, kind="torch"):
     out = []
-    for x, acc in zip(xs, accepts):
-        t = torch.tensor(x, dtype=torch.float32)
-        norm, loss = (torch.tensor(1.0), t) if as_loss else (t, None)
-        fired, value, base = det.evaluate(norm, loss)
-        det.update(norm, loss, torch.tensor(acc), fired)
-        out.append(bool(fired))
+    with np.errstate(all="ignore"):
+        for x, acc in zip(xs, accepts):
+            t = val(float(x), kind)
+            norm, loss = (val(1.0, kind), t) if as_loss else (t, None)
+            fired, value, base = det.evaluate(norm, loss)
+            det.update(norm, loss, val(acc, kind, bool), fired)
+            out.append(bool(fired))
     return out
 
 
@@ -66,12 +78,13 @@ norm_series = st.lists(st.one_of(st.floats(1e-3, 1e3), st.sampled_from([1e5, mat
                        min_size=1, max_size=80)
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @settings(max_examples=60, deadline=None)
 @given(norm_series, st.data())
-def test_spike_matches_reference(xs, data):
+def test_spike_matches_reference(kind, xs, data):
     accepts = data.draw(st.lists(st.booleans(), min_size=len(xs), max_size=len(xs)))
     det = Spike(z_threshold=3.0, alpha=0.9, warmup=5, min_std=0.05)
-    got = run_step_detector(det, xs, accepts)
+    got = run_step_detector(det, xs, accepts, kind=kind)
     xs32 = [float(np.float32(x)) for x in xs]
     ref, m, v, n = ref_ema_z(xs32, accepts, log=True, z_thr=3.0, alpha=0.9, warmup=5, floor=0.05, hard=10.0)
     assert got == ref
@@ -80,29 +93,32 @@ def test_spike_matches_reference(xs, data):
     assert float(det.var) == pytest.approx(v, rel=1e-3, abs=1e-5)
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.floats(0.01, 100.0), min_size=1, max_size=60), st.data())
-def test_loss_spike_matches_reference(xs, data):
+def test_loss_spike_matches_reference(kind, xs, data):
     accepts = data.draw(st.lists(st.booleans(), min_size=len(xs), max_size=len(xs)))
     det = LossSpike(z_threshold=4.0, alpha=0.95, warmup=4, rel_floor=0.01)
-    got = run_step_detector(det, xs, accepts, as_loss=True)
+    got = run_step_detector(det, xs, accepts, as_loss=True, kind=kind)
     xs32 = [float(np.float32(x)) for x in xs]
     ref, *_ = ref_ema_z(xs32, accepts, log=False, z_thr=4.0, alpha=0.95, warmup=4, floor=0,
                         rel_floor=0.01)
     assert got == ref
 
 
-def test_spike_hard_guard_and_baseline_exclusion():
+@pytest.mark.parametrize("kind", KINDS)
+def test_spike_hard_guard_and_baseline_exclusion(kind):
     det = Spike(z_threshold=6.0, warmup=100)  # z rule never arms: only the 10x guard
     xs = [1.0, 2.0, 1.5, 25.0, 1.0, 19.0, 200.0]
-    got = run_step_detector(det, xs, [True] * len(xs))
+    got = run_step_detector(det, xs, [True] * len(xs), kind=kind)
     assert got == [False, False, False, True, False, False, True]
     assert float(det.max) == 19.0  # the flagged 25 and 200 never entered the baseline
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @settings(max_examples=40, deadline=None)
 @given(st.floats(-0.2, 0.2), st.floats(0.0, 0.05), st.integers(0, 2**16))
-def test_growth_slope_matches_polyfit(rate, noise, seed):
+def test_growth_slope_matches_polyfit(kind, rate, noise, seed):
     W = 12
     rng = np.random.default_rng(seed)
     ys = np.exp(rate * np.arange(30) + noise * rng.standard_normal(30)).astype(np.float32)
@@ -110,10 +126,11 @@ def test_growth_slope_matches_polyfit(rate, noise, seed):
     fired = []
     values = []
     for t, x in enumerate(ys):
-        f, val, base = det.evaluate(torch.tensor(x), None)
-        det.update(torch.tensor(x), None, torch.tensor(True), f)
+        xin = val(float(x), kind)
+        f, v, base = det.evaluate(xin, None)
+        det.update(xin, None, val(True, kind, bool), f)
         fired.append(bool(f))
-        values.append(float(val))
+        values.append(float(v))
         if t >= W - 1:
             win = np.log(ys[t - W + 1: t + 1].astype(np.float64))
             slope = np.polyfit(np.arange(W), win, 1)[0]
@@ -137,25 +154,27 @@ def test_growth_slope_matches_polyfit(rate, noise, seed):
         assert abs(values[t] - 1.5) < 2e-3 * 1.5 or abs(values[t - 1] - 1.5) < 2e-3 * 1.5
 
 
-def test_vanishing_against_own_baseline():
+@pytest.mark.parametrize("kind", KINDS)
+def test_vanishing_against_own_baseline(kind):
     det = Vanishing(factor=0.01, baseline_steps=5, patience=3)
-    acc = torch.tensor(True)
+    acc = val(True, kind, bool)
     # layer 0 is naturally 100x smaller than layer 1: no event for that alone
     seq = [[1e-3, 1e-1]] * 8 + [[1e-6, 1e-1]] * 5 + [[1e-3, 1e-1]] * 2
     fired = []
     for row in seq:
-        f, v, b, ratios = det.evaluate_layers(torch.tensor(row), acc)
+        f, v, b, ratios = det.evaluate_layers(val(row, kind), acc)
         fired.append(bool(f))
     assert fired.index(True) == 8 + 2  # third consecutive low step
     assert sum(fired) == 1
     assert float(det.log_sum[0] / det.count[0]) == pytest.approx(math.log(1e-3), rel=1e-5)
 
 
-def test_nonfinite_detector():
+@pytest.mark.parametrize("kind", KINDS)
+def test_nonfinite_detector(kind):
     det = NonFinite()
     for norm, loss, want in [(1.0, 2.0, False), (math.inf, 2.0, True), (1.0, math.nan, True),
                              (math.nan, None, True), (1.0, None, False)]:
-        f, v, b = det.evaluate(torch.tensor(norm), None if loss is None else torch.tensor(loss))
+        f, v, b = det.evaluate(val(norm, kind), None if loss is None else val(loss, kind))
         assert bool(f) is want
     with pytest.raises(ValueError):
         Vanishing(action="skip")

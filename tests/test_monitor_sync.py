@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 
+import pytest
 import torch
 
 import gradguard as gg
@@ -54,12 +55,13 @@ def _setup(monitor):
     return net, opt, gg.Guard(net, clipper=gg.NormClip(1.0), monitor=monitor)
 
 
-def test_no_host_read_on_non_flush_steps(tmp_path, monkeypatch):
+@pytest.mark.parametrize("host_math", [None, False])  # numpy on the host; torch as on a GPU
+def test_no_host_read_on_non_flush_steps(tmp_path, monkeypatch, host_math):
     net, opt, plain = _setup(None)
     baseline = _count_reads(monkeypatch, plain, opt, net)
     skip_rule = Spike(warmup=3, action="skip")  # the monitor is a device-side skip rule too
     mon = Monitor(tmp_path / "run", layer_every=5, flush_every=10, recorder_steps=8,
-                  detectors=gg.monitor.default_detectors() + [skip_rule])
+                  detectors=gg.monitor.default_detectors() + [skip_rule], host_math=host_math)
     net, opt, guard = _setup(mon)
     assert mon.can_skip
     monitored = _count_reads(monkeypatch, guard, opt, net)

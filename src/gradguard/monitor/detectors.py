@@ -34,6 +34,11 @@ The EMA uses a bias-free start: the decay at the n-th accepted value (n = 0, 1, 
 exponentially weighted variance). State is float32 on the device, O(1) per rule (O(window)
 for Growth, O(layers) for Vanishing), saved by ``state_dict()``.
 
+Inputs are torch tensors, or numpy values when the Monitor runs the rules on the host (the
+statistics live on the CPU; see ``_xp``): the arithmetic is written once against
+``_xp.TorchOps`` / ``_xp.NumpyOps`` and the state follows the inputs' kind. A subclass that
+does its own torch arithmetic sets ``host_math = False`` and always receives tensors.
+
 Actions (``action=``): ``"warn"`` (a rate-limited ``RuntimeWarning``), ``"callback"``
 (``callback(event)`` on the host at flush time), ``"skip"`` (the Guard refuses the update;
 only step-level rules, decided on the device in the same step) and ``"raise"``
@@ -48,8 +53,11 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from . import _xp
 
 ACTIONS = ("warn", "callback", "skip", "raise")
 
@@ -65,15 +73,6 @@ class AnomalyError(RuntimeError):
     def __init__(self, message: str, event: dict[str, Any] | None = None):
         super().__init__(message)
         self.event = event
-
-
-def _f32(x: float, device: torch.device) -> Tensor:
-    return torch.full((), float(x), dtype=torch.float32, device=device)
-
-
-def _as_f32(t: Tensor) -> Tensor:
-    # .to() is a dispatcher call even when nothing changes: microseconds on every step
-    return t if t.dtype == torch.float32 else t.to(torch.float32)
 
 
 class Detector:
@@ -97,31 +96,44 @@ class Detector:
             raise ValueError(f"{type(self).__name__} reads per-layer norms and cannot skip a step")
         self.action = action
         self.callback = callback
-        self._device: torch.device | None = None
+        self._key: tuple | None = None  # ("torch", device) or ("numpy",): where the state lives
+        self._xp: Any = _xp.TORCH
 
-    # -- device state ---------------------------------------------------------------------
-    def _ensure(self, device: torch.device) -> None:
-        if self._device != device:
-            self._init_state(device)
-            self._device = device
+    host_math = True  # the arithmetic goes through ``_xp``: numpy inputs are fine
 
-    def _init_state(self, device: torch.device) -> None:
-        """Create the state tensors on ``device`` (keeping values if they exist)."""
+    # -- state ----------------------------------------------------------------------------
+    def _ensure(self, x: Any) -> Any:
+        """The namespace of input ``x``; moves the state there first if it lives elsewhere."""
+        xp = _xp.namespace(x)
+        key = xp.key(x)
+        if self._key != key:
+            self._xp = xp
+            self._init_state(xp, x)
+            self._key = key
+        return xp
+
+    def _init_state(self, xp: Any, like: Any) -> None:
+        """Create the state in ``xp`` next to ``like`` (converting values that exist)."""
 
     def _state_names(self) -> tuple[str, ...]:
         return ()
 
+    def _convert_state(self, xp: Any, like: Any) -> None:
+        for n in self._state_names():
+            cur = getattr(self, n, None)
+            if cur is not None:
+                setattr(self, n, xp.convert(cur, like))
+
     def state_dict(self) -> dict[str, Any]:
-        return {n: getattr(self, n).detach().cpu().clone() for n in self._state_names()
+        return {n: _xp.to_torch(getattr(self, n)) for n in self._state_names()
                 if getattr(self, n, None) is not None}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        dev = self._device or torch.device("cpu")
         for n in self._state_names():
             if n in sd:
-                setattr(self, n, torch.as_tensor(sd[n]).clone().to(dev))
-        if sd:
-            self._device = dev
+                setattr(self, n, torch.as_tensor(sd[n]).clone())
+        # the next input decides where the state lives (``_ensure`` converts it)
+        self._key = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(action={self.action!r})"
@@ -147,13 +159,14 @@ class NonFinite(StepDetector):
     rule = "nonfinite"
 
     def evaluate(self, total_norm, loss):
-        fired = ~torch.isfinite(total_norm)
-        value = _as_f32(total_norm)
+        xp = _xp.namespace(total_norm)
+        fired = ~xp.isfinite(total_norm)
+        value = xp.f32(total_norm)
         if loss is not None:
-            bad_loss = ~torch.isfinite(loss)
-            value = torch.where(fired, value, _as_f32(loss))
+            bad_loss = ~xp.isfinite(loss)
+            value = xp.where(fired, value, xp.f32(loss))
             fired = fired | bad_loss
-        return fired, value, torch.full_like(value, math.nan)
+        return fired, value, xp.full_like(value, math.nan)
 
 
 class _EMAZ(StepDetector):
@@ -183,20 +196,19 @@ class _EMAZ(StepDetector):
     def _state_names(self):
         return ("mean", "var", "count", "max")
 
-    def _init_state(self, device):
-        for n, dt in (("mean", torch.float32), ("var", torch.float32), ("count", torch.int64),
-                      ("max", torch.float32)):
-            cur = getattr(self, n)
-            setattr(self, n, torch.zeros((), dtype=dt, device=device) if cur is None else cur.to(device))
+    def _init_state(self, xp, like):
+        self._convert_state(xp, like)
+        for n, dt in (("mean", "f32"), ("var", "f32"), ("count", "i64"), ("max", "f32")):
+            if getattr(self, n) is None:
+                setattr(self, n, xp.full((), 0, dt, like))
 
-    def _y(self, x: Tensor) -> Tensor:
-        x = _as_f32(x)
-        return torch.log(torch.clamp(x, min=1e-30)) if self.log else x
+    def _y(self, xp, x):
+        return xp.log(xp.clamp_min(x, 1e-30)) if self.log else x
 
-    def _scale(self) -> Tensor:
+    def _scale(self, xp):
         raise NotImplementedError
 
-    def _x(self, total_norm: Tensor, loss: Tensor) -> Tensor:
+    def _x(self, total_norm, loss):
         raise NotImplementedError
 
     def _prepared(self, total_norm, loss):
@@ -207,23 +219,25 @@ class _EMAZ(StepDetector):
         cached = self._prep
         if cached is not None and cached[0] is x:
             return cached[1]
-        x32 = _as_f32(x)
-        self._ensure(x32.device)
-        out = (x32, self._y(x32), torch.isfinite(x32))
+        xp = self._ensure(x)
+        x32 = xp.f32(x)
+        out = (x32, self._y(xp, x32), xp.isfinite(x32))
         self._prep = (x, out)
         return out
 
     def evaluate(self, total_norm, loss):
         prep = self._prepared(total_norm, loss)
         if prep is None:
-            nan = torch.full((), math.nan, dtype=torch.float32, device=total_norm.device)
-            return torch.zeros((), dtype=torch.bool, device=total_norm.device), nan, nan
+            xp = _xp.namespace(total_norm)
+            nan = xp.full((), math.nan, "f32", total_norm)
+            return xp.full((), False, "bool", total_norm), nan, nan
+        xp = self._xp
         x, y, finite = prep
-        z = (y - self.mean) / self._scale()
+        z = (y - self.mean) / self._scale(xp)
         fired = finite & (self.count >= self.warmup) & (z > self.z_threshold)
         if self.hard_factor is not None:
             fired = fired | (finite & (self.count >= 1) & (x > self.hard_factor * self.max))
-        baseline = torch.exp(self.mean) if self.log else self.mean.clone()
+        baseline = xp.exp(self.mean) if self.log else xp.copy(self.mean)
         return fired, x, baseline
 
     def update(self, total_norm, loss, accept, fired):
@@ -231,15 +245,16 @@ class _EMAZ(StepDetector):
         self._prep = None  # the next step brings new inputs
         if prep is None:
             return
+        xp = self._xp
         x, y, finite = prep
         ok = accept & ~fired & finite
-        n = self.count.to(torch.float32)
-        a = torch.clamp(n / (n + 1.0), max=self.alpha)
+        n = xp.f32(self.count)
+        a = xp.clamp_max(n / (n + 1.0), self.alpha)
         b = 1.0 - a
-        d = torch.where(ok, y - self.mean, 0.0)  # a refused step moves nothing
-        self.mean = self.mean + b * d
-        self.var = torch.where(ok, a * (self.var + b * d * d), self.var)
-        self.max = torch.maximum(self.max, torch.where(ok, x, self.max))
+        d = xp.where(ok, y - self.mean, 0.0)  # a refused step moves nothing
+        self.mean = xp.f32(self.mean + b * d)
+        self.var = xp.f32(xp.where(ok, a * (self.var + b * d * d), self.var))
+        self.max = xp.f32(xp.maximum(self.max, xp.where(ok, x, self.max)))
         self.count = self.count + ok
 
 
@@ -268,8 +283,8 @@ class Spike(_EMAZ):
     def _x(self, total_norm, loss):
         return total_norm
 
-    def _scale(self):
-        return torch.clamp(torch.sqrt(self.var), min=self.min_std)
+    def _scale(self, xp):
+        return xp.clamp_min(xp.sqrt(self.var), self.min_std)
 
 
 class LossSpike(_EMAZ):
@@ -290,9 +305,8 @@ class LossSpike(_EMAZ):
     def _x(self, total_norm, loss):
         return loss
 
-    def _scale(self):
-        return torch.clamp(torch.maximum(torch.sqrt(self.var), self.rel_floor * self.mean.abs()),
-                           min=1e-12)
+    def _scale(self, xp):
+        return xp.clamp_min(xp.maximum(xp.sqrt(self.var), self.rel_floor * abs(self.mean)), 1e-12)
 
 
 class Growth(StepDetector):
@@ -325,52 +339,56 @@ class Growth(StepDetector):
     def _state_names(self):
         return ("ring", "count", "active")
 
-    def _init_state(self, device):
+    def _init_state(self, xp, like):
+        self._convert_state(xp, like)
         W = self.window
-        self.ring = torch.zeros(W, dtype=torch.float32, device=device) if self.ring is None else self.ring.to(device)
-        self.count = torch.zeros((), dtype=torch.int64, device=device) if self.count is None else self.count.to(device)
-        self.active = torch.zeros((), dtype=torch.bool, device=device) if self.active is None else self.active.to(device)
-        j = torch.arange(W, dtype=torch.float32)
-        self._jc = (j - j.mean()).to(device)
+        if self.ring is None:
+            self.ring = xp.full((W,), 0.0, "f32", like)
+        if self.count is None:
+            self.count = xp.full((), 0, "i64", like)
+        if self.active is None:
+            self.active = xp.full((), False, "bool", like)
+        jc = np.arange(W, dtype=np.float32)
+        self._jc = xp.convert(jc - jc.mean(), like)
 
-    def _shifted(self, total_norm):
-        y = torch.log(torch.clamp(_as_f32(total_norm), min=1e-30))
-        return torch.cat([self.ring[1:], y.reshape(1)])
+    def _shifted(self, xp, total_norm):
+        y = xp.log(xp.clamp_min(xp.f32(total_norm), 1e-30))
+        return xp.shift_in(self.ring, y)
 
     def evaluate(self, total_norm, loss):
-        self._ensure(total_norm.device)
-        ring = self._shifted(total_norm)
-        finite = torch.isfinite(total_norm)
+        xp = self._ensure(total_norm)
+        ring = self._shifted(xp, total_norm)
+        finite = xp.isfinite(total_norm)
         self._next = (total_norm, ring, finite)
-        ybar = ring.mean()
+        ybar = xp.mean(ring)
         yc = ring - ybar
         W = self.window
         sjj = W * (W * W - 1) / 12.0  # sum of (j - jbar)^2 over j = 0..W-1
-        sjy = torch.dot(self._jc, yc)
-        syy = torch.dot(yc, yc)
+        sjy = xp.dot(self._jc, yc)
+        syy = xp.dot(yc, yc)
         slope = sjy / sjj
         # S_yy = 0 means y is constant, so S_jy = 0 too and r^2 = 0 (not 0/0)
-        r2 = sjy * sjy / (sjj * torch.clamp(syy, min=1e-30))
-        growth = torch.exp(slope * (W - 1))
+        r2 = sjy * sjy / (sjj * xp.clamp_min(syy, 1e-30))
+        growth = xp.exp(slope * (W - 1))
         full = self.count >= W - 1  # this step would complete the window
         cond = full & finite & (growth >= self.factor) & (r2 >= self.min_r2)
         self._cond = cond
-        return cond & ~self.active, growth, torch.exp(ybar)
+        return cond & ~self.active, xp.f32(growth), xp.f32(xp.exp(ybar))
 
     def update(self, total_norm, loss, accept, fired):
-        self._ensure(total_norm.device)
+        xp = self._ensure(total_norm)
         nxt = getattr(self, "_next", None)
         if nxt is not None and nxt[0] is total_norm:
             shifted, finite = nxt[1], nxt[2]
         else:
-            shifted, finite = self._shifted(total_norm), torch.isfinite(total_norm)
+            shifted, finite = self._shifted(xp, total_norm), xp.isfinite(total_norm)
         self._next = None
         ok = accept & finite
-        self.ring = torch.where(ok, shifted, self.ring)
+        self.ring = xp.where(ok, shifted, self.ring)
         self.count = self.count + ok
         cond = getattr(self, "_cond", None)
         if cond is not None:
-            self.active = torch.where(ok, cond, self.active)
+            self.active = xp.where(ok, cond, self.active)
 
 
 class Vanishing(Detector):
@@ -402,37 +420,42 @@ class Vanishing(Detector):
     def _state_names(self):
         return ("log_sum", "count", "low")
 
-    def _alloc(self, n_layers: int, device: torch.device) -> None:
-        if self.log_sum is None or self.log_sum.numel() != n_layers:
-            self.log_sum = torch.zeros(n_layers, dtype=torch.float32, device=device)
-            self.count = torch.zeros(n_layers, dtype=torch.int64, device=device)
-            self.low = torch.zeros(n_layers, dtype=torch.int64, device=device)
-        elif self.log_sum.device != device:
-            self.log_sum, self.count, self.low = (t.to(device) for t in (self.log_sum, self.count, self.low))
-        self._device = device
+    def _init_state(self, xp, like):
+        self._convert_state(xp, like)
+
+    def _alloc(self, layer_norms: Any) -> Any:
+        xp = self._ensure(layer_norms)
+        n = len(layer_norms)
+        if self.log_sum is None or len(self.log_sum) != n:
+            self.log_sum = xp.full((n,), 0.0, "f32", layer_norms)
+            self.count = xp.full((n,), 0, "i64", layer_norms)
+            self.low = xp.full((n,), 0, "i64", layer_norms)
+        return xp
 
     def ratios(self, layer_norms: Tensor) -> Tensor:
         """``||g_l|| / b_l`` per layer (NaN while the layer's baseline is incomplete)."""
-        self._alloc(layer_norms.numel(), layer_norms.device)
+        xp = self._alloc(layer_norms)
         ready = self.count >= self.baseline_steps
-        base = torch.exp(self.log_sum / torch.clamp(self.count, min=1).to(torch.float32))
-        return torch.where(ready, _as_f32(layer_norms) / base, math.nan)
+        base = xp.exp(self.log_sum / xp.f32(xp.clamp_min(self.count, 1)))
+        return xp.where(ready, xp.f32(layer_norms) / base, math.nan)
 
     def evaluate_layers(self, layer_norms: Tensor, accept: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Evaluate and update at once: ``(fired, min_ratio, factor, ratios)``."""
         ratios = self.ratios(layer_norms)
+        xp = self._xp
         is_low = (ratios < self.factor) & accept  # NaN compares False
-        low = torch.where(accept, torch.where(is_low, self.low + 1, torch.zeros_like(self.low)), self.low)
-        fired = (low == self.patience).any() & accept
-        x = _as_f32(layer_norms)
-        take = accept & (self.count < self.baseline_steps) & torch.isfinite(x) & (x > 0)
-        self.log_sum = self.log_sum + torch.where(take, torch.log(torch.clamp(x, min=1e-30)), torch.zeros_like(x))
-        self.count = self.count + take.to(torch.int64)
+        low = xp.where(accept, xp.where(is_low, self.low + 1, 0), self.low)
+        fired = xp.any(low == self.patience) & accept
+        x = xp.f32(layer_norms)
+        take = accept & (self.count < self.baseline_steps) & xp.isfinite(x) & (x > 0)
+        self.log_sum = xp.f32(self.log_sum + xp.where(take, xp.log(xp.clamp_min(x, 1e-30)), 0.0))
+        self.count = self.count + take
         self.low = low
-        finite = torch.where(torch.isnan(ratios), math.inf, ratios)
-        value = finite.min() if finite.numel() else torch.full((), math.inf, device=x.device)
-        if self._factor_t is None or self._factor_t.device != x.device:
-            self._factor_t = _f32(self.factor, x.device)
+        finite = xp.where(xp.isnan(ratios), math.inf, ratios)
+        value = xp.f32(xp.amin(finite) if len(finite) else xp.full((), math.inf, "f32", x))
+        if self._factor_t is None or _xp.namespace(self._factor_t) is not xp or (
+                xp is _xp.TORCH and self._factor_t.device != x.device):
+            self._factor_t = xp.full((), self.factor, "f32", x)
         return fired, value, self._factor_t, ratios
 
 

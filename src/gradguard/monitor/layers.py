@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -35,7 +36,8 @@ class LayerMap:
     param_names: list[str]
     layers: list[str]
     index: list[int]
-    _device_index: dict[tuple[str, tuple[bool, ...] | None], Tensor] = field(default_factory=dict)
+    _device_index: dict[tuple[str, tuple[bool, ...] | None], Tensor | np.ndarray] = field(
+        default_factory=dict)
 
     @classmethod
     def from_names(cls, names: list[str]) -> LayerMap:
@@ -64,6 +66,16 @@ class LayerMap:
             self._device_index[key] = idx
         return idx
 
+    def host_index(self, mask: tuple[bool, ...] | None = None) -> np.ndarray:
+        """``device_index`` as a numpy array (for statistics that live on the CPU), cached."""
+        key = ("numpy", mask)
+        idx = self._device_index.get(key)
+        if idx is None:
+            sel = self.index if mask is None else [j for j, m in zip(self.index, mask) if m]
+            idx = np.asarray(sel, dtype=np.int64)
+            self._device_index[key] = idx
+        return idx
+
 
 def layer_l2(per_tensor: Tensor, index: Tensor, n_layers: int) -> Tensor:
     """Per-layer L2 norms (float32) from per-tensor L2 norms: ``sqrt(segment_sum(n_i^2))``.
@@ -75,6 +87,12 @@ def layer_l2(per_tensor: Tensor, index: Tensor, n_layers: int) -> Tensor:
     out = torch.zeros(n_layers, dtype=torch.float64, device=per_tensor.device)
     out.index_add_(0, index, sq)
     return out.sqrt().to(torch.float32)
+
+
+def layer_l2_host(per_tensor: np.ndarray, index: np.ndarray, n_layers: int) -> np.ndarray:
+    """``layer_l2`` on numpy values (the same float64 sums, in the same order)."""
+    sq = np.square(per_tensor, dtype=np.float64)
+    return np.sqrt(np.bincount(index, weights=sq, minlength=n_layers)).astype(np.float32)
 
 
 def layer_max(values: Tensor, index: Tensor, n_layers: int) -> Tensor:

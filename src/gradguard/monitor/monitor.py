@@ -71,8 +71,9 @@ import torch
 from torch import Tensor
 
 from ..norms import _max_abs, per_tensor_norms
+from . import _xp
 from .detectors import AnomalyError, Detector, StepDetector, Vanishing, default_detectors
-from .layers import LayerMap, layer_l2, layer_max, layer_sum
+from .layers import LayerMap, layer_l2, layer_l2_host, layer_max, layer_sum
 from .update_sample import UpdateSample
 
 STEP_COLS = ("loss", "lr", "total_norm", "total_norm_after", "clip_coef", "threshold",
@@ -127,6 +128,10 @@ class Monitor:
         update_sample: elements per tensor sampled for the update ratio (None: all).
         warn_interval: seconds between two warnings of the same rule.
         async_flush: write on a background thread (default); False writes in ``record``.
+        host_math: run the detectors' arithmetic with numpy on the host when the statistics
+            live on the CPU (default None: yes on the CPU, where reading a tensor waits for
+            nothing and a scalar torch operation costs 5-30 us); False keeps every step's
+            arithmetic in torch tensors, as on a GPU. Ignored on other devices.
     """
 
     def __init__(self, run_dir: str | os.PathLike | None = None, *, layer_every: int = 10,
@@ -134,7 +139,7 @@ class Monitor:
                  detectors: Sequence[Detector] | None = None, sinks: Iterable[Any] = (),
                  name: str | None = None, config: dict[str, Any] | None = None,
                  top_k: int = 5, update_sample: int | None = 4096, warn_interval: float = 60.0,
-                 async_flush: bool = True):
+                 async_flush: bool = True, host_math: bool | None = None):
         for arg, v in (("layer_every", layer_every), ("flush_every", flush_every),
                        ("recorder_steps", recorder_steps), ("top_k", top_k)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -156,6 +161,7 @@ class Monitor:
         self.update_sample = update_sample
         self.warn_interval = float(warn_interval)
         self.async_flush = bool(async_flush)
+        self.host_math = host_math
         self.name = name or (self.run_dir.name if self.run_dir is not None else "run")
         self.user_config = dict(config or {})
         self.rank, self.world = _rank_world()
@@ -172,6 +178,8 @@ class Monitor:
                                         for k in ("fired", "value", "baseline")]
         self._pending: tuple[int, list[tuple[Tensor, Tensor, Tensor]]] | None = None
         self._observed = False
+        self._host_math = False
+        self._inputs_cache: tuple | None = None
         self._snap: tuple[Tensor | None, Tensor | None] | None = None
         self._update_sample: UpdateSample | None = None
         self._snap_step = -1
@@ -210,14 +218,16 @@ class Monitor:
     def check(self, total_norm: Tensor, loss: Any = None) -> Tensor:
         """Skip rule for the Guard: 0-d bool, True when a ``"skip"`` detector fires."""
         try:
-            loss_t = self._loss_tensor(loss, total_norm.device)
-            results = [d.evaluate(total_norm, loss_t) for d in self.step_detectors]
+            with np.errstate(all="ignore"):
+                results = self._evaluate(total_norm, loss)
             self._pending = (id(total_norm), results)
-            skip = torch.zeros((), dtype=torch.bool, device=total_norm.device)
+            host = self._on_host(total_norm)
+            skip: Any = np.bool_(False) if host else torch.zeros(
+                (), dtype=torch.bool, device=total_norm.device)
             for d, (fired, _, _) in zip(self.step_detectors, results):
                 if d.action == "skip":
-                    skip = skip | fired
-            return skip
+                    skip = skip | (_xp.host_value(fired) if host else fired)
+            return torch.from_numpy(np.array(skip)) if host else skip
         except Exception as exc:  # noqa: BLE001
             self._fail("detectors", exc)
             self._pending = None
@@ -228,12 +238,72 @@ class Monitor:
         try:
             if self._pending is None:
                 self.check(total_norm, loss)
-            loss_t = self._loss_tensor(loss, total_norm.device)
-            for d, (fired, _, _) in zip(self.step_detectors, self._pending[1]):  # type: ignore[index]
-                d.update(total_norm, loss_t, accept, fired)
+            with np.errstate(all="ignore"):
+                self._update(total_norm, loss, accept)
             self._observed = True
         except Exception as exc:  # noqa: BLE001
             self._fail("detectors", exc)
+
+    # -- the step detectors' inputs: torch tensors, or numpy on the host -------------------------
+    def _on_host(self, t: Tensor) -> bool:
+        return t.is_cpu and self.host_math is not False
+
+    def _inputs(self, total_norm: Tensor, loss: Any) -> list:
+        """``[loss_t, total_norm_h, loss_h]`` of this step, built once: on the host the norm
+        and the loss as float32 numpy scalars (``loss_t``, the 0-d loss tensor, is then made
+        only if something asks for it, see ``_loss_t``); elsewhere the loss tensor on the
+        norm's device. The same objects go to a detector's ``evaluate`` and ``update`` (they
+        cache work by identity)."""
+        c = self._inputs_cache
+        if c is not None and c[0] is total_norm and c[1] is loss:
+            return c[2]
+        if self._on_host(total_norm):
+            out = [None, np.float32(_xp.host_value(total_norm)), self._loss_host(loss)]
+        else:
+            out = [self._loss_tensor(loss, total_norm.device), None, None]
+        self._inputs_cache = (total_norm, loss, out)
+        return out
+
+    def _loss_t(self, total_norm: Tensor, loss: Any) -> Tensor | None:
+        inp = self._inputs(total_norm, loss)
+        if inp[0] is None and loss is not None:
+            inp[0] = self._loss_tensor(loss, total_norm.device)
+        return inp[0]
+
+    @staticmethod
+    def _loss_host(loss: Any) -> np.float32 | None:
+        if loss is None:
+            return None
+        if isinstance(loss, Tensor):
+            if loss.numel() != 1:
+                loss = loss.detach().float().mean()
+            a = _xp.host_value(loss)
+            return np.float32(a.reshape(-1)[0] if isinstance(a, np.ndarray) else a)
+        return np.float32(float(loss))
+
+    def _args(self, d: Detector, total_norm: Tensor, loss: Any) -> tuple[Any, Any]:
+        _, tn_h, loss_h = self._inputs(total_norm, loss)
+        if tn_h is not None and d.host_math:
+            return tn_h, loss_h
+        return total_norm, self._loss_t(total_norm, loss)
+
+    def _evaluate(self, total_norm: Tensor, loss: Any) -> list:
+        return [d.evaluate(*self._args(d, total_norm, loss)) for d in self.step_detectors]
+
+    def _update(self, total_norm: Tensor, loss: Any, accept: Any) -> None:
+        """Each step detector's ``update``, ``accept`` handed over as it takes its inputs."""
+        assert self._pending is not None
+        acc_h = acc_t = None
+        for d, (fired, _, _) in zip(self.step_detectors, self._pending[1]):
+            args = self._args(d, total_norm, loss)
+            if isinstance(args[0], Tensor):
+                if acc_t is None:
+                    acc_t = accept if isinstance(accept, Tensor) else torch.from_numpy(np.array(accept))
+                d.update(*args, acc_t, fired)
+            else:
+                if acc_h is None:
+                    acc_h = np.bool_(_xp.host_value(accept))
+                d.update(*args, acc_h, fired)
 
     def before_step(self, step: int | None = None) -> None:
         """Snapshot the sampled parameters on layer steps (for the update ratio)."""
@@ -253,13 +323,14 @@ class Monitor:
         if self.closed:
             return
         try:
-            with torch.no_grad():
+            with torch.no_grad(), np.errstate(all="ignore"):  # inf - inf is NaN, as in torch
                 self._record(stats, step, loss, lr, loss_scale)
         except Exception as exc:  # noqa: BLE001
             self._fail("record", exc)
         finally:
             self._pending = None
             self._observed = False
+            self._inputs_cache = None
 
     # -- the per-step work ------------------------------------------------------------------
     def _loss_tensor(self, loss: Any, device: torch.device) -> Tensor | None:
@@ -303,58 +374,78 @@ class Monitor:
         self._ring = torch.full((self._ring_cap, L), math.nan, dtype=torch.float32, device=dev)
         self._ring_steps = np.full(self._ring_cap, -1, dtype=np.int64)
         self._ring_pos = 0
+        self._host_math = self._on_host(stats.total_norm)
+        if self._host_math:  # numpy views of the CPU buffers: rows written without torch ops
+            self._buf_h = self._buf.numpy()
+            self._ring_h = self._ring.numpy()
 
     def _record(self, stats, step, loss, lr, loss_scale) -> None:
         if self._dev is None or self._dev != stats.total_norm.device:
             self._setup(stats)
         dev = self._dev
+        host = self._host_math
         self.step = self.step + 1 if step is None else int(step)
         s = self.step
         total = stats.total_norm
-        loss_t = self._loss_tensor(loss, dev)
+        self._inputs(total, loss)
         if self._pending is None:
-            results = [d.evaluate(total, loss_t) for d in self.step_detectors]
-        else:
-            results = self._pending[1]
+            self._pending = (id(total), self._evaluate(total, loss))
+        results = self._pending[1]
         skipped = stats.skipped if getattr(stats, "skipped", None) is not None else torch.zeros_like(stats.nonfinite)
-        accept = ~stats.nonfinite & ~skipped
+        if host:
+            accept: Any = ~np.bool_(_xp.host_value(stats.nonfinite) | _xp.host_value(skipped))
+        else:
+            accept = ~stats.nonfinite & ~skipped
         if not self._observed:
-            for d, (fired, _, _) in zip(self.step_detectors, results):
-                d.update(total, loss_t, accept, fired)
+            self._update(total, loss, accept)
 
         # per-layer norms of this step, from the per-tensor norms (no read of the gradients)
         assert self.layer_map is not None
         L = self.layer_map.n_layers
         mask = self._grad_mask(stats.per_tensor_norms.numel())
         idx = self.layer_map.device_index(dev, mask)
-        lnorm = layer_l2(stats.per_tensor_norms, idx, L)
         slot_r = self._ring_pos % self._ring_cap
-        self._ring[slot_r].copy_(lnorm)
+        if host:
+            lnorm_h = layer_l2_host(_xp.host_value(stats.per_tensor_norms),
+                                    self.layer_map.host_index(mask), L)
+            self._ring_h[slot_r] = lnorm_h
+            lnorm = torch.from_numpy(lnorm_h)  # shares the memory: no copy
+        else:
+            lnorm = layer_l2(stats.per_tensor_norms, idx, L)
+            self._ring[slot_r].copy_(lnorm)
         self._ring_steps[slot_r] = s
         self._ring_pos += 1
 
-        det_vals: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        det_vals: dict[int, tuple[Any, Any, Any]] = {}
         for d, r in zip(self.step_detectors, results):
             det_vals[id(d)] = r
         for d in self.layer_detectors:
-            fired, value, base, _ = d.evaluate_layers(lnorm, accept)
+            if host and d.host_math:
+                fired, value, base, _ = d.evaluate_layers(lnorm_h, accept)
+            else:
+                acc_t = torch.from_numpy(np.array(accept)) if host else accept
+                fired, value, base, _ = d.evaluate_layers(lnorm, acc_t)
             det_vals[id(d)] = (fired, value, base)
 
-        # one stack into the buffer row; it promotes bool / float64 entries to float32 itself
-        f32 = torch.float32
         thr = getattr(stats, "threshold", None)
-        row = [
-            self._nan if loss_t is None else loss_t,
-            lr.detach().reshape(-1)[0].to(dev, f32) if isinstance(lr, Tensor) else self._nan,
-            total, stats.total_norm_after, stats.clip_coef,
-            self._nan if thr is None else thr.to(dev),
-            stats.clipped, skipped, stats.nonfinite,
-            self._scalar(loss_scale, dev),
-        ]
-        for d in self.detectors:
-            row += det_vals[id(d)]
         i = self._n
-        torch.stack(row, out=self._buf[i])
+        if host:
+            self._buf_h[i] = self._host_row(stats, thr, skipped, lr, loss_scale, det_vals)
+        else:
+            f32 = torch.float32
+            loss_t = self._loss_t(total, loss)
+            row = [
+                self._nan if loss_t is None else loss_t,
+                lr.detach().reshape(-1)[0].to(dev, f32) if isinstance(lr, Tensor) else self._nan,
+                total, stats.total_norm_after, stats.clip_coef,
+                self._nan if thr is None else thr.to(dev),
+                stats.clipped, skipped, stats.nonfinite,
+                self._scalar(loss_scale, dev),
+            ]
+            for d in self.detectors:
+                row += det_vals[id(d)]
+            # one stack into the buffer row; it promotes bool / float64 entries to float32 itself
+            torch.stack(row, out=self._buf[i])
         self._host_step[i] = s
         self._host_time[i] = time.time()
         self._host_lr[i] = float(lr) if (lr is not None and not isinstance(lr, Tensor)) else math.nan
@@ -365,8 +456,30 @@ class Monitor:
         if self._n >= self.flush_every:
             self.flush()
 
+    def _host_row(self, stats, thr, skipped, lr, loss_scale, det_vals) -> list:
+        """The buffer row of ``_record``'s torch branch, from numpy views of CPU tensors."""
+        hv = _xp.host_value
+        _, tn, loss = self._inputs_cache[2]  # type: ignore[index]
+        coef = hv(stats.clip_coef)
+
+        def scalar(x):
+            if x is None:
+                return math.nan
+            if isinstance(x, Tensor):
+                return hv(x.reshape(-1)[0]) if x.numel() else math.nan
+            return float(x)
+
+        row = [math.nan if loss is None else loss,
+               hv(lr.reshape(-1)[0]) if isinstance(lr, Tensor) else math.nan,
+               tn, tn * coef, coef, math.nan if thr is None else hv(thr),
+               hv(stats.clipped), hv(skipped), hv(stats.nonfinite), scalar(loss_scale)]
+        for d in self.detectors:
+            row += [hv(v) for v in det_vals[id(d)]]
+        return row
+
     def _grad_mask(self, n: int) -> tuple[bool, ...] | None:
-        if self.params is None:
+        if self.params is None or n == len(self.params):
+            # every attached parameter has its norm: no need to look at 100s of .grad fields
             return None
         mask = tuple(p.grad is not None for p in self.params)
         if all(mask):
