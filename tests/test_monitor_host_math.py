@@ -138,3 +138,8 @@ def test_host_math_quiet_on_nonfinite_input(tmp_path):
     assert not mon.notes
     ev = load_run(tmp_path / "run").events
     assert ev[ev.rule == "nonfinite"].step.tolist() == [3, 4, 6]
+
+
+def test_host_math_argument_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="host_math"):
+        Monitor(tmp_path / "run", host_math="yes")

@@ -40,7 +40,14 @@ on CUDA, with an event) and a background thread turns them into Parquet shards, 
 sink writes. Warnings, callbacks and ``"raise"`` actions reach the training thread at the
 next ``record`` after that (``flush_every=1`` for immediate delivery, at one host read per
 step). A detector with ``action="skip"`` decides on the device in the step itself, through
-the Guard (``Monitor.check``). Per-layer statistics on a layer step read the parameters once
+the Guard (``Monitor.check``).
+
+When the statistics live on the CPU (``host_math=None``, the default) the same rules run on
+numpy scalars instead of 0-d tensors (``_xp``): reading a CPU tensor waits for nothing, and
+a torch operation on a 0-d tensor costs 5-30 us right after the clip has streamed the
+gradients through the caches. ``skip`` rules run during the step; the others in one batch
+at each flush over the buffered steps (``_run_deferred``: the same calls in the same order,
+warm), which ``state_dict()`` runs first. Per-layer statistics on a layer step read the parameters once
 (``param_norm``); ``max |g|`` comes with the Guard's norm pass (``wants_max_abs``); see
 ``docs/performance.md``.
 
@@ -146,6 +153,8 @@ class Monitor:
                 raise ValueError(f"{arg} must be a positive int, got {v!r}")
         if update_sample is not None and (not isinstance(update_sample, int) or update_sample < 1):
             raise ValueError(f"update_sample must be a positive int or None, got {update_sample!r}")
+        if host_math not in (None, True, False):
+            raise ValueError(f"host_math must be None, True or False, got {host_math!r}")
         self.run_dir = None if run_dir is None else Path(run_dir)
         self.layer_every = layer_every
         self.flush_every = flush_every
