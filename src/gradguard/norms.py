@@ -24,6 +24,7 @@ Fast paths (same results, more accurate than torch's):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -51,9 +52,10 @@ class GradNorms:
     norm_type: float
     max_abs: Tensor | None = None
 
-    @property
+    @functools.cached_property
     def nonfinite(self) -> Tensor:
-        """0-d bool tensor: True when some gradient element is NaN or Inf."""
+        """0-d bool tensor: True when some gradient element is NaN or Inf (computed once:
+        the Guard and its clipper both ask, and each ask was two kernels)."""
         return ~torch.isfinite(self.total)
 
 
@@ -208,7 +210,9 @@ def _cpu_l2_norms(grads: list[Tensor], with_max_abs: bool = False) -> tuple[Tens
             per = np.zeros(len(grads), dtype=np.float64)
             np.maximum.at(per, owner, chunk_max)  # np.maximum propagates NaN
         max_abs = torch.from_numpy(per.astype(np.float32))
-    return torch.from_numpy(np.sqrt(sums).astype(np.float32)), max_abs
+    with np.errstate(over="ignore"):  # a norm beyond float32's range is inf, silently (as torch)
+        norms = np.sqrt(sums).astype(np.float32)
+    return torch.from_numpy(norms), max_abs
 
 
 def _use_cpu_fast_path(grads: list[Tensor], norm_type: float) -> bool:
