@@ -24,7 +24,6 @@ Fast paths (same results, more accurate than torch's):
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -52,10 +51,10 @@ class GradNorms:
     norm_type: float
     max_abs: Tensor | None = None
 
-    @functools.cached_property
+    @property
     def nonfinite(self) -> Tensor:
-        """0-d bool tensor: True when some gradient element is NaN or Inf (computed once:
-        the Guard and its clipper both ask, and each ask was two kernels)."""
+        """0-d bool tensor: True when some gradient element is NaN or Inf."""
+        # (not a cached_property: torch.compile(fullgraph=True) cannot trace one)
         return ~torch.isfinite(self.total)
 
 
