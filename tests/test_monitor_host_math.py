@@ -21,7 +21,7 @@ def _detectors():
     return default_detectors() + [Spike(z_threshold=50.0, warmup=10, action="skip")]
 
 
-def _run(path, host_math, steps=130, start=1, state=None, stop=None):
+def _run(path, host_math, steps=130, start=1, state=None, stop=None, gpu_path=False):
     """Training with a spike (30), a NaN (40), steady growth (45-) and one layer fading
     away (105-); returns the Monitor's state at step ``stop`` if asked."""
     torch.manual_seed(0)
@@ -29,6 +29,7 @@ def _run(path, host_math, steps=130, start=1, state=None, stop=None):
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
     mon = Monitor(path, layer_every=5, flush_every=10, recorder_steps=8, detectors=_detectors(),
                   host_math=host_math, async_flush=False, warn_interval=1e9)
+    mon._host_ok = not gpu_path  # per step as on a GPU: tensors, rules that skip; rest at flush
     guard = gg.Guard(net, clipper=gg.NormClip(1e9), monitor=mon, max_consecutive_skips=None)
     if state is not None:
         mon.load_state_dict(state["monitor"])
@@ -77,9 +78,16 @@ def _compare(a, b, min_step=0):
     return list(zip(ea.step, ea.rule))
 
 
-def test_host_math_matches_device_math(tmp_path):
+@pytest.mark.parametrize("other", ["per-step torch", "gpu path"])
+def test_host_math_matches_device_math(tmp_path, other):
+    """Rules at the flush on numpy (the default) against every rule in the step as torch
+    tensors (``host_math=False``), and against the GPU's mix (skip rules as tensors in the
+    step, the rest at the flush; forced on the CPU)."""
     _run(tmp_path / "host", None)
-    _run(tmp_path / "torch", False)
+    if other == "gpu path":
+        _run(tmp_path / "torch", None, gpu_path=True)
+    else:
+        _run(tmp_path / "torch", False)
     host, dev = load_run(tmp_path / "host"), load_run(tmp_path / "torch")
     events = _compare(host, dev)
     rules = {r for _, r in events}

@@ -42,12 +42,15 @@ next ``record`` after that (``flush_every=1`` for immediate delivery, at one hos
 step). A detector with ``action="skip"`` decides on the device in the step itself, through
 the Guard (``Monitor.check``).
 
-When the statistics live on the CPU (``host_math=None``, the default) the same rules run on
-numpy scalars instead of 0-d tensors (``_xp``): reading a CPU tensor waits for nothing, and
-a torch operation on a 0-d tensor costs 5-30 us right after the clip has streamed the
-gradients through the caches. ``skip`` rules run during the step; the others in one batch
-at each flush over the buffered steps (``_run_deferred``: the same calls in the same order,
-warm), which ``state_dict()`` runs first. Per-layer statistics on a layer step read the parameters once
+Rules that cannot refuse a step (actions ``warn``, ``callback``, ``raise``) produce events
+at the flush in any case, so by default (``host_math=None``) they run there, on the host, on
+numpy scalars (``_xp``), over the buffered rows (``_run_deferred``: the same calls in the same
+order as step by step), whatever the device: a step then costs a buffer row and a
+flight-recorder row, not a hundred tiny kernels (or, on the CPU, torch operations at 5-30 us
+each right after the clip has streamed the gradients through the caches). ``skip`` rules run
+in the step: as kernels on a GPU, on numpy scalars on the CPU. ``state_dict()`` flushes first
+so that a checkpoint holds every recorded step. ``host_math=False`` runs every rule in the
+step as torch tensors (the behaviour before). Per-layer statistics on a layer step read the parameters once
 (``param_norm``); ``max |g|`` comes with the Guard's norm pass (``wants_max_abs``); see
 ``docs/performance.md``.
 
@@ -165,10 +168,9 @@ class Monitor:
                 raise TypeError(f"detectors: {d!r} is not a gradguard Detector")
         self.step_detectors = [d for d in self.detectors if isinstance(d, StepDetector)]
         self.layer_detectors = [d for d in self.detectors if isinstance(d, Vanishing)]
-        # On the host, rules that cannot refuse a step run in one batch at each flush, over the
-        # steps buffered since the last one (``_run_deferred``): the same calls in the same
-        # order, with warm caches (a few us a step instead of ~50 us per rule right after the
-        # clip has streamed the gradients through them). Their events come at the flush anyway.
+        # Rules that cannot refuse a step run at each flush on the host over the buffered rows
+        # (``_run_deferred``): the same calls in the same order, warm; their events come at
+        # the flush anyway.
         col = {id(d): len(STEP_COLS) + 3 * k for k, d in enumerate(self.detectors)}
         self._host_now = [d for d in self.step_detectors if d.action == "skip" or not d.host_math]
         self._host_later = [(col[id(d)], d) for d in self.step_detectors
@@ -193,10 +195,11 @@ class Monitor:
         self.step = 0
         self._dev: torch.device | None = None
         self._cols = list(STEP_COLS) + [f"{d.rule}#{i}:{k}" for i, d in enumerate(self.detectors)
-                                        for k in ("fired", "value", "baseline")]
+                                        for k in ("fired", "value", "baseline")] + ["has_loss"]
         self._pending: tuple[int, list[tuple[Tensor, Tensor, Tensor]]] | None = None
         self._observed = False
         self._host_math = False
+        self._host_ok = True  # tests set False: a CPU run takes the per-step path of a GPU
         self._inputs_cache: tuple | None = None
         self._snap: tuple[Tensor | None, Tensor | None] | None = None
         self._update_sample: UpdateSample | None = None
@@ -264,7 +267,7 @@ class Monitor:
 
     # -- the step detectors' inputs: torch tensors, or numpy on the host -------------------------
     def _on_host(self, t: Tensor) -> bool:
-        return t.is_cpu and self.host_math is not False
+        return t.is_cpu and self.host_math is not False and self._host_ok
 
     def _inputs(self, total_norm: Tensor, loss: Any) -> list:
         """``[loss_t, total_norm_h, loss_h]`` of this step, built once: on the host the norm
@@ -306,9 +309,9 @@ class Monitor:
         return total_norm, self._loss_t(total_norm, loss)
 
     def _now(self, total_norm: Tensor) -> list[Detector]:
-        """The step rules evaluated during the step: all on a device; on the host those that
-        may skip it (or do their own torch arithmetic), the rest at the flush."""
-        return self._host_now if self._on_host(total_norm) else self.step_detectors
+        """The step rules evaluated during the step: those that may refuse it (or do their own
+        torch arithmetic); all of them with ``host_math=False``. The rest run at the flush."""
+        return self.step_detectors if self.host_math is False else self._host_now
 
     def _evaluate(self, total_norm: Tensor, loss: Any) -> list:
         return [d.evaluate(*self._args(d, total_norm, loss)) for d in self._now(total_norm)]
@@ -401,13 +404,8 @@ class Monitor:
         if self._host_math:  # numpy views of the CPU buffers: rows written without torch ops
             self._buf_h = self._buf.numpy()
             self._ring_h = self._ring.numpy()
-            # inputs of the rules run at the flush, per buffered step
-            self._def_tn = np.zeros(F, dtype=np.float32)
-            self._def_loss = np.zeros(F, dtype=np.float32)
-            self._def_has_loss = np.zeros(F, dtype=bool)
-            self._def_acc = np.zeros(F, dtype=bool)
-            self._def_slot = np.zeros(F, dtype=np.int64)
-            self._def_from = 0
+        self._true = torch.ones((), dtype=torch.bool, device=dev)
+        self._false = torch.zeros((), dtype=torch.bool, device=dev)
 
     def _record(self, stats, step, loss, lr, loss_scale) -> None:
         if self._dev is None or self._dev != stats.total_norm.device:
@@ -450,18 +448,12 @@ class Monitor:
         det_vals: dict[int, tuple[Any, Any, Any]] = {}
         for d, r in zip(self._now(total), results):
             det_vals[id(d)] = r
-        if host:
-            later = (math.nan, math.nan, math.nan)  # filled in by _run_deferred
-            for _, d in self._host_later:
+        if self.host_math is not False:
+            later = (math.nan, math.nan, math.nan) if host else (self._nan, self._nan, self._nan)
+            for _, d in self._host_later:  # filled in at the flush by _run_deferred
                 det_vals[id(d)] = later
             for _, d in self._host_later_layers:
                 det_vals[id(d)] = later
-            _, tn_h, loss_h = self._inputs(total, loss)
-            self._def_tn[i] = tn_h
-            self._def_has_loss[i] = loss_h is not None
-            self._def_loss[i] = 0.0 if loss_h is None else loss_h
-            self._def_acc[i] = accept
-            self._def_slot[i] = slot_r
         for d in self.layer_detectors:
             if id(d) in det_vals:
                 continue
@@ -485,6 +477,7 @@ class Monitor:
             ]
             for d in self.detectors:
                 row += det_vals[id(d)]
+            row.append(self._false if loss is None else self._true)
             # one stack into the buffer row; it promotes bool / float64 entries to float32 itself
             torch.stack(row, out=self._buf[i])
         self._host_step[i] = s
@@ -516,6 +509,7 @@ class Monitor:
                hv(stats.clipped), hv(skipped), hv(stats.nonfinite), scalar(loss_scale)]
         for d in self.detectors:
             row += [hv(v) for v in det_vals[id(d)]]
+        row.append(loss is not None)
         return row
 
     def _grad_mask(self, n: int) -> tuple[bool, ...] | None:
@@ -592,7 +586,6 @@ class Monitor:
     # -- flushing ----------------------------------------------------------------------------
     def flush(self, wait: bool = False) -> None:
         """Hand the buffered steps to the host side now; ``wait`` for the writes to finish."""
-        self._run_deferred()
         try:
             if self._dev is not None and self._n > 0:
                 payload = self._snapshot()
@@ -607,31 +600,35 @@ class Monitor:
         if wait:
             self._deliver(allow_raise=False)
 
-    def _run_deferred(self) -> None:
-        """On the host: the batched rules over the steps buffered since the last call, in step
-        order, each rule's ``evaluate`` then ``update`` per step as during the steps; their
-        ``(fired, value, baseline)`` go into the buffered rows."""
-        if not self._host_math or self._dev is None:
+    def _run_deferred(self, buf: np.ndarray, ring: np.ndarray, ring_steps: np.ndarray,
+                      steps: np.ndarray) -> None:
+        """The rules that cannot refuse a step, over one flush's rows (host copies), in step
+        order: each rule's ``evaluate`` then ``update`` per step, on numpy scalars, with the
+        inputs it had in the step (total norm, loss, accepted = neither skipped nor
+        non-finite; per-layer norms from the flight recorder); ``(fired, value, baseline)``
+        are written into ``buf``."""
+        later, layers = self._host_later, self._host_later_layers
+        if self.host_math is False or not (later or layers):
             return
-        lo, hi = self._def_from, self._n
-        self._def_from = hi
-        if hi <= lo or not (self._host_later or self._host_later_layers):
-            return
+        j = {c: k for k, c in enumerate(self._cols)}
+        tn_c, loss_c, has_c = j["total_norm"], j["loss"], j["has_loss"]
+        sk_c, nf_c = j["skipped"], j["nonfinite"]
+        where = {int(st): k for k, st in enumerate(ring_steps)} if layers else {}
         try:
             with np.errstate(all="ignore"):
-                for i in range(lo, hi):
-                    tn = self._def_tn[i]
-                    loss = self._def_loss[i] if self._def_has_loss[i] else None
-                    acc = self._def_acc[i]
-                    row = self._buf_h[i]
-                    for c, d in self._host_later:
+                for i in range(buf.shape[0]):
+                    row = buf[i]
+                    tn = np.float32(row[tn_c])
+                    loss = np.float32(row[loss_c]) if row[has_c] > 0.5 else None
+                    acc = np.bool_(not (row[sk_c] > 0.5 or row[nf_c] > 0.5))
+                    for c, d in later:
                         fired, value, base = d.evaluate(tn, loss)
                         d.update(tn, loss, acc, fired)
                         row[c], row[c + 1], row[c + 2] = fired, value, base
-                    if self._host_later_layers:
-                        lnorm = self._ring_h[self._def_slot[i]]
-                        for c, d in self._host_later_layers:
-                            fired, value, base, _ = d.evaluate_layers(lnorm, acc)
+                    k = where.get(int(steps[i]))
+                    if k is not None:
+                        for c, d in layers:
+                            fired, value, base, _ = d.evaluate_layers(ring[k], acc)
                             row[c], row[c + 1], row[c + 2] = fired, value, base
         except Exception as exc:  # noqa: BLE001
             self._fail("detectors", exc)
@@ -657,7 +654,6 @@ class Monitor:
             "ring_steps": self._ring_steps.copy(),
         }
         self._n = 0
-        self._def_from = 0
         self._lsteps = []
         return payload
 
@@ -696,6 +692,9 @@ class Monitor:
         L = len(names)
         buf = payload["buf"].numpy().astype(np.float64)
         n = payload["n"]
+        ring = payload["ring"].numpy()
+        ring_steps = payload["ring_steps"]
+        self._run_deferred(buf, ring, ring_steps, payload["step"])
         col = {c: buf[:, j] for j, c in enumerate(self._cols)}
         lr = np.where(np.isnan(payload["lr"]), col["lr"], payload["lr"])
         steps = {
@@ -717,8 +716,6 @@ class Monitor:
             "param_norm": lb[:, 3, :].reshape(-1), "update_ratio": lb[:, 4, :].reshape(-1),
             "rank": np.full(nl * L, self.rank, dtype=np.int32),
         }
-        ring = payload["ring"].numpy()
-        ring_steps = payload["ring_steps"]
         events = self._events(steps, col, ring, ring_steps, names)
         batch = _Batch(steps, layers, names, events)
         self._store(batch)
@@ -924,12 +921,15 @@ class Monitor:
                     self._deliveries.append(("warn", msg))
 
     def state_dict(self) -> dict[str, Any]:
-        """Step counter and detector states (reads the device: call at checkpoints only)."""
-        self._run_deferred()
+        """Step counter and detector states. Flushes first (the rules that run at the flush
+        then hold every recorded step) and reads the device: call at checkpoints only."""
+        if self.host_math is not False:
+            self.flush(wait=True)
         return {"step": self.step, "detectors": [d.state_dict() for d in self.detectors]}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self._run_deferred()
+        if self.host_math is not False:
+            self.flush(wait=True)  # buffered steps belong to the state being replaced
         self.step = int(sd.get("step", 0))
         for d, s in zip(self.detectors, sd.get("detectors", [])):
             d.load_state_dict(s)
