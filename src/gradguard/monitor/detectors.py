@@ -1,9 +1,9 @@
 """Detectors: small stateful rules evaluated on the device, one step at a time.
 
-Every detector turns one step into three device tensors, ``(fired, value, baseline)``; the
-Monitor writes them into its device ring buffer, and the host turns the fired rows into
-events when it flushes (every ``flush_every`` steps). Nothing here reads a tensor on the
-host, so a detector costs a handful of small kernels per step and no synchronisation.
+Every detector turns one step into three values, ``(fired, value, baseline)``; the Monitor
+writes them into its buffer, and the host turns the fired rows into events when it flushes
+(every ``flush_every`` steps). Nothing here reads a tensor on the host: on a device a
+detector costs a handful of small kernels per step and no synchronisation.
 
 Step-level detectors read ``(total_norm, loss)``:
 
@@ -34,9 +34,10 @@ The EMA uses a bias-free start: the decay at the n-th accepted value (n = 0, 1, 
 exponentially weighted variance). State is float32 on the device, O(1) per rule (O(window)
 for Growth, O(layers) for Vanishing), saved by ``state_dict()``.
 
-Inputs are torch tensors, or numpy values when the Monitor runs the rules on the host (the
-statistics live on the CPU; see ``_xp``): the arithmetic is written once against
-``_xp.TorchOps`` / ``_xp.NumpyOps`` and the state follows the inputs' kind. A subclass that
+Inputs are torch tensors, or numpy scalars/arrays when the Monitor runs the rules on the
+host (at each flush, or in the step on the CPU; see ``_xp`` and the Monitor): the arithmetic
+is written once against ``_xp.TorchOps`` / ``_xp.NumpyOps`` and the state follows the inputs'
+kind. A subclass that
 does its own torch arithmetic sets ``host_math = False`` and always receives tensors.
 
 Actions (``action=``): ``"warn"`` (a rate-limited ``RuntimeWarning``), ``"callback"``

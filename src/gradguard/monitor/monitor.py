@@ -138,10 +138,10 @@ class Monitor:
         update_sample: elements per tensor sampled for the update ratio (None: all).
         warn_interval: seconds between two warnings of the same rule.
         async_flush: write on a background thread (default); False writes in ``record``.
-        host_math: run the detectors' arithmetic with numpy on the host when the statistics
-            live on the CPU (default None: yes on the CPU, where reading a tensor waits for
-            nothing and a scalar torch operation costs 5-30 us); False keeps every step's
-            arithmetic in torch tensors, as on a GPU. Ignored on other devices.
+        host_math: None (default): rules that cannot refuse a step run at each flush on
+            the host copies, on numpy scalars, and ``skip`` rules run in the step (as tensors
+            on a GPU, on numpy scalars on the CPU, where reading a tensor waits for nothing);
+            False: every rule runs in the step as torch tensors. True is the same as None.
     """
 
     def __init__(self, run_dir: str | os.PathLike | None = None, *, layer_every: int = 10,
