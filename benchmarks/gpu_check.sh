@@ -10,7 +10,8 @@
 # 2. the clipping benchmark on gpt2-124M fp32, gpt-1.3B fp32 and bf16 (the table for
 #    docs/performance.md);
 # 3. whether Guard.step itself can be captured in a CUDA graph (printed, not asserted);
-# 4. if time is left, three alternative kernel shapes.
+# 4. if time is left, alternative kernel shapes;
+# 5. the Monitor's overhead on the GPU (benchmarks/monitor_bench.py --device cuda).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -101,4 +102,7 @@ if [ "$(elapsed)" -lt 330 ]; then
         --repeats 20 2>&1 | grep -E "^\| gpt|copy bandwidth" | tee -a "$OUTDIR/shapes.txt"
   done
 fi
+echo "== 5. Monitor overhead on the GPU ($(elapsed)s)"
+timeout 120 $PY benchmarks/monitor_bench.py --device cuda --overhead-steps 200 --steps 0 2>&1 \
+    | tee "$OUTDIR/monitor_gpu.txt"
 echo "== done in $(elapsed)s; files in $OUTDIR"

@@ -1,7 +1,11 @@
-"""Monitor overhead on the GPT-2-small parameter set (CPU), and the run store at scale.
+"""Monitor overhead on the GPT-2-small parameter set (CPU or CUDA), and the run store at scale.
 
-    python benchmarks/monitor_bench.py            # full sizes
-    python benchmarks/monitor_bench.py --quick    # a smoke run
+    python benchmarks/monitor_bench.py                              # full sizes
+    python benchmarks/monitor_bench.py --quick                      # a smoke run
+    python3 benchmarks/monitor_bench.py --device cuda --steps 0     # on a GPU, overhead only
+
+On CUDA every timed call is bracketed by ``torch.cuda.synchronize()``: the times are wall
+times of host and device work together (what a step costs when the GPU waits for the host).
 
 1. Guard + Monitor (``layer_every=10``, ``flush_every=100``) against Guard alone, both with
    ``NormClip(1.0)`` and a foreach SGD, in one process, the three variants interleaved step
@@ -48,19 +52,20 @@ def gpt2_small() -> list[tuple[str, tuple[int, ...]]]:
     return shapes
 
 
-def bench_overhead(steps: int, tmp: Path) -> dict[str, float]:
+def bench_overhead(steps: int, tmp: Path, device: str = "cpu") -> dict[str, float]:
     torch.manual_seed(0)
     shapes = gpt2_small()
-    params = [torch.nn.Parameter(torch.randn(s) * 0.02) for _, s in shapes]
+    params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for _, s in shapes]
     names = [n for n, _ in shapes]
-    grads = [torch.randn(s) * 1e-3 for _, s in shapes]
+    grads = [torch.randn(s, device=device) * 1e-3 for _, s in shapes]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     n_params = sum(p.numel() for p in params)
     assert len(params) == 148 and n_params == 124_439_808, (len(params), n_params)
     opt = torch.optim.SGD(params, lr=1e-6, foreach=True)
     plain = gg.Guard(list(zip(names, params)), clipper=gg.NormClip(1.0))
     mon = gg.Monitor(tmp / "bench-run", layer_every=10, flush_every=100)
     monitored = gg.Guard(list(zip(names, params)), clipper=gg.NormClip(1.0), monitor=mon)
-    loss = torch.tensor(2.0)
+    loss = torch.tensor(2.0, device=device)
 
     # time spent inside the Monitor's own methods (robust to other load on the machine)
     inside = [0.0]
@@ -92,6 +97,7 @@ def bench_overhead(steps: int, tmp: Path) -> dict[str, float]:
         for key in order:
             set_grads()
             inside[0] = 0.0
+            sync()
             t0 = time.perf_counter()
             if key == "opt":
                 opt.step()
@@ -99,6 +105,7 @@ def bench_overhead(steps: int, tmp: Path) -> dict[str, float]:
                 plain.step(opt, loss=loss)
             else:
                 monitored.step(opt, loss=loss)
+            sync()
             t[key] = time.perf_counter() - t0
             if key == "monitored":
                 t["inside"] = inside[0]
@@ -179,15 +186,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100_000)
     ap.add_argument("--layers", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.quick:
         a.overhead_steps, a.steps = 10, 5_000
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        o = bench_overhead(a.overhead_steps, tmp)
+        o = bench_overhead(a.overhead_steps, tmp, a.device)
+        where = (torch.cuda.get_device_name() if a.device.startswith("cuda")
+                 else f"{torch.get_num_threads()} threads")
         print(f"GPT-2-small parameter set: {o['tensors']} tensors, {o['params']:,} parameters, "
-              f"{torch.get_num_threads()} threads, {o['steps']} steps ({o['layer_steps']} layer steps, "
+              f"{where}, {o['steps']} steps ({o['layer_steps']} layer steps, "
               "layer_every=10); medians, variants interleaved step by step")
         print(f"  optimizer.step alone        {o['opt_ms']:8.1f} ms")
         print(f"  Guard alone                 {o['guard_ms']:8.1f} ms  -> clip's own cost {o['clip_ms']:.1f} ms")
@@ -198,6 +208,8 @@ def main() -> None:
         print(f"  Monitor overhead, amortised over layer_every=10: {o['overhead_ms']:+.1f} ms per step "
               f"= {100 * o['overhead_vs_clip']:+.1f}% of the clip's own cost (time inside the Monitor: "
               f"{o['inside_ms']:.1f} ms = {100 * o['inside_vs_clip']:.1f}%); close() {o['close_ms']:.0f} ms")
+        if a.steps <= 0:
+            return
         s = bench_store(a.steps, a.layers, 1000, tmp)
         print(f"Run store: {s['steps']:,} steps x {s['layers']} layers = {s['layer_rows']:,} layer rows")
         print(f"  write {s['write_s']:.2f} s, read (load_run) {s['read_s']:.2f} s, "
