@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 7's GPU check: one script, < 3 minutes on an H200, for a session lent an H100/H200.
+# Issue 7's GPU check: one script, < 4 minutes on an H200, for a session lent an H100/H200.
 # Needs no network: it uses the machine's own python3 (torch + triton + pytest there) and
 # this checkout's src/ on PYTHONPATH; nothing is installed. Run from the repository root:
 #
