@@ -108,7 +108,7 @@ class Clipper:
         nonfinite = norms.nonfinite
         coef = self.coefficient(norms)
         if not propagate_nonfinite:
-            coef = torch.where(nonfinite, torch.ones_like(coef), coef)
+            coef = torch.where(nonfinite, 1.0, coef)
         if apply and grads:
             multi_tensor_scale_(grads, coef)  # no host read on CUDA; skips coef == 1 on CPU
         return ClipStats(norms.total, coef, coef < 1.0, nonfinite, norms.per_tensor,

@@ -271,13 +271,13 @@ class Guard:
             one = torch.ones((), dtype=torch.float32, device=norms.total.device)
             stats = ClipStats(norms.total, one, one < 0, nonfinite, norms.per_tensor)
         if self.on_nonfinite == "skip" and not scaler_handles_nonfinite:
-            skip = nonfinite.clone()
+            skip = nonfinite  # read-only from here on: every update below makes a new tensor
         else:
             skip = torch.zeros_like(nonfinite)
         rules = self._skip_rules()
         for rule in rules:
             skip = skip | rule.check(norms.total, loss)
-        accept = ~skip & ~nonfinite
+        accept = ~(skip | nonfinite)
         if self.clipper is not None:
             self.clipper.observe(norms, accept)
         for rule in rules:
