@@ -33,8 +33,8 @@ including the event's are written to ``window-r{rank}-step{step:08d}.parquet``.
 
 Cost and synchronisation
 ------------------------
-Per step the Monitor launches a few dozen small kernels and makes **no host read**: the
-row of statistics goes into a device buffer, detectors run on the device. Every
+Per step the Monitor launches a few small kernels and makes **no host read**: the row of
+statistics goes into a device buffer, ``skip`` rules run on the device. Every
 ``flush_every`` steps the buffers are copied to the host (non-blocking into pinned memory
 on CUDA, with an event) and a background thread turns them into Parquet shards, events and
 sink writes. Warnings, callbacks and ``"raise"`` actions reach the training thread at the
