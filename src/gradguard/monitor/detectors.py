@@ -1,4 +1,4 @@
-"""Detectors: small stateful rules evaluated on the device, one step at a time.
+"""Detectors: small stateful rules, one step at a time, on torch tensors or numpy values.
 
 Every detector turns one step into three values, ``(fired, value, baseline)``; the Monitor
 writes them into its buffer, and the host turns the fired rows into events when it flushes
