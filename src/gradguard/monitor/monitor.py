@@ -50,9 +50,10 @@ flight-recorder row, not a hundred tiny kernels (or, on the CPU, torch operation
 each right after the clip has streamed the gradients through the caches). ``skip`` rules run
 in the step: as kernels on a GPU, on numpy scalars on the CPU. ``state_dict()`` flushes first
 so that a checkpoint holds every recorded step. ``host_math=False`` runs every rule in the
-step as torch tensors (the behaviour before). Per-layer statistics on a layer step read the parameters once
-(``param_norm``); ``max |g|`` comes with the Guard's norm pass (``wants_max_abs``); see
-``docs/performance.md``.
+step as torch tensors (the behaviour before).
+
+Per-layer statistics on a layer step read the parameters once (``param_norm``); ``max |g|``
+comes with the Guard's norm pass (``wants_max_abs``); see ``docs/performance.md``.
 
 Monitoring never takes training down: every failure (disk full, read-only folder, a sink
 that raises, a callback that raises) gives one warning per source and a note in
