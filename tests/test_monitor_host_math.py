@@ -21,14 +21,15 @@ def _detectors():
     return default_detectors() + [Spike(z_threshold=50.0, warmup=10, action="skip")]
 
 
-def _run(path, host_math, steps=130, start=1, state=None, stop=None, gpu_path=False):
+def _run(path, host_math, steps=130, start=1, state=None, stop=None, gpu_path=False,
+         async_flush=False):
     """Training with a spike (30), a NaN (40), steady growth (45-) and one layer fading
     away (105-); returns the Monitor's state at step ``stop`` if asked."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
     mon = Monitor(path, layer_every=5, flush_every=10, recorder_steps=8, detectors=_detectors(),
-                  host_math=host_math, async_flush=False, warn_interval=1e9)
+                  host_math=host_math, async_flush=async_flush, warn_interval=1e9)
     mon._host_ok = not gpu_path  # per step as on a GPU: tensors, rules that skip; rest at flush
     guard = gg.Guard(net, clipper=gg.NormClip(1e9), monitor=mon, max_consecutive_skips=None)
     if state is not None:
@@ -151,3 +152,13 @@ def test_host_math_quiet_on_nonfinite_input(tmp_path):
 def test_host_math_argument_is_checked(tmp_path):
     with pytest.raises(ValueError, match="host_math"):
         Monitor(tmp_path / "run", host_math="yes")
+
+
+def test_rules_at_the_flush_on_the_writer_thread(tmp_path):
+    """With the default background writer the batched rules run on its thread: same events,
+    and a checkpoint taken mid-interval (state_dict flushes first) resumes exactly."""
+    _run(tmp_path / "sync", None)
+    state = _run(tmp_path / "async", None, async_flush=True, steps=55, stop=55)
+    _run(tmp_path / "async", None, async_flush=True, start=56, state=state)
+    events = _compare(load_run(tmp_path / "sync"), load_run(tmp_path / "async"))
+    assert {"spike", "nonfinite", "growth", "vanishing"} <= {r for _, r in events}
