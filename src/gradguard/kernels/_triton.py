@@ -27,8 +27,9 @@ tensor (no host read), computed in float32 and rounded once to the tensor dtype.
 this is bit for bit ``torch._foreach_mul_``; for float16/bfloat16 gradients and a float32
 coefficient torch's CUDA multiply first rounds the coefficient to the gradient dtype (up to
 0.4% off for bfloat16, so its clipped norm can exceed ``max_norm``), and the results differ
-by one unit in the last place where that rounding matters. When ``coef == 1`` every program returns at once: no clip, no
-pass over the gradients, and no host synchronisation to decide it.
+by at most two units in the last place where that rounding matters. When ``coef == 1``
+every program returns at once: no clip, no pass over the gradients, and no host
+synchronisation to decide it.
 """
 
 from __future__ import annotations

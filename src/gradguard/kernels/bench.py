@@ -324,7 +324,7 @@ def table(rows: list[Row]) -> str:
             e = r.extra
             lines.append(
                 f"| {r.set} | {r.dtype} | {e['torch_norm_ms']:.3f} | {e['gg_norm_ms']:.3f} | "
-                f"{r.floor_norm_ms:.3f} | {e['adamw_ms']:.3f} | {e.get('adamw_grad_scale_ms', float('nan')):.3f} | "
+                f"{r.floor_norm_ms:.3f} | {e['adamw_ms']:.3f} | {e['adamw_grad_scale_ms']:.3f} | "
                 f"{e['guard_step_adamw_ms']:.3f} | "
                 f"{e['folded_extra_over_norm']:.2f}x |")
     return "\n".join(lines)

@@ -37,8 +37,8 @@ for Growth, O(layers) for Vanishing), saved by ``state_dict()``.
 Inputs are torch tensors, or numpy scalars/arrays when the Monitor runs the rules on the
 host (at each flush, or in the step on the CPU; see ``_xp`` and the Monitor): the arithmetic
 is written once against ``_xp.TorchOps`` / ``_xp.NumpyOps`` and the state follows the inputs'
-kind. A subclass that
-does its own torch arithmetic sets ``host_math = False`` and always receives tensors.
+kind. A subclass that does its own torch arithmetic sets ``host_math = False`` and always
+receives tensors.
 
 Actions (``action=``): ``"warn"`` (a rate-limited ``RuntimeWarning``), ``"callback"``
 (``callback(event)`` on the host at flush time), ``"skip"`` (the Guard refuses the update;
@@ -77,7 +77,7 @@ class AnomalyError(RuntimeError):
 
 
 class Detector:
-    """Base class: ``evaluate`` (pure) then ``update`` (state), both on the device.
+    """Base class: ``evaluate`` (pure) then ``update`` (state), on tensors or numpy values.
 
     Args:
         action: ``"warn"``, ``"callback"``, ``"skip"`` or ``"raise"``.
@@ -423,6 +423,7 @@ class Vanishing(Detector):
 
     def _init_state(self, xp, like):
         self._convert_state(xp, like)
+        self._factor_t = xp.full((), self.factor, "f32", like)  # the baseline column, constant
 
     def _alloc(self, layer_norms: Any) -> Any:
         xp = self._ensure(layer_norms)
@@ -454,9 +455,6 @@ class Vanishing(Detector):
         self.low = low
         finite = xp.where(xp.isnan(ratios), math.inf, ratios)
         value = xp.f32(xp.amin(finite) if len(finite) else xp.full((), math.inf, "f32", x))
-        if self._factor_t is None or _xp.namespace(self._factor_t) is not xp or (
-                xp is _xp.TORCH and self._factor_t.device != x.device):
-            self._factor_t = xp.full((), self.factor, "f32", x)
         return fired, value, self._factor_t, ratios
 
 

@@ -199,7 +199,7 @@ class Monitor:
                                         for k in ("fired", "value", "baseline")] + ["has_loss"]
         self._pending: tuple[int, list[tuple[Tensor, Tensor, Tensor]]] | None = None
         self._observed = False
-        self._host_math = False
+        self._host_rows = False
         self._host_ok = True  # tests set False: a CPU run takes the per-step path of a GPU
         self._inputs_cache: tuple | None = None
         self._snap: tuple[Tensor | None, Tensor | None] | None = None
@@ -401,8 +401,8 @@ class Monitor:
         self._ring = torch.full((self._ring_cap, L), math.nan, dtype=torch.float32, device=dev)
         self._ring_steps = np.full(self._ring_cap, -1, dtype=np.int64)
         self._ring_pos = 0
-        self._host_math = self._on_host(stats.total_norm)
-        if self._host_math:  # numpy views of the CPU buffers: rows written without torch ops
+        self._host_rows = self._on_host(stats.total_norm)
+        if self._host_rows:  # numpy views of the CPU buffers: rows written without torch ops
             self._buf_h = self._buf.numpy()
             self._ring_h = self._ring.numpy()
         self._true = torch.ones((), dtype=torch.bool, device=dev)
@@ -412,7 +412,7 @@ class Monitor:
         if self._dev is None or self._dev != stats.total_norm.device:
             self._setup(stats)
         dev = self._dev
-        host = self._host_math
+        host = self._host_rows
         self.step = self.step + 1 if step is None else int(step)
         s = self.step
         total = stats.total_norm
