@@ -3,21 +3,35 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # The CPU build of torch lies on this machine's disk; pinning it keeps pip from
-# pulling a multi-GB CUDA build. The package itself asks only for torch>=2.4.
+# pulling a multi-GB CUDA build (transformers, lightning and accelerate depend on torch:
+# the pin goes into every install step). The package itself asks only for torch>=2.4.
 TORCH_PIN := torch==2.13.0
-EXTRAS := test,demo
+# The other frameworks' versions the adapters are tested with (make test installs them).
+FRAMEWORK_PINS := tensorflow-cpu==2.21.0 keras==3.15.1 jax==0.10.2 jaxlib==0.10.2 optax==0.2.8 \
+	pytorch-lightning==2.6.6 transformers==5.23.0 accelerate==1.15.0
 
-.PHONY: demo test lint venv clean browser
+.PHONY: demo test lint venv venv-demo clean browser
 
-$(BIN)/.installed: pyproject.toml Makefile
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# make demo: torch, gradguard and scikit-learn only.
+$(BIN)/.installed-demo: pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/pip install -q -e ".[demo]"
 	touch $@
 
-venv: $(BIN)/.installed
+# make test: the test tools and every framework an adapter is tested against.
+$(BIN)/.installed-test: pyproject.toml Makefile | $(BIN)/python
+	$(BIN)/pip install -q $(TORCH_PIN)
+	$(BIN)/pip install -q -e ".[test,demo]" $(TORCH_PIN)
+	$(BIN)/pip install -q $(TORCH_PIN) $(FRAMEWORK_PINS)
+	touch $@
 
-demo: venv
+venv-demo: $(BIN)/.installed-demo
+venv: $(BIN)/.installed-test
+
+demo: venv-demo
 	$(BIN)/gradguard demo
 
 # The report's browser tests load the generated HTML in Debian's headless chromium (we run as root).
