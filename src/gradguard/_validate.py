@@ -1,13 +1,40 @@
-"""Argument checks shared by the public functions: clear errors that name the argument."""
+"""Argument checks shared by the public functions: clear errors that name the argument.
+
+Numbers are accepted as Python or numpy scalars (``np.float32(1.0)``, ``np.int64(3)``: any
+``numbers.Real`` / ``numbers.Integral``) and returned as Python ``float`` / ``int``; booleans
+are never numbers here, and flags are ``True`` / ``False`` (or ``np.bool_``) only, so that
+``per_tensor="no"`` is refused instead of read as True.
+"""
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
+
+#: The largest finite float32: thresholds live in float32 device tensors.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _is_real(value: Any) -> bool:
+    """A real number that is not a bool (Python's or numpy's)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def flag(value: Any, name: str) -> bool:
+    """``value`` as a bool; TypeError for anything but True / False (or ``np.bool_``)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
 
 
 def norm_type(value: float | int | str, name: str = "norm_type") -> float:
@@ -16,7 +43,7 @@ def norm_type(value: float | int | str, name: str = "norm_type") -> float:
         if value.lower() in ("inf", "infinity"):
             return math.inf
         raise ValueError(f"{name} must be a positive number or inf, got {value!r}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not _is_real(value):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     p = float(value)
     if math.isnan(p) or p <= 0:
@@ -26,7 +53,7 @@ def norm_type(value: float | int | str, name: str = "norm_type") -> float:
 
 def number(value: Any, name: str) -> float:
     """``value`` as a float; TypeError for non-numbers, ValueError for NaN."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not _is_real(value):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     v = float(value)
     if math.isnan(v):
@@ -44,25 +71,31 @@ def open_unit(value: Any, name: str) -> float:
 
 def int_at_least(value: Any, name: str, low: int) -> int:
     """``value`` as an int >= ``low``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    if not _is_int(value) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
+    return int(value)
 
 
 def nonneg_finite(value: float, name: str, *, allow_inf: bool = False, positive: bool = False) -> float:
-    """Return ``value`` as a float after checking it is a usable threshold."""
+    """Return ``value`` as a float after checking it is a usable threshold: not NaN,
+    non-negative (positive with ``positive``), finite (or inf with ``allow_inf``) and within
+    float32's range (a finite value beyond it would turn into inf on the device)."""
     if isinstance(value, Tensor):
         raise TypeError(
             f"{name} must be a Python number; for a threshold that changes on the device "
             f"use an adaptive clipper (got a tensor)"
         )
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not _is_real(value):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     v = float(value)
     if math.isnan(v):
         raise ValueError(f"{name} must not be NaN")
     if math.isinf(v) and not allow_inf:
         raise ValueError(f"{name} must be finite, got {value!r}")
+    if math.isfinite(v) and abs(v) > FLOAT32_MAX:
+        hint = "; use math.inf for no limit" if allow_inf else ""
+        raise ValueError(f"{name}={value!r} is beyond float32's largest value ({FLOAT32_MAX:.4g}), "
+                         f"the precision gradguard computes thresholds in{hint}")
     if v < 0 or (positive and v == 0):
         kind = "positive" if positive else "non-negative"
         raise ValueError(f"{name} must be {kind}, got {value!r}")

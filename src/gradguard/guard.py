@@ -1,65 +1,134 @@
 """The Guard: one training step as norms -> clipper -> skip rule -> apply -> optimizer -> monitor.
 
     loss.backward()
-    guard.step(optimizer, loss=loss)
+    guard.step(optimizer, loss=loss)          # or guard.step([opt_a, opt_b], loss=loss)
 
 What one ``step`` does, in order:
 
 1. unscale: with a ``torch.amp.GradScaler``, ``scaler.unscale_(optimizer)`` unless the caller
-   already did (never twice);
+   already did (never twice); the scaler's verdict (its per-optimizer ``found_inf`` device
+   tensors) becomes part of the skip flag, so a step the scaler refuses is reported as skipped;
 2. norms: one multi-tensor read of the gradients gives per-tensor and total norms (float32);
 3. clipper: the clip coefficient, a device tensor;
-4. skip rule: ``skip = nonfinite | spike``, a device tensor;
+4. skip rule: ``skip = nonfinite | spike`` (with a scaler: ``scaler found_inf | spike``), a
+   device tensor;
 5. apply + optimizer:
    * fused optimizers (``fused=True`` Adam, AdamW, SGD, Adagrad): the coefficient and the skip
      flag are handed over as the optimizer's ``grad_scale = 1/coef`` and ``found_inf = skip``,
      so clipping costs no extra pass and skipping no host read: the fused kernel divides the
      gradient as it reads it and returns early when ``found_inf`` is set;
-   * other optimizers: the gradients are multiplied in place by the coefficient
-     (``torch._foreach_mul_``, no host read), and when a step can be skipped the skip flag
-     is read on the host once (one synchronisation per step: the price of not calling
-     ``optimizer.step()``). With ``on_nonfinite="propagate"`` and no skip rule there is no
-     host read at all;
-   * with a GradScaler: ``scaler.step(optimizer)``, which makes the scaler's own host read;
-6. adaptive statistics are updated with accepted steps only; the monitor records the step.
+   * other optimizers: the gradients are multiplied in place by the coefficient (no host
+     read), and when a step can be skipped the skip flag is read on the host once (one
+     synchronisation per step: the price of not calling ``optimizer.step()``). With
+     ``on_nonfinite="propagate"`` and no skip rule there is no host read at all;
+   * with a GradScaler: ``scaler.step(optimizer)``, which skips on its own ``found_inf``
+     (a host read for non-fused optimizers, none for fused ones); the Guard adds no read
+     unless a skip rule can refuse the step;
+6. adaptive statistics are updated with accepted steps only; the monitor records the step;
+   after ``max_consecutive_skips`` refused steps in a row the monitor is flushed and
+   ``GradientExplosionError`` raised.
+
+Several optimizers (e.g. one per parameter group kind) are stepped together by passing a list
+or tuple: one global norm over every guarded parameter, one clip, one skip decision for all
+of them, one monitor record (with every param group's learning rate).
 
 A skipped step leaves parameters, optimizer state and clipper state bit-for-bit unchanged.
+The Guard's collaborators are typed (``gradguard.protocols``): any object with the
+``Clipper`` / ``SkipRule`` / ``Recorder`` shape works, subclass or not.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import warnings
+import inspect
+import numbers
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from . import _validate
 from ._validate import check_grads
-from .clippers import Clipper, ClipStats
-from .errors import GradientExplosionError, NonFiniteGradientError
+from .clippers import ClipStats
+from .errors import GradientExplosionError, NonFiniteGradientError, warn
 from .norms import GradNorms, compute_norms
+from .protocols import Clipper, LossScaler, OptimizerAware, Recorder, SkipRule, as_recorder, missing
 
 POLICIES = ("skip", "raise", "zero", "propagate")
 
+#: Name segments torch's own wrappers insert (``torch.compile``: ``_orig_mod``; activation
+#: checkpointing: ``_checkpoint_wrapped_module``); no user module is called that.
+_WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_checkpoint_wrapped_module"})
+#: The attribute DDP, DataParallel, FSDP-style and DeepSpeed-style wrappers keep the model in;
+#: stripped when every parameter name starts with it.
+_WRAPPER_ATTR = "module."
+
+
+def _user_names(names: list[str]) -> list[str]:
+    """Parameter names as the user's model spells them: without ``_orig_mod.`` (torch.compile)
+    and ``_checkpoint_wrapped_module.`` anywhere, and without a ``module.`` prefix shared by
+    every name (DDP / DataParallel). Unchanged if stripping would make two names equal."""
+    out = [".".join(s for s in n.split(".") if s not in _WRAPPER_SEGMENTS) or n for n in names]
+    while out and all(n.startswith(_WRAPPER_ATTR) for n in out):
+        out = [n[len(_WRAPPER_ATTR):] for n in out]
+    return out if len(set(out)) == len(out) else list(names)
+
 
 def _named_params(model_or_parameters: Any) -> tuple[list[str], list[Tensor]]:
-    if isinstance(model_or_parameters, torch.nn.Module):
-        pairs = [(n, p) for n, p in model_or_parameters.named_parameters() if p.requires_grad]
+    arg = "model_or_parameters"
+    obj = model_or_parameters
+    if isinstance(obj, torch.optim.Optimizer):
+        raise TypeError(f"{arg} is an optimizer ({type(obj).__name__}): build the Guard with the "
+                        f"model, gg.Guard(model), and pass the optimizer to guard.step(optimizer)")
+    if isinstance(obj, torch.nn.Module):
+        pairs = [(n, p) for n, p in obj.named_parameters() if p.requires_grad]
+    elif isinstance(obj, Tensor):
+        pairs = [("param0", obj)]
+    elif isinstance(obj, Mapping):
+        pairs = [(str(n), p) for n, p in obj.items()]
+    elif isinstance(obj, (str, bytes)) or not isinstance(obj, Iterable):
+        raise TypeError(f"{arg} must be an nn.Module, a tensor, or an iterable of parameters or "
+                        f"of (name, parameter) pairs, got {type(obj).__name__} {obj!r}")
     else:
-        if isinstance(model_or_parameters, Tensor):
-            model_or_parameters = [model_or_parameters]
-        items = list(model_or_parameters)
-        if items and isinstance(items[0], tuple):
-            pairs = [(str(n), p) for n, p in items]
+        items = list(obj)
+        is_pair = [isinstance(x, tuple) for x in items]
+        if any(is_pair) and not all(is_pair):
+            i = is_pair.index(not is_pair[0])
+            raise TypeError(f"{arg} mixes (name, parameter) pairs and bare parameters (item 0 is "
+                            f"a {type(items[0]).__name__}, item {i} a {type(items[i]).__name__}): "
+                            f"give every item as a pair, or none")
+        if items and is_pair[0]:
+            for i, it in enumerate(items):
+                if len(it) != 2 or not isinstance(it[0], str):
+                    raise TypeError(f"{arg}[{i}] must be a (name, parameter) pair with a str "
+                                    f"name, got {it!r}")
+            pairs = list(items)
         else:
             pairs = [(f"param{i}", p) for i, p in enumerate(items)]
     for name, p in pairs:
         if not isinstance(p, Tensor):
-            raise TypeError(f"model_or_parameters: {name} is a {type(p).__name__}, not a tensor")
+            raise TypeError(f"{arg}: {name} is a {type(p).__name__}, not a tensor")
     if not pairs:
-        raise ValueError("model_or_parameters holds no parameters that require grad")
-    return [n for n, _ in pairs], [p for _, p in pairs]
+        raise ValueError(f"{arg} holds no parameters that require grad")
+    return _user_names([n for n, _ in pairs]), [p for _, p in pairs]
+
+
+def _check_optimizer(opt: Any, name: str) -> None:
+    if isinstance(opt, torch.optim.Optimizer):
+        return
+    if isinstance(opt, torch.nn.Module):
+        raise TypeError(f"{name} is a model ({type(opt).__name__}), not an optimizer: the model "
+                        f"goes to gg.Guard(model), the optimizer to guard.step(optimizer)")
+    if opt is None:
+        raise TypeError(f"{name} is None: guard.step needs the optimizer to step (to clip and "
+                        f"record only, call guard.clip())")
+    # optimizer wrappers (Lightning, Accelerate, ...) that are not Optimizer subclasses
+    if callable(getattr(opt, "step", None)) and isinstance(getattr(opt, "param_groups", None), list):
+        return
+    raise TypeError(f"{name} must be a torch.optim.Optimizer (or a list of them), got "
+                    f"{type(opt).__name__} {opt!r}")
 
 
 def _supports_device_scaling(optimizer: torch.optim.Optimizer) -> bool:
@@ -74,46 +143,83 @@ def _has_state(optimizer: torch.optim.Optimizer) -> bool:
                if p.grad is not None)
 
 
-class _SkipCounter:
-    """Consecutive skipped steps, counted on the device and read on the host late.
+def _fused_step(optimizer: torch.optim.Optimizer, grad_scale: Tensor | None,
+                found_inf: Tensor) -> None:
+    """``optimizer.step()`` with the fused kernel's ``grad_scale`` / ``found_inf`` set."""
+    optimizer.grad_scale = grad_scale  # type: ignore[attr-defined]
+    optimizer.found_inf = found_inf  # type: ignore[attr-defined]
+    try:
+        optimizer.step()
+    finally:
+        optimizer.grad_scale = None  # type: ignore[attr-defined]
+        optimizer.found_inf = None  # type: ignore[attr-defined]
+        del optimizer.grad_scale, optimizer.found_inf
 
-    On CUDA the count is copied to pinned host memory without waiting, and read once that
-    copy has completed (one or two steps later); on the CPU it is read at once.
+
+class _SkipCounter:
+    """Refused updates: how many in all, and how many in a row (for ``max_consecutive_skips``).
+
+    Where the skip flag stays on the device (fused optimizers, a GradScaler's own skip) the
+    counts are kept as device tensors; on CUDA the run length is copied to pinned host memory
+    without waiting and read once that copy has completed (one or two steps later); on the CPU
+    it is read at once (reading a CPU tensor waits for nothing). Where the Guard read the flag
+    on the host anyway, the counts are plain ints.
     """
 
     def __init__(self) -> None:
-        self.device_count: Tensor | None = None
-        self.host_count = 0
+        self.total = 0          # host part of the total
+        self.host_count = 0     # consecutive skips as last known on the host
+        self._total_dev: Tensor | None = None   # skips counted on the device, not yet in total
+        self._run_dev: Tensor | None = None     # consecutive skips, on the device
         self._pinned: Tensor | None = None
         self._event: Any = None
 
     def update_device(self, skip: Tensor) -> None:
-        count = self.device_count if self.device_count is not None else torch.zeros(
-            (), dtype=torch.int64, device=skip.device)
-        self.device_count = torch.where(skip, count + 1, torch.zeros_like(count))
+        skip = skip.detach()
+        if self._run_dev is None:
+            self._run_dev = torch.full((), self.host_count, dtype=torch.int64, device=skip.device)
+            self._total_dev = torch.zeros((), dtype=torch.int64, device=skip.device)
+        self._run_dev = torch.where(skip, self._run_dev + 1, torch.zeros_like(self._run_dev))
+        self._total_dev = self._total_dev + skip  # type: ignore[operator]
         if skip.device.type == "cuda":
             if self._event is None or self._event.query():
                 if self._event is not None:
                     self.host_count = int(self._pinned.numpy())  # type: ignore[union-attr]
                 if self._pinned is None:
                     self._pinned = torch.zeros((), dtype=torch.int64).pin_memory()
-                self._pinned.copy_(self.device_count, non_blocking=True)
+                self._pinned.copy_(self._run_dev, non_blocking=True)
                 self._event = torch.cuda.Event()
                 self._event.record()
         else:
-            self.host_count = int(self.device_count.numpy())
+            self.host_count = int(self._run_dev.numpy())
 
     def update_host(self, skipped: bool) -> None:
+        self._settle()
         self.host_count = self.host_count + 1 if skipped else 0
-        self.device_count = None
+        self.total += int(skipped)
+
+    def _settle(self) -> None:
+        """Fold the device counts into the host ones (waits for the device once)."""
+        if self._run_dev is not None:
+            self.host_count = int(self._run_dev.cpu())
+            self.total += int(self._total_dev.cpu())  # type: ignore[union-attr]
+            self._run_dev = self._total_dev = None
+            self._event = None
+
+    @property
+    def skipped_steps(self) -> int:
+        pending = 0 if self._total_dev is None else int(self._total_dev.cpu())
+        return self.total + pending
 
     def state_dict(self) -> dict[str, Any]:
-        count = self.host_count if self.device_count is None else int(self.device_count.cpu())
-        return {"consecutive_skips": count}
+        self._settle()
+        return {"skipped_steps": self.total, "consecutive_skips": self.host_count}
 
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.host_count = int(sd.get("consecutive_skips", 0))
-        self.device_count = None
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        self.total = _validate.int_at_least(sd.get("skipped_steps", 0), "state_dict['skipped_steps']", 0)
+        self.host_count = _validate.int_at_least(sd.get("consecutive_skips", 0),
+                                                 "state_dict['consecutive_skips']", 0)
+        self._run_dev = self._total_dev = None
         self._event = None
 
 
@@ -121,55 +227,62 @@ class Guard:
     """Clip, decide, step or skip, and record: the training-step wrapper.
 
     Args:
-        model_or_parameters: an ``nn.Module`` (parameters named by module path), an iterable
-            of parameters, or of ``(name, parameter)`` pairs.
-        clipper: a :class:`~gradguard.clippers.Clipper` (``NormClip``, ``ValueClip``, ``AGC``,
-            an adaptive clipper); ``"auto"`` (the default) for the threshold-free rule
-            :class:`~gradguard.adaptive.OvershootClip` (see ``docs/adaptive.md``); None for
-            no clipping.
-        skip: a skip rule (e.g. ``SpikeSkip``) with ``check(total_norm, loss) -> bool tensor``
-            and ``observe(total_norm, loss, accept)``; None for none.
-        monitor: a ``Monitor`` (or anything with ``record(stats, **fields)``); None for none.
+        model_or_parameters: an ``nn.Module`` (parameters named by module path, without the
+            ``_orig_mod.`` of ``torch.compile`` and the ``module.`` of DDP), an iterable of
+            parameters, of ``(name, parameter)`` pairs, or a ``{name: parameter}`` mapping.
+        clipper: a clipper (``NormClip``, ``ValueClip``, ``AGC``, an adaptive clipper, or any
+            object following :class:`gradguard.protocols.Clipper`); ``"auto"`` (the default)
+            for the threshold-free rule :class:`~gradguard.adaptive.OvershootClip` (see
+            ``docs/adaptive.md``); None for no clipping.
+        skip: a skip rule (:class:`gradguard.protocols.SkipRule`, e.g. ``SpikeSkip``); None for
+            none.
+        monitor: a ``Monitor`` (:class:`gradguard.protocols.Recorder`), or any object with
+            ``record(stats, **fields)``; None for none. Monitoring never raises into training.
         on_nonfinite: ``"skip"`` (no update; default), ``"raise"``
             (:class:`NonFiniteGradientError` naming the first non-finite parameter; one host
             read per step), ``"zero"`` (NaN/Inf elements set to 0, then clip; one host read
             per step), ``"propagate"`` (torch's behaviour).
         max_consecutive_skips: raise :class:`GradientExplosionError` after this many skipped
-            steps in a row (None: never). On fused optimizers the count is read from the
-            device late, so the error may come one or two steps after the limit.
+            steps in a row (None: never). Steps a GradScaler refuses count. On fused
+            optimizers and with a GradScaler the count is read from the device late, so on
+            CUDA the error may come one or two steps after the limit.
         norm_type: p of the norms recorded when there is no clipper (default 2).
     """
 
     def __init__(self, model_or_parameters: Any, clipper: Clipper | str | None = "auto", *,
-                 skip: Any = None, monitor: Any = None, on_nonfinite: str = "skip",
-                 max_consecutive_skips: int | None = 10, norm_type: float = 2.0):
-        if on_nonfinite not in POLICIES:
+                 skip: SkipRule | None = None, monitor: Recorder | Any = None,
+                 on_nonfinite: str = "skip", max_consecutive_skips: int | None = 10,
+                 norm_type: float = 2.0):
+        if not isinstance(on_nonfinite, str) or on_nonfinite not in POLICIES:
             raise ValueError(f"on_nonfinite must be one of {POLICIES}, got {on_nonfinite!r}")
         if max_consecutive_skips is not None and (
-                isinstance(max_consecutive_skips, bool) or not isinstance(max_consecutive_skips, int)
-                or max_consecutive_skips < 1):
+                not isinstance(max_consecutive_skips, numbers.Integral)
+                or isinstance(max_consecutive_skips, (bool, np.bool_)) or max_consecutive_skips < 1):
             raise ValueError(f"max_consecutive_skips must be a positive int or None, got {max_consecutive_skips!r}")
-        if isinstance(clipper, str):
-            # "auto": the threshold-free default rule of gradguard.adaptive (issue 3)
-            if clipper != "auto":
-                raise ValueError(f"clipper must be a Clipper, 'auto' or None, got {clipper!r}")
-            from .adaptive import default_clipper
-            clipper = default_clipper()
-        if clipper is not None and not isinstance(clipper, Clipper):
-            raise TypeError(f"clipper must be a gradguard Clipper or None, got {type(clipper).__name__}")
+        norm_type = _validate.norm_type(norm_type)
+        self.clipper = _check_clipper(clipper)
+        if skip is not None and not isinstance(skip, SkipRule):
+            hint = "; a clipper goes in clipper=" if isinstance(skip, Clipper) else ""
+            raise TypeError(f"skip must be a skip rule (e.g. gg.SpikeSkip()) with "
+                            f"check(total_norm, loss), observe(total_norm, loss, accept), "
+                            f"state_dict() and load_state_dict(), got {type(skip).__name__} "
+                            f"{skip!r}, which lacks {', '.join(missing(skip, SkipRule))}{hint}")
         self.names, self.params = _named_params(model_or_parameters)
-        self.clipper = clipper
         self.skip_rule = skip
         self.monitor = monitor
+        self._recorder: Recorder | None = None if monitor is None else as_recorder(monitor)
+        self._record_takes_lrs = self._recorder is not None and _accepts(self._recorder.record, "lrs")
         self.on_nonfinite = on_nonfinite
-        self.max_consecutive_skips = max_consecutive_skips
-        self.norm_type = clipper.norm_type if clipper is not None else float(norm_type)
+        self.max_consecutive_skips = None if max_consecutive_skips is None else int(max_consecutive_skips)
+        self.norm_type = (_validate.norm_type(self.clipper.norm_type, "clipper.norm_type")
+                          if self.clipper is not None else norm_type)
+        self._binds_optimizer = isinstance(self.clipper, OptimizerAware)
         self.step_count = 0
-        self._skipped_host = 0
-        self._skipped_device: Tensor | None = None  # counted without host reads (fused path)
         self._skips = _SkipCounter()
+        self._scaler_ok: Any = None  # the last scaler checked against LossScaler
+        self._warned_no_grads = False
         self._monitor_failed = False
-        if monitor is not None and hasattr(monitor, "attach"):
+        if self._recorder is not None:
             self._safe_monitor("attach", list(self.names), list(self.params))
 
     # -- the step ---------------------------------------------------------------------
@@ -179,68 +292,91 @@ class Guard:
         The returned ``ClipStats.skipped`` (device tensor) says whether the update should be
         refused; reading it is the caller's host synchronisation.
         """
+        _check_loss(loss)
         self.step_count += 1
-        _, grads, names, norms, stats = self._decide(loss, fold=False)
-        self._record(stats, loss, None, None)
+        stats = self._decide(loss, fold=False)
+        self._record(stats, loss, (), None)
         return stats
 
-    def step(self, optimizer: torch.optim.Optimizer, loss: Tensor | None = None,
+    def step(self, optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer] |
+             tuple[torch.optim.Optimizer, ...], loss: Tensor | float | None = None,
              scaler: Any = None) -> ClipStats:
         """Clip, decide, then ``optimizer.step()`` or skip, and record. Returns ``ClipStats``
-        with ``skipped`` set (device tensors: nothing here waits on the device)."""
+        with ``skipped`` set (device tensors: nothing here waits on the device).
+
+        ``optimizer`` may be a list or tuple of optimizers: they are stepped (or all skipped)
+        together on one global norm, one clip and one decision, recorded as one step. An
+        optimizer-aware clipper (the default ``OvershootClip``) reads the first one."""
+        optimizers = _optimizers(optimizer)
+        _check_loss(loss)
+        scaler = self._check_scaler(scaler)
         self.step_count += 1
-        if hasattr(self.clipper, "bind_optimizer"):
+        if self._binds_optimizer:
             # adaptive clippers that read the optimizer (its kind, lr, momentum buffers)
-            self.clipper.bind_optimizer(optimizer)  # type: ignore[union-attr]
-        if scaler is not None and scaler.is_enabled():
-            _unscale_once(scaler, optimizer)
-        else:
-            scaler = None
+            self.clipper.bind_optimizer(optimizers[0])  # type: ignore[union-attr]
+        scaler_skip = None
+        if scaler is not None:
+            for o in optimizers:
+                _unscale_once(scaler, o)
+            scaler_skip = _scaler_found_inf(scaler, optimizers)
         # Before the optimizer has state for every parameter, a fused step skipped through
         # found_inf can leave state behind (fused SGD keeps an uninitialised momentum buffer),
         # so those first steps take the host-read path.
-        fused = (scaler is None and _supports_device_scaling(optimizer)
-                 and _has_state(optimizer))
+        fused = scaler is None and all(_supports_device_scaling(o) and _has_state(o)
+                                       for o in optimizers)
         fold = fused and self.clipper is not None and self.clipper.scalar
-        params, grads, names, norms, stats = self._decide(loss, fold=fold,
-                                                          scaler_handles_nonfinite=scaler is not None)
+        stats = self._decide(loss, fold=fold, scaler=scaler is not None, scaler_skip=scaler_skip)
         skip = stats.skipped
-        if self.monitor is not None and hasattr(self.monitor, "before_step"):
+        assert skip is not None
+        if self._recorder is not None:
             self._safe_monitor("before_step", step=self.step_count)
+        rules = self._skip_rules()
         if fused:
-            optimizer.grad_scale = 1.0 / stats.clip_coef if fold else None  # type: ignore[attr-defined]
-            optimizer.found_inf = skip.float()  # type: ignore[attr-defined]
-            try:
-                optimizer.step()
-            finally:
-                optimizer.grad_scale = None  # type: ignore[attr-defined]
-                optimizer.found_inf = None  # type: ignore[attr-defined]
-                del optimizer.grad_scale, optimizer.found_inf
-            self._skipped_device = skip.long() if self._skipped_device is None else self._skipped_device + skip
+            grad_scale = 1.0 / stats.clip_coef if fold else None
+            found_inf = skip.float()
+            for o in optimizers:
+                _fused_step(o, grad_scale, found_inf)
             self._skips.update_device(skip)
-            self._check_consecutive()
+        elif scaler is not None and not rules:
+            # the scaler skips on its own found_inf (made one verdict for all optimizers), so
+            # the skip flag is its verdict and is counted without a host read
+            for o in optimizers:
+                scaler.step(o)
+            self._skips.update_device(skip)
         else:
-            can_skip = bool(self._skip_rules()) or (self.on_nonfinite == "skip" and scaler is None)
+            can_skip = bool(rules) or (self.on_nonfinite == "skip" and scaler is None)
             skipped = bool(skip) if can_skip else False  # the one documented host read
             if not skipped:
-                if scaler is not None:
-                    scaler.step(optimizer)
-                else:
-                    optimizer.step()
+                for o in optimizers:
+                    if scaler is not None:
+                        scaler.step(o)
+                    else:
+                        o.step()
             if can_skip:
-                self._skipped_host += int(skipped)
                 self._skips.update_host(skipped)
-                self._check_consecutive()
-        self._record(stats, loss, optimizer, scaler)
+        self._record(stats, loss, optimizers, scaler)
+        self._check_consecutive()
         return stats
 
     @property
     def skipped_steps(self) -> int:
-        """Updates refused so far (reading it waits for the device once)."""
-        pending = 0 if self._skipped_device is None else int(self._skipped_device.cpu())
-        return self._skipped_host + pending
+        """Updates refused so far, a GradScaler's refusals included (reading it waits for the
+        device once)."""
+        return self._skips.skipped_steps
 
     # -- pieces -----------------------------------------------------------------------
+    def _check_scaler(self, scaler: Any) -> Any:
+        """The scaler when it is enabled, else None; TypeError for a non-scaler."""
+        if scaler is None:
+            return None
+        if scaler is not self._scaler_ok:
+            if not isinstance(scaler, LossScaler):
+                raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got "
+                                f"{type(scaler).__name__} {scaler!r}, which lacks "
+                                f"{', '.join(missing(scaler, LossScaler))}")
+            self._scaler_ok = scaler
+        return scaler if scaler.is_enabled() else None
+
     def _grads(self) -> tuple[list[Tensor], list[Tensor], list[str]]:
         params, grads, names = [], [], []
         for n, p in zip(self.names, self.params):
@@ -248,16 +384,29 @@ class Guard:
                 params.append(p)
                 grads.append(p.grad)
                 names.append(n)
+        if not grads and not self._warned_no_grads:
+            self._warned_no_grads = True
+            warn(f"Guard step {self.step_count}: none of the {len(self.params)} guarded "
+                 f"parameters has a gradient (was loss.backward() called before the step?); "
+                 f"the norm is recorded as 0 and the optimizer has nothing to apply. "
+                 f"This warning is shown once.", RuntimeWarning)
         check_grads(grads, names)
         return params, grads, names
 
-    def _decide(self, loss, *, fold: bool, scaler_handles_nonfinite: bool = False):
+    def _decide(self, loss: Any, *, fold: bool, scaler: bool = False,
+                scaler_skip: Tensor | None = None) -> ClipStats:
+        """Norms, clip, skip decision and the statistics' updates: the one place where a
+        step's numbers are computed. Returns the step's ``ClipStats`` with ``skipped`` set.
+
+        With a scaler, ``skipped`` includes the scaler's verdict (``scaler_skip``; the Guard's
+        own non-finite check of the unscaled gradients stands in when the scaler keeps none).
+        """
         params, grads, names = self._grads()
         with_max = self._monitor_wants_max_abs()
         norms = compute_norms(grads, self.norm_type, with_max_abs=with_max)
         nonfinite = norms.nonfinite
         if self.on_nonfinite == "raise":
-            self._raise_if_nonfinite(norms, names)
+            self._raise_if_nonfinite(norms, names, loss)
         elif self.on_nonfinite == "zero" and bool(nonfinite):
             for g in grads:
                 torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
@@ -270,7 +419,11 @@ class Guard:
         else:
             one = torch.ones((), dtype=torch.float32, device=norms.total.device)
             stats = ClipStats(norms.total, one, one < 0, nonfinite, norms.per_tensor)
-        if self.on_nonfinite == "skip" and not scaler_handles_nonfinite:
+        if scaler:
+            # the scaler refuses such a step whatever the policy: report what happens
+            skip = (nonfinite if scaler_skip is None
+                    else scaler_skip.to(nonfinite.device, non_blocking=True))
+        elif self.on_nonfinite == "skip":
             skip = nonfinite  # read-only from here on: every update below makes a new tensor
         else:
             skip = torch.zeros_like(nonfinite)
@@ -282,30 +435,34 @@ class Guard:
             self.clipper.observe(norms, accept)
         for rule in rules:
             rule.observe(norms.total, loss, accept)
-        stats = dataclasses.replace(stats, skipped=skip, per_tensor_max_abs=norms.max_abs)
-        return params, grads, names, norms, stats
+        return dataclasses.replace(stats, skipped=skip, per_tensor_max_abs=norms.max_abs)
 
     def _monitor_wants_max_abs(self) -> bool:
         # On the monitor's layer steps max |g| comes out of the norm pass (one read of memory).
-        ask = getattr(self.monitor, "wants_max_abs", None)
-        if ask is None:
+        if self._recorder is None:
             return False
         try:
-            return bool(ask(self.step_count))
+            return bool(self._recorder.wants_max_abs(self.step_count))
         except Exception:  # noqa: BLE001 - monitoring never takes training down
             return False
 
-    def _skip_rules(self) -> list[Any]:
+    def _skip_rules(self) -> list[SkipRule]:
         """The skip rule, and the monitor when its detectors may refuse a step."""
-        rules = [self.skip_rule] if self.skip_rule is not None else []
-        if self.monitor is not None and getattr(self.monitor, "can_skip", False):
-            rules.append(self.monitor)
+        rules: list[Any] = [self.skip_rule] if self.skip_rule is not None else []
+        if self._recorder is not None and self._recorder.can_skip:
+            rules.append(self._recorder)
         return rules
 
-    def _raise_if_nonfinite(self, norms: GradNorms, names: list[str]) -> None:
+    def _raise_if_nonfinite(self, norms: GradNorms, names: list[str], loss: Any) -> None:
         bad = ~torch.isfinite(norms.per_tensor)
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
+            if self._recorder is not None:  # the step that raises is on disk before it does
+                one = torch.ones((), dtype=torch.float32, device=norms.total.device)
+                self._record(ClipStats(norms.total, one, one < 0, norms.nonfinite, norms.per_tensor,
+                                       skipped=one > 0, per_tensor_max_abs=norms.max_abs),
+                             loss, (), None)
+                self._flush_monitor()
             raise NonFiniteGradientError(
                 f"step {self.step_count}: the gradient of {names[i]!r} is not finite "
                 f"(norm {norms.per_tensor[i].item()}); it is the first such parameter",
@@ -314,60 +471,90 @@ class Guard:
     def _check_consecutive(self) -> None:
         limit = self.max_consecutive_skips
         if limit is not None and self._skips.host_count >= limit:
+            self._flush_monitor()  # the divergence is on disk before the loop ends
             raise GradientExplosionError(
                 f"{self._skips.host_count} consecutive updates were refused (limit "
                 f"max_consecutive_skips={limit}) at step {self.step_count}: the gradients "
                 f"stay non-finite or spiking, training has diverged")
 
-    def _record(self, stats: ClipStats, loss, optimizer, scaler) -> None:
-        if self.monitor is None:
+    def _record(self, stats: ClipStats, loss: Any, optimizers: tuple | list, scaler: Any) -> None:
+        if self._recorder is None:
             return
-        lr = None
-        if optimizer is not None and optimizer.param_groups:
-            lr = optimizer.param_groups[0].get("lr")
-        loss_scale = getattr(scaler, "_scale", None) if scaler is not None else None
-        self._safe_monitor("record", stats, step=self.step_count, loss=loss, lr=lr,
-                           loss_scale=loss_scale)
+        lrs = [g.get("lr") for o in optimizers for g in o.param_groups]
+        fields: dict[str, Any] = {"step": self.step_count, "loss": loss,
+                                  "lr": lrs[0] if lrs else None,
+                                  # the scale this step was taken with (a device tensor; no read)
+                                  "loss_scale": getattr(scaler, "_scale", None) if scaler is not None else None}
+        if self._record_takes_lrs:
+            fields["lrs"] = tuple(lrs)
+        self._safe_monitor("record", stats, **fields)
 
-    def _safe_monitor(self, method: str, *args, **kwargs) -> None:
+    def _flush_monitor(self) -> None:
+        if self._recorder is not None:
+            self._safe_monitor("flush", wait=True)
+
+    def _safe_monitor(self, method: str, *args: Any, **kwargs: Any) -> None:
         # Monitoring never takes training down: one warning, then carry on.
         try:
-            getattr(self.monitor, method)(*args, **kwargs)
+            getattr(self._recorder, method)(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001
             if getattr(exc, "gradguard_propagate", False):
                 raise  # a detector whose action is "raise" (gradguard.monitor.AnomalyError)
             if not self._monitor_failed:
-                warnings.warn(f"gradguard monitor failed in {method}() and is ignored from now "
-                              f"on for this error: {exc!r}", RuntimeWarning, stacklevel=3)
+                warn(f"gradguard monitor failed in {method}() and is ignored from now "
+                     f"on for this error: {exc!r}", RuntimeWarning)
             self._monitor_failed = True
 
     # -- state --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        sd: dict[str, Any] = {"step_count": self.step_count, "skipped_steps": self.skipped_steps}
+        """``step_count``, ``skipped_steps``, ``consecutive_skips`` and the states of the
+        clipper (``"clipper"``), skip rule (``"skip"``) and monitor (``"monitor"``)."""
+        sd: dict[str, Any] = {"step_count": self.step_count}
         sd.update(self._skips.state_dict())
         if self.clipper is not None:
             sd["clipper"] = self.clipper.state_dict()
-        if self.skip_rule is not None and hasattr(self.skip_rule, "state_dict"):
+        if self.skip_rule is not None:
             sd["skip"] = self.skip_rule.state_dict()
-        if self.monitor is not None and hasattr(self.monitor, "state_dict"):
-            sd["monitor"] = self.monitor.state_dict()
+        if self._recorder is not None:
+            sd["monitor"] = self._recorder.state_dict()
         return sd
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.step_count = int(state_dict["step_count"])
-        self._skipped_host = int(state_dict.get("skipped_steps", 0))
-        self._skipped_device = None
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a ``state_dict()``. ValueError when it does not fit this Guard: not a Guard
+        state, a clipper or skip rule present on one side only, or a part that its object
+        cannot load (a NormClip state into a ZClip)."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict from Guard.state_dict(), got "
+                            f"{type(state_dict).__name__}")
+        if "step_count" not in state_dict:
+            raise ValueError(f"state_dict is not a Guard state: no 'step_count' among its keys "
+                             f"{sorted(map(str, state_dict))}")
+        step_count = _validate.int_at_least(state_dict["step_count"], "state_dict['step_count']", 0)
+        for key, obj, what in (("clipper", self.clipper, "clipper"),
+                               ("skip", self.skip_rule, "skip rule")):
+            if obj is None and key in state_dict:
+                raise ValueError(f"state_dict has a {what} state (state_dict[{key!r}]) but this "
+                                 f"Guard has no {what}: build it with the same {key}= argument")
+            if obj is not None and key not in state_dict:
+                raise ValueError(f"state_dict has no {what} state (state_dict[{key!r}]) for this "
+                                 f"Guard's {what} {obj!r}: it was saved by a Guard without one")
+        parts = [("clipper", self.clipper), ("skip", self.skip_rule)]
+        if self._recorder is not None and "monitor" in state_dict:
+            parts.append(("monitor", self._recorder))
+        for key, obj in parts:
+            if obj is None:
+                continue
+            try:
+                obj.load_state_dict(state_dict[key])
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+                raise ValueError(f"state_dict[{key!r}] does not fit this Guard's {key} "
+                                 f"{type(obj).__name__}: {type(exc).__name__}: {exc}") from exc
         self._skips.load_state_dict(state_dict)
-        if self.clipper is not None and "clipper" in state_dict:
-            self.clipper.load_state_dict(state_dict["clipper"])
-        if self.skip_rule is not None and "skip" in state_dict:
-            self.skip_rule.load_state_dict(state_dict["skip"])
-        if self.monitor is not None and "monitor" in state_dict and hasattr(self.monitor, "load_state_dict"):
-            self.monitor.load_state_dict(state_dict["monitor"])
+        self.step_count = step_count
 
     def close(self) -> None:
         """Flush and close the monitor (if any)."""
-        if self.monitor is not None and hasattr(self.monitor, "close"):
+        if self._recorder is not None:
             self._safe_monitor("close")
 
     def __enter__(self) -> Guard:
@@ -375,6 +562,86 @@ class Guard:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_clipper(clipper: Any) -> Clipper | None:
+    if clipper is None:
+        return None
+    if isinstance(clipper, str):
+        if clipper != "auto":
+            raise ValueError(f"clipper must be a clipper, 'auto' or None, got {clipper!r}")
+        from .adaptive import default_clipper  # the threshold-free default rule
+        return default_clipper()
+    if not isinstance(clipper, Clipper):
+        hint = "; a skip rule goes in skip=" if isinstance(clipper, SkipRule) else ""
+        raise TypeError(f"clipper must be a clipper (gg.NormClip(1.0), ..., or an object with "
+                        f"norm_type, scalar, clip_(), observe(), state_dict(), "
+                        f"load_state_dict()), 'auto' or None, got {type(clipper).__name__} "
+                        f"{clipper!r}, which lacks {', '.join(missing(clipper, Clipper))}{hint}")
+    _validate.flag(clipper.scalar, "clipper.scalar")
+    return clipper
+
+
+def _optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return [optimizer]
+    if isinstance(optimizer, (list, tuple)):
+        if not optimizer:
+            raise ValueError("optimizer: an empty list; pass one optimizer or several")
+        for i, o in enumerate(optimizer):
+            _check_optimizer(o, f"optimizer[{i}]")
+        if len({id(o) for o in optimizer}) != len(optimizer):
+            raise ValueError("optimizer: the same optimizer is listed twice (it would step twice)")
+        return list(optimizer)
+    _check_optimizer(optimizer, "optimizer")
+    return [optimizer]
+
+
+def _check_loss(loss: Any) -> None:
+    if loss is None or isinstance(loss, Tensor):
+        return
+    if isinstance(loss, numbers.Real) and not isinstance(loss, (bool, np.bool_)):
+        return
+    raise TypeError(f"loss must be a tensor, a number or None, got {type(loss).__name__} {loss!r}")
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    """True when ``fn`` takes a keyword argument ``name`` (or ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _scaler_found_inf(scaler: Any, optimizers: list[torch.optim.Optimizer]) -> Tensor | None:
+    """The scaler's verdict on this step as a 0-d bool device tensor (no host read): True when
+    ``unscale_`` found an inf or NaN in any of the optimizers' gradients.
+
+    Read from ``torch.amp.GradScaler``'s per-optimizer state (``found_inf_per_device``, float
+    tensors of shape (1,) that ``scaler.step`` and ``scaler.update`` read). With several
+    optimizers every optimizer's entries are set to the combined verdict, so that
+    ``scaler.step`` skips all of them or none (``update`` sums them: the scale backs off
+    exactly as before). None when the scaler keeps no such state.
+    """
+    try:
+        per = [scaler._per_optimizer_states[id(o)]["found_inf_per_device"] for o in optimizers]
+    except (AttributeError, KeyError, TypeError):
+        return None
+    flags = [t for d in per for t in d.values()]
+    if not flags:
+        return None
+    dev = flags[0].device
+    total = flags[0].reshape(())
+    for t in flags[1:]:
+        total = total + t.to(dev, non_blocking=True).reshape(())
+    found = total > 0
+    if len(optimizers) > 1:
+        combined = found.float().reshape(1)
+        for d in per:
+            for k, t in list(d.items()):
+                d[k] = combined.to(t.device, non_blocking=True)
+    return found
 
 
 def _unscale_once(scaler: Any, optimizer: torch.optim.Optimizer) -> None:
@@ -387,4 +654,3 @@ def _unscale_once(scaler: Any, optimizer: torch.optim.Optimizer) -> None:
     except (ImportError, AttributeError, KeyError):
         pass
     scaler.unscale_(optimizer)
-

@@ -185,9 +185,15 @@ class _PartialRecorder:
                 setattr(self, name, getattr(obj, name))
         self.can_skip = bool(getattr(obj, "can_skip", False)) and hasattr(obj, "check") \
             and hasattr(obj, "observe")
-        self.has_state = hasattr(obj, "state_dict")
 
     def attach(self, names: list[str], params: list[Any]) -> None:
+        pass
+
+    def check(self, total_norm: Any, loss: Any = None) -> Any:
+        import torch  # only reached for an object that has no check of its own: never skip
+        return torch.zeros((), dtype=torch.bool, device=total_norm.device)
+
+    def observe(self, total_norm: Any, loss: Any, accept: Any) -> None:
         pass
 
     def wants_max_abs(self, step: int) -> bool:
