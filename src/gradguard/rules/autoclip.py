@@ -1,0 +1,193 @@
+"""AutoClip: clip the global norm to the p-th percentile of the norms seen so far.
+
+Seetharaman, Wichern, Pardo, Le Roux 2020, "AutoClip: Adaptive Gradient Clipping for Source
+Separation Networks" (arXiv 2007.14469), Algorithm 1: at step t append ``||g_t||`` to the
+history H, then clip to
+
+    eta_t = percentile(H + [||g_t||], p)          g <- min(1, eta_t / ||g_t||) g
+
+The current norm takes part in its own percentile (as in the paper's code), so the first step
+is never clipped and ``p = 100`` never clips; only accepted (finite, not skipped) norms stay
+in the history. Percentiles are numpy's default ("linear") definition.
+
+Two ways to keep H (``Config.window``):
+
+* ``window`` = an int >= 2: the last ``window`` accepted norms, exactly (a ring buffer).
+* ``window`` = None (default): the full history. The first ``exact`` (1024) accepted norms
+  are kept exactly and, while the whole history is in that buffer, the percentile is exact.
+  Every norm is also counted in a histogram of ``bins`` log-spaced bins over ``[lo, hi]``
+  that records, per bin, the count and the smallest and largest value it holds; past
+  ``exact`` norms the percentile comes from it. Bin b covers ``[lo r^b, lo r^(b+1))``,
+  ``r = (hi / lo) ** (1 / bins)`` (``r - 1`` = 0.68 % with the defaults 8192, 1e-12, 1e12).
+
+  Estimate: the order statistic ``x_(k)`` lies in some bin b with c values, j of them
+  before it; its estimate is the bin's smallest value for j = 0, its largest for j = c - 1,
+  and between them linearly by rank otherwise; ``x_(k+1)`` likewise, and the percentile is
+  ``x^_(k) + f (x^_(k+1) - x^_(k))``. **Bound**: each estimate lies between the smallest
+  and the largest value of the true order statistic's bin, within a factor r of it, so for
+  values inside ``[lo, hi]``
+
+      q / r  <=  estimate  <=  q * r             (relative error below r - 1 = 0.68 %)
+
+  and it is exact whenever the neighbouring order statistics are the smallest or largest
+  value of their bins (a bin holding one or two values, the maximum for p = 100, ...).
+  Values outside ``[lo, hi]`` are counted in the first or last bin; their estimate lies
+  between that bin's actual smallest and largest value. Memory: O(exact + bins).
+
+State is float32 values, int64 counts; non-finite norms never enter it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from . import _core, _ring
+
+#: norms kept exactly before the histogram takes over
+EXACT = 1024
+
+
+class Config(NamedTuple):
+    """``percentile`` in (0, 100]; ``window`` None (full history) or an int >= 2; the
+    histogram layout ``bins``, ``lo``, ``hi``; ``exact`` norms kept exactly (full history)."""
+
+    percentile: float = 10.0
+    window: int | None = None
+    bins: int = 8192
+    lo: float = 1e-12
+    hi: float = 1e12
+    exact: int = EXACT
+
+
+class WindowState(NamedTuple):
+    """``window`` mode: the last accepted norms (NaN in unused slots) and how many were
+    written (not capped)."""
+
+    values: Any   # f32 [window]
+    count: Any    # i64
+
+
+class HistoryState(NamedTuple):
+    """Full-history mode."""
+
+    exact: Any     # f32 [exact], the first accepted norms (NaN in unused slots)
+    n_exact: Any   # i64, values in ``exact``
+    counts: Any    # i64 [bins]
+    bin_min: Any   # f32 [bins], smallest value per bin (+inf when empty)
+    bin_max: Any   # f32 [bins], largest value per bin (-inf when empty)
+    n: Any         # i64, accepted norms in the history
+
+
+def config(percentile: Any = 10.0, window: Any = None, *, bins: Any = 8192, lo: Any = 1e-12,
+           hi: Any = 1e12, exact: Any = EXACT) -> Config:
+    """Checked configuration; errors name the argument."""
+    p = _core.number(percentile, "percentile")
+    if not 0.0 < p <= 100.0:
+        raise ValueError(f"percentile must lie in (0, 100], got {percentile!r}")
+    w = None if window is None else _core.int_at_least(window, "window", 2)
+    b = _core.int_at_least(bins, "bins", 2)
+    lo_f, hi_f = _core.number(lo, "lo"), _core.number(hi, "hi")
+    if not 0 < lo_f < hi_f < math.inf:
+        raise ValueError(f"lo and hi must satisfy 0 < lo < hi < inf, got lo={lo!r}, hi={hi!r}")
+    return Config(p, w, b, lo_f, hi_f, _core.int_at_least(exact, "exact", 0))
+
+
+def ratio(cfg: Config) -> float:
+    """``r``, the ratio of neighbouring bin edges; ``r - 1`` bounds the relative error."""
+    return math.exp((math.log(cfg.hi) - math.log(cfg.lo)) / cfg.bins)
+
+
+def init(cfg: Config, xp: Any, like: Any = None) -> WindowState | HistoryState:
+    if cfg.window is not None:
+        return WindowState(xp.full((cfg.window,), math.nan, "f32", like),
+                           xp.full((), 0, "i64", like))
+    return HistoryState(xp.full((max(cfg.exact, 1),), math.nan, "f32", like),
+                        xp.full((), 0, "i64", like), xp.full((cfg.bins,), 0, "i64", like),
+                        xp.full((cfg.bins,), math.inf, "f32", like),
+                        xp.full((cfg.bins,), -math.inf, "f32", like), xp.full((), 0, "i64", like))
+
+
+def bin_of(cfg: Config, value: Any, xp: Any) -> Any:
+    """int64 bin index of ``value`` (clamped into ``[0, bins - 1]``; NaN goes to 0)."""
+    log_lo = math.log(cfg.lo)
+    step = (math.log(cfg.hi) - log_lo) / cfg.bins
+    v = xp.astype(value, "f64")
+    idx = xp.floor((xp.log(xp.clamp(v, lo=cfg.lo * 0.5)) - log_lo) / step)
+    idx = xp.where(xp.isnan(idx), 0.0, idx)
+    return xp.astype(xp.clamp(idx, lo=0.0, hi=float(cfg.bins - 1)), "i64")
+
+
+def _count(cfg: Config, counts: Any, bin_min: Any, bin_max: Any, value: Any, ok: Any,
+           xp: Any) -> tuple[Any, Any, Any]:
+    """The histogram with ``value`` counted where ``ok`` and finite."""
+    keep = ok & xp.isfinite(value)
+    hit = (xp.arange(cfg.bins, "i64", counts) == bin_of(cfg, value, xp)) & keep
+    v = xp.astype(value, "f32")
+    return (counts + xp.astype(hit, "i64"), xp.where(hit, xp.minimum(bin_min, v), bin_min),
+            xp.where(hit, xp.maximum(bin_max, v), bin_max))
+
+
+def _order_stat(cfg: Config, counts: Any, cum: Any, bin_min: Any, bin_max: Any, k: Any,
+                xp: Any) -> Any:
+    """Estimate (float64) of the order statistic of 0-based rank ``k`` (int64 0-d)."""
+    b = xp.clamp(xp.searchsorted(cum, k, right=True), hi=cfg.bins - 1)
+    c = xp.take(counts, b)
+    j = k - (xp.take(cum, b) - c)
+    lo_v = xp.astype(xp.take(bin_min, b), "f64")
+    hi_v = xp.astype(xp.take(bin_max, b), "f64")
+    frac = xp.astype(j, "f64") / xp.astype(xp.clamp(c - 1, lo=1), "f64")
+    return lo_v + xp.clamp(frac, lo=0.0, hi=1.0) * (hi_v - lo_v)
+
+
+def _histogram_percentile(cfg: Config, counts: Any, bin_min: Any, bin_max: Any,
+                          xp: Any) -> Any:
+    cum = xp.cumsum(counts)
+    n = xp.take(cum, cfg.bins - 1)
+    pos = _ring.rank_position(n, cfg.percentile, xp)
+    k = xp.floor(pos)
+    f = pos - k
+    ki = xp.astype(k, "i64")
+    k1 = xp.minimum(ki + 1, xp.clamp(n - 1, lo=0))
+    x0 = _order_stat(cfg, counts, cum, bin_min, bin_max, ki, xp)
+    x1 = _order_stat(cfg, counts, cum, bin_min, bin_max, k1, xp)
+    est = x0 + f * (x1 - x0)
+    return xp.astype(xp.where(n > 0, est, math.nan), "f32")
+
+
+def percentile(cfg: Config, state: WindowState | HistoryState, extra: Any, xp: Any) -> Any:
+    """The p-th percentile (0-d float32) of the history plus ``extra`` (a 0-d norm counted
+    for this query only, when finite); NaN when there is no value."""
+    if cfg.window is not None:
+        return _ring.percentile(state.values, extra, cfg.percentile, xp)
+    exact = _ring.percentile(state.exact, extra, cfg.percentile, xp)
+    if cfg.exact == 0:
+        use_exact = xp.full((), False, "bool", state.n)
+    else:
+        use_exact = state.n_exact == state.n
+    counts, bmin, bmax = _count(cfg, state.counts, state.bin_min, state.bin_max, extra,
+                                xp.isfinite(extra), xp)
+    hist = _histogram_percentile(cfg, counts, bmin, bmax, xp)
+    return xp.where(use_exact, exact, hist)
+
+
+def threshold(cfg: Config, state: WindowState | HistoryState, total: Any, xp: Any) -> Any:
+    """The threshold for a step whose norm is ``total``: its percentile with the history
+    (inf when there is no finite value at all). With ``total`` NaN: the history's own."""
+    thr = percentile(cfg, state, total, xp)
+    return xp.where(xp.isnan(thr), math.inf, thr)
+
+
+def update(cfg: Config, state: WindowState | HistoryState, total: Any,
+           xp: Any) -> tuple[Any, WindowState | HistoryState]:
+    """``(threshold, proposed)``: this step's threshold, and the state with ``total`` added
+    to the history (unchanged when ``total`` is not finite)."""
+    thr = threshold(cfg, state, total, xp)
+    ok = xp.isfinite(total)
+    if cfg.window is not None:
+        values, count = _ring.append(state.values, state.count, total, ok, xp)
+        return thr, WindowState(values, count)
+    exact, n_exact = _ring.fill(state.exact, state.n_exact, total, ok, xp)
+    counts, bmin, bmax = _count(cfg, state.counts, state.bin_min, state.bin_max, total, ok, xp)
+    return thr, HistoryState(exact, n_exact, counts, bmin, bmax,
+                             state.n + xp.astype(ok, "i64"))

@@ -1,0 +1,157 @@
+"""OvershootClip, the threshold-free default: clip the global norm to ``min(S, cap)``.
+
+gradguard's own rule (``docs/adaptive.md`` has the reasoning and the measurements). Two
+parts, both O(1) scalar state:
+
+**Step-size control S** (modes "momentum" and "sgd", for ``torch.optim.SGD``, where the clip
+threshold *is* the step length ``lr * min(||g||, S)``). The observation ``cos`` is
+``cos(g_t, u_{t-1})``, the new gradient against the direction of the last update (SGD's
+momentum buffer, or in mode "sgd" the last gradient); ``-g_t . u_{t-1}`` is the derivative
+of the loss with respect to the last step's length (the "hypergradient", Baydin et al. 2018,
+"Online Learning Rate Adaptation with Hypergradient Descent", arXiv 1703.04782). So
+
+    cos < 0 (the step overshot):         S <- min(S, ||g_{t-1}||) * exp(beta * cos)
+    cos > 0 and the last step clipped:   S <- S * exp(beta * cos)
+    otherwise                            S unchanged
+    always                               S >= floor * exp(log_raw)   (after the first step)
+
+S starts at ``init_limit = init_step * ||theta_0|| / lr`` (``initial_limit``), a first step
+that moves the parameters by ``init_step`` of their norm. The S in force at step t is the one
+made from the evidence of step t - 1, so this step's threshold does not depend on ``cos``.
+
+**Spike cap** (every mode): ``cap = spike_factor * exp(log_level)``, ``log_level`` the EMA
+(``ema``) of the log of accepted, clipped norms, ``log_raw`` the same of raw norms. In mode
+"adaptive" (opt-in ``optimizer_scale`` with Adam & co.) the cap is ``spike_factor * sqrt(v)``
+instead, v the bias-corrected EMA (decay ``beta2``) of the squared accepted, clipped norm,
+updated as ``v <- v + w (x^2 - v)``, ``w = (1 - beta2) / (1 - beta2^n)``. In mode "cap" only
+the cap acts.
+
+Threshold: ``min(S, cap)`` ("adaptive": ``spike_factor * sqrt(v)``); inf before the first
+accepted step unless S was set from the parameter norm. A step is fed only when its norm is
+finite and > 0 (``log`` of it), and only if accepted (``commit``). Units: norms and S in the
+gradients' units; state float32, ``count`` int64, ``started`` bool.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from . import _core
+
+MODES = ("momentum", "sgd", "adaptive", "cap")
+STEP_CONTROL = ("momentum", "sgd")
+
+
+class Config(NamedTuple):
+    mode: str = "cap"
+    beta: float = 0.1
+    init_step: float = 1e-2
+    floor: float = 0.02
+    spike_factor: float = 3.0
+    ema: float = 0.95
+    beta2: float = 0.999
+
+
+class State(NamedTuple):
+    step_limit: Any   # f32, S (inf until started)
+    log_level: Any    # f32, EMA of log clipped norm
+    log_raw: Any      # f32, EMA of log raw norm
+    sq_level: Any     # f32, "adaptive": v (0: never updated)
+    prev_norm: Any    # f32, ||g_{t-1}||
+    count: Any        # i64, accepted steps
+    started: Any      # bool, S has been updated once
+    init_limit: Any   # f32, S_0 (a constant of the run; inf when unknown)
+
+
+class Observation(NamedTuple):
+    total: Any        # 0-d f32 global norm
+    cos: Any = None   # 0-d f32 cos(g_t, u_{t-1}) in [-1, 1] (step-control modes; else None)
+
+
+def config(mode: str = "cap", *, beta: Any = 0.1, init_step: Any = 1e-2, floor: Any = 0.02,
+           spike_factor: Any = 3.0, ema: Any = 0.95, beta2: Any = 0.999) -> Config:
+    """Checked configuration; errors name the argument."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    k = _core.nonneg(spike_factor, "spike_factor", positive=True)
+    if k < 1.0:
+        raise ValueError(f"spike_factor must be >= 1, got {spike_factor!r}")
+    return Config(mode, _core.nonneg(beta, "beta", positive=True),
+                  _core.nonneg(init_step, "init_step", positive=True),
+                  _core.nonneg(floor, "floor"), k, _core.open_unit(ema, "ema"),
+                  _core.open_unit(beta2, "beta2"))
+
+
+def init(cfg: Config, xp: Any, like: Any = None) -> State:
+    inf = math.inf
+    return State(xp.full((), inf, "f32", like), xp.full((), 0.0, "f32", like),
+                 xp.full((), 0.0, "f32", like), xp.full((), 0.0, "f32", like),
+                 xp.full((), 0.0, "f32", like), xp.full((), 0, "i64", like),
+                 xp.full((), False, "bool", like), xp.full((), inf, "f32", like))
+
+
+def initial_limit(cfg: Config, param_norm: Any, lr: Any, xp: Any) -> Any:
+    """``S_0 = init_step * param_norm / lr`` (0-d f32), inf if that is 0 or not finite or
+    ``lr`` is None."""
+    if lr is None:
+        return xp.full((), math.inf, "f32", param_norm)
+    s0 = cfg.init_step * xp.astype(param_norm, "f32") / lr
+    return xp.where(xp.isfinite(s0) & (s0 > 0), s0, math.inf)
+
+
+def cosine(dot: Any, g_norm: Any, u_norm: Any, xp: Any) -> Any:
+    """The observation ``cos = g . u / (||g|| ||u||)`` in [-1, 1]; 0 when undefined (a zero
+    or non-finite vector: no evidence either way)."""
+    c = dot / (g_norm * u_norm)
+    return xp.clamp(xp.where(xp.isfinite(c), c, 0.0), lo=-1.0, hi=1.0)
+
+
+def _v(state: State, xp: Any) -> Any:
+    """The adaptive mode's v; 0 means never updated (a state from another mode): then the
+    square of the geometric level stands in."""
+    return xp.where(state.sq_level > 0, state.sq_level, xp.exp(2 * state.log_level))
+
+
+def threshold(cfg: Config, state: State, xp: Any) -> Any:
+    """The threshold in force for the next step (0-d f32)."""
+    if cfg.mode == "adaptive":
+        return xp.where(state.count > 0, cfg.spike_factor * xp.sqrt(_v(state, xp)), math.inf)
+    S = xp.where(state.started, state.step_limit, state.init_limit)
+    cap = xp.where(state.count > 0, cfg.spike_factor * xp.exp(state.log_level), math.inf)
+    return xp.minimum(S, cap)
+
+
+def update(cfg: Config, state: State, obs: Observation, xp: Any) -> tuple[Any, State]:
+    """``(threshold, proposed)``: this step's threshold (from the state alone) and the state
+    after it; the proposal is the state itself when the norm is not finite or is 0."""
+    thr = threshold(cfg, state, xp)
+    total = obs.total
+    st = state
+    step_limit, started = st.step_limit, st.started
+    if cfg.mode in STEP_CONTROL:
+        cos = obs.cos
+        S = xp.where(st.started, st.step_limit, st.init_limit)
+        prev_n = st.prev_norm
+        grow = xp.where((st.count > 0) & (prev_n > S), S * xp.exp(cfg.beta * cos), S)
+        shrink = xp.minimum(S, prev_n) * xp.exp(cfg.beta * cos)
+        new_S = xp.where(cos < 0, shrink, grow)
+        floor = xp.where(st.count > 0, cfg.floor * xp.exp(st.log_raw), 0.0)
+        step_limit = xp.maximum(new_S, floor)
+        started = xp.full((), True, "bool", st.started)
+    clipped = xp.minimum(total, thr)
+    first = st.count == 0
+    a = cfg.ema
+    log_level = xp.where(first, xp.log(clipped), a * st.log_level + (1 - a) * xp.log(clipped))
+    log_raw = xp.where(first, xp.log(total), a * st.log_raw + (1 - a) * xp.log(total))
+    sq_level = st.sq_level
+    if cfg.mode == "adaptive":
+        sq_level = xp.where(st.count > 0, _v(st, xp), sq_level)
+        b = xp.full((), cfg.beta2, "f32", sq_level)
+        n = xp.astype(st.count + 1, "f32")
+        w = (1 - b) / (1 - b ** n)
+        sq_level = sq_level + w * (clipped * clipped - sq_level)
+    ok = xp.isfinite(total) & (total > 0)
+    proposed = State(step_limit, log_level, log_raw, sq_level, total, st.count + 1, started,
+                     st.init_limit)
+    return thr, _core.commit(ok, proposed, st, xp)
