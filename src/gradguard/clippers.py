@@ -142,7 +142,7 @@ class NormClip(Clipper):
     def __init__(self, max_norm: float, norm_type: float = 2.0, per_tensor: bool = False):
         self.max_norm = _validate.nonneg_finite(max_norm, "max_norm", allow_inf=True)
         self.norm_type = _validate.norm_type(norm_type)
-        self.per_tensor = bool(per_tensor)
+        self.per_tensor = _validate.flag(per_tensor, "per_tensor")
         self.scalar = not self.per_tensor
 
     def __repr__(self) -> str:
