@@ -1,0 +1,613 @@
+"""gradguard for Keras 3: ``GuardedOptimizer``, an optimizer wrapper that clips and skips right.
+
+::
+
+    import keras, gradguard as gg, gradguard.keras as ggk
+    opt = ggk.GuardedOptimizer(keras.optimizers.SGD(0.01, momentum=0.9), clipper=gg.NormClip(1.0))
+    model.compile(optimizer=opt, loss="mse"); model.fit(x, y)
+
+What it does to every step, in order (``apply``):
+
+1. unscale by ``loss_scale_factor`` (taken over from the inner optimizer);
+2. under ``tf.distribute`` (``MirroredStrategy`` ...) **sum the gradients across replicas
+   first**, then decide once on the global gradient: every replica sees the same norm, the
+   same clip and the same skip (Keras clips each replica's share before its all-reduce, which
+   multiplies the threshold by the number of replicas, and ``LossScaleOptimizer`` takes its
+   finite check from replica 0 only);
+3. norms in float32 (one read, ``gradguard.tensorflow.norms``): per variable and total;
+4. the clipper (the same specs as ``gradguard.Guard``: ``gg.NormClip(1.0)``,
+   ``gg.NormClip(1.0, per_tensor=True)``, ``gg.ValueClip(...)``, ``gg.AGC()``,
+   ``gg.AutoClip()``, ``gg.ZClip()``, ``"auto"`` (the threshold-free default) or None) and the
+   skip rule (``gg.SpikeSkip()``) compute their decision from the shared pure rules in
+   ``gradguard.rules`` (TensorFlow namespace ``gradguard.rules.xp_tf``);
+5. ``accept = finite and not refused``; ``ops.cond(accept, inner.apply(clipped), nothing)``:
+   a skipped step does not call the inner optimizer at all, so the weights, every inner
+   optimizer variable (momenta, Adam moments) and ``iterations`` stay bit-for-bit as they were,
+   and a learning-rate schedule does not advance;
+6. rule state is committed only for accepted steps; the step's statistics go into optimizer
+   variables (a ring of ``flush_every`` rows) that ``gradguard.keras.Monitor`` (a callback)
+   writes to the run store every ``flush_every`` steps: no host read per step.
+
+Everything is graph ops (``tf.function``, ``jit_compile=True``). The wrapper's state (rule
+state, counters, statistics) lives in Keras variables, so it saves and restores with the
+optimizer (``model.save`` / ``keras.saving.load_model``, ``tf.train.Checkpoint``); the
+wrapper is ``register_keras_serializable`` and serialises its clipper as a plain dict.
+
+Composes with mixed precision as ``LossScaleOptimizer(GuardedOptimizer(inner))``: the loss
+scale optimizer unscales, then this wrapper sees the true gradients.
+
+Backends: TensorFlow (tested, with ``MirroredStrategy`` over two logical CPUs). Units: norms
+and thresholds are L2 norms in the gradients' units.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from . import tensorflow as ggtf
+
+try:  # the decorator LossScaleOptimizer.build uses: variables made in build are tracked once
+    from keras.src.utils.tracking import no_automatic_dependency_tracking as _no_tracking
+except ImportError:  # pragma: no cover - other Keras layouts
+    def _no_tracking(fn):
+        return fn
+
+__all__ = ["GuardedOptimizer", "Monitor", "clipper_config"]
+
+_POLICIES = ("skip", "zero", "propagate")
+
+#: columns of the statistics ring, one row per step (the run store's step columns)
+STEP_FIELDS = ("loss", "lr", "total_norm", "total_norm_after", "clip_coef", "threshold",
+               "clipped", "skipped", "nonfinite", "loss_scale")
+#: per-layer statistics of a layer step
+LAYER_FIELDS = ("grad_norm", "grad_max_abs", "nonfinite_count", "param_norm")
+
+
+# -- clipper specs ------------------------------------------------------------------------------
+def clipper_config(spec: Any, name: str = "clipper") -> dict[str, Any] | None:
+    """The plain-dict form of a clipper or skip spec (what ``get_config`` stores).
+
+    Accepts the gradguard objects (``gg.NormClip``, ``gg.ValueClip``, ``gg.AGC``,
+    ``gg.AutoClip``, ``gg.ZClip``, ``gg.OvershootClip``, ``gg.SpikeSkip``) without importing
+    torch here (their public attributes are read), ``"auto"``, None, or such a dict.
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if spec == "auto":
+            return {"rule": "overshoot"}
+        raise ValueError(f"{name} must be 'auto', None or a gradguard clipper, got {spec!r}")
+    if isinstance(spec, dict):
+        if "rule" not in spec:
+            raise ValueError(f"{name} dict needs a 'rule' key, got {spec!r}")
+        return dict(spec)
+    kind = type(spec).__name__
+    get = lambda a, d=None: getattr(spec, a, d)  # noqa: E731
+    if kind == "NormClip":
+        if float(get("norm_type", 2.0)) != 2.0:
+            raise ValueError(f"{name}: Keras clipping supports norm_type=2 only, got {get('norm_type')!r}")
+        return {"rule": "norm_per_tensor" if get("per_tensor") else "norm", "max_norm": float(get("max_norm"))}
+    if kind == "ValueClip":
+        return {"rule": "value", "min_value": get("min_value"), "max_value": get("max_value")}
+    if kind == "AGC":
+        return {"rule": "agc", "clipping": float(get("clipping")), "eps": float(get("eps"))}
+    if kind in ("AutoClip", "ZClip", "OvershootClip", "SpikeSkip"):
+        return _rule_config(spec, kind, name)
+    raise TypeError(f"{name} must be a gradguard clipper (NormClip, ValueClip, AGC, AutoClip, ZClip, "
+                    f"OvershootClip), 'auto' or None; got {type(spec).__name__} {spec!r}")
+
+
+def _rule_config(spec: Any, kind: str, name: str) -> dict[str, Any]:
+    raise NotImplementedError(f"{name}: {kind} needs gradguard.rules (not yet wired)")
+
+
+# -- the wrapper ---------------------------------------------------------------------------------
+@keras.saving.register_keras_serializable(package="gradguard")
+class GuardedOptimizer(keras.optimizers.Optimizer):
+    """Wrap a Keras optimizer: clip after the cross-replica sum, skip bad steps, record stats.
+
+    Args:
+        inner: the Keras optimizer doing the update (its ``loss_scale_factor`` moves here; it
+            must not use ``gradient_accumulation_steps``).
+        clipper: ``"auto"`` (default, threshold-free), None (no clipping) or a gradguard
+            clipper spec (see the module docstring).
+        skip: None or ``gg.SpikeSkip(...)``: refuse steps whose norm spikes.
+        monitor: None or a ``gradguard.keras.Monitor`` (also pass it to ``fit`` as a callback).
+        on_nonfinite: ``"skip"`` (default: no update at all when any gradient element is NaN or
+            Inf), ``"zero"`` (NaN/Inf elements set to 0, then clip and step) or
+            ``"propagate"`` (Keras's behaviour; for comparisons).
+    """
+
+    def __init__(self, inner: keras.optimizers.Optimizer, clipper: Any = "auto", skip: Any = None,
+                 monitor: Any = None, on_nonfinite: str = "skip", name: str | None = None, **kwargs: Any):
+        if not isinstance(inner, keras.optimizers.Optimizer):
+            raise TypeError(f"inner must be a keras.optimizers.Optimizer, got {type(inner).__name__} {inner!r}")
+        for k in ("clipnorm", "clipvalue", "global_clipnorm", "gradient_accumulation_steps", "use_ema"):
+            if kwargs.get(k) not in (None, False):
+                raise ValueError(f"GuardedOptimizer does not take {k}={kwargs[k]!r}; use clipper= "
+                                 "(or set it on the inner optimizer)")
+            kwargs.pop(k, None)
+        for k in ("weight_decay", "ema_momentum", "ema_overwrite_frequency", "loss_scale_factor",
+                  "learning_rate"):
+            kwargs.pop(k, None)  # base-class defaults that get_config/from_config round-trip
+        if kwargs:
+            raise TypeError(f"GuardedOptimizer got unexpected arguments {sorted(kwargs)}")
+        if inner.gradient_accumulation_steps:
+            raise ValueError("GuardedOptimizer: inner.gradient_accumulation_steps="
+                             f"{inner.gradient_accumulation_steps!r} is not supported (the clip must "
+                             "see the accumulated gradient); accumulate before calling apply")
+        if on_nonfinite not in _POLICIES:
+            raise ValueError(f"on_nonfinite must be one of {_POLICIES}, got {on_nonfinite!r}")
+        super().__init__(learning_rate=0.0, name=name or "guarded_optimizer")
+        self.inner_optimizer = inner
+        self.clipper_config = clipper_config(clipper, "clipper")
+        self.skip_config = clipper_config(skip, "skip")
+        if self.skip_config is not None and self.skip_config["rule"] != "spike_skip":
+            raise TypeError(f"skip must be gg.SpikeSkip(...) or None, got {skip!r}")
+        self.on_nonfinite = on_nonfinite
+        self.monitor = monitor
+        if monitor is not None and not isinstance(monitor, Monitor):
+            raise TypeError(f"monitor must be a gradguard.keras.Monitor or None, got {type(monitor).__name__}")
+        # the loss is scaled by this wrapper (Keras calls the outer optimizer's scale_loss) and
+        # unscaled here, before clipping: the inner optimizer must not unscale a second time
+        self.loss_scale_factor = inner.loss_scale_factor
+        inner.loss_scale_factor = None
+        self._pending_loss: Any = None
+        self._clip = _make_clip(self.clipper_config)
+        self._skip_rule = _make_skip(self.skip_config)
+
+    # -- Keras plumbing -------------------------------------------------------------------------
+    @property
+    def iterations(self):
+        """The inner optimizer's step counter: accepted steps only (a skip does not advance it)."""
+        return self.inner_optimizer.iterations
+
+    @property
+    def steps_seen(self):
+        """Every ``apply`` call, accepted or skipped (the wrapper's own counter)."""
+        return self._iterations
+
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, value):
+        self.inner_optimizer.learning_rate = value
+
+    @property
+    def variables(self):
+        return self._variables[:] + self.inner_optimizer.variables
+
+    @_no_tracking
+    def build(self, var_list):
+        var_list = list(var_list)
+        n = len(var_list)
+        f32 = "float32"
+        self.skipped_steps = self.add_variable((), initializer="zeros", dtype="int64", name="gg_skipped_steps")
+        self.consecutive_skips = self.add_variable((), initializer="zeros", dtype="int64",
+                                                   name="gg_consecutive_skips")
+        self.last_total_norm = self.add_variable((), initializer="zeros", dtype=f32, name="gg_total_norm")
+        self.last_clip_coef = self.add_variable((), initializer="ones", dtype=f32, name="gg_clip_coef")
+        self._clip.build(self, var_list)
+        if self._skip_rule is not None:
+            self._skip_rule.build(self, var_list)
+        self._layer_names, self._layer_index = _layers(var_list)
+        if self.monitor is not None:
+            rows = self.monitor.flush_every
+            lrows = -(-rows // self.monitor.layer_every) + 1
+            self.gg_step_rows = self.add_variable((rows, len(STEP_FIELDS)), initializer="zeros",
+                                                  dtype=f32, name="gg_step_rows")
+            self.gg_layer_rows = self.add_variable((lrows, len(self._layer_names), len(LAYER_FIELDS)),
+                                                   initializer="zeros", dtype=f32, name="gg_layer_rows")
+            self.monitor._attach(self, var_list, self._layer_names, self._layer_index)
+        self.inner_optimizer.build(var_list)
+        # The wrapper sums the gradients across replicas itself (before clipping); the inner
+        # optimizer must not sum them a second time.
+        self.inner_optimizer._all_reduce_sum_gradients = _no_reduce
+        super().build(var_list)
+        self._n_vars = n
+
+    def scale_loss(self, loss):
+        # Keras's train_step hands the loss over here; keep it for this step's statistics
+        self._pending_loss = loss
+        return super().scale_loss(loss)
+
+    # -- the step -------------------------------------------------------------------------------
+    def apply(self, grads, trainable_variables=None):
+        if trainable_variables is None:
+            if not self.built:
+                raise ValueError("GuardedOptimizer.apply needs trainable_variables before it is built")
+            trainable_variables = self._trainable_variables
+        trainable_variables = list(trainable_variables)
+        if not self.built:
+            self.build(trainable_variables)
+            self.built = True
+        grads = list(grads)
+        if len(grads) != len(trainable_variables):
+            raise ValueError(f"apply: {len(grads)} gradients for {len(trainable_variables)} variables")
+        if self.loss_scale_factor is not None:
+            grads = [None if g is None else g / self.loss_scale_factor for g in grads]
+        loss, self._pending_loss = self._pending_loss, None
+        if keras.backend.backend() != "tensorflow":
+            raise NotImplementedError("GuardedOptimizer runs on the TensorFlow backend of Keras")
+        ctx = tf.distribute.get_replica_context()
+        if ctx is None:
+            raise ValueError("GuardedOptimizer.apply must be called in a replica context")
+        if tf.distribute.has_strategy():
+            reduced = _all_reduce(ctx, grads, loss)
+            ctx.merge_call(self._cross_replica_step, args=(reduced[0], trainable_variables, reduced[1]))
+        else:
+            self._single_step(grads, trainable_variables, loss)
+
+    def _single_step(self, grads, tvs, loss):
+        d = self._decide(grads, tvs, loss)
+        ops.cond(d["accept"], lambda: self._inner_step(grads, tvs, d["apply"]), lambda: None)
+        self._commit(d, tvs)
+
+    def _cross_replica_step(self, distribution, grads, tvs, loss):
+        local = [None if g is None else distribution.experimental_local_results(g)[0] for g in grads]
+        loss0 = None if loss is None else distribution.experimental_local_results(loss)[0]
+        d = self._decide(local, tvs, loss0)
+
+        def apply_fn():
+            distribution.extended.call_for_each_replica(self._inner_step, args=(grads, tvs, d["apply"]))
+
+        # the cond is taken in the cross-replica context (the inner apply calls merge_call)
+        ops.cond(d["accept"], apply_fn, lambda: None)
+        self._commit(d, tvs)
+
+    def _inner_step(self, grads, tvs, apply_args):
+        grads = self._prepare(grads)
+        clipped = self._clip.apply(grads, tvs, apply_args)
+        self.inner_optimizer.apply(clipped, tvs)
+
+    def _prepare(self, grads):
+        if self.on_nonfinite == "zero":
+            return [None if g is None else _map_values(g, _zero_nonfinite) for g in grads]
+        return grads
+
+    def _decide(self, grads, tvs, loss) -> dict[str, Any]:
+        """Norms, clip decision, skip decision and proposed rule state, from global gradients."""
+        raw_per, raw_total = ggtf.norms(grads)
+        nonfinite = ~tf.math.is_finite(raw_total)
+        grads = self._prepare(grads)
+        if self.on_nonfinite == "zero":
+            per, total = ggtf.norms(grads)
+        else:
+            per, total = raw_per, raw_total
+        params = [_read(v) for v in tvs]
+        c = self._clip.decide(grads, params, per, total, self, nonfinite)
+        refuse = tf.zeros((), tf.bool)
+        skip_state = None
+        if self._skip_rule is not None:
+            refuse, skip_state = self._skip_rule.decide(total, loss, self)
+        if self.on_nonfinite == "skip":
+            accept = ~nonfinite & ~refuse
+        else:
+            accept = ~refuse
+        return {"accept": accept, "refuse": refuse, "nonfinite": nonfinite, "total": raw_total,
+                "per": raw_per, "clip": c, "apply": c["apply"], "skip_state": skip_state,
+                "loss": loss, "grads": grads, "params": params}
+
+    def _commit(self, d, tvs):
+        accept = d["accept"]
+        self._clip.commit(accept, d["clip"], self)
+        if self._skip_rule is not None:
+            self._skip_rule.commit(accept, d["skip_state"], self)
+        skipped = tf.cast(~accept, tf.int64)
+        self.skipped_steps.assign(self.skipped_steps + skipped)
+        self.consecutive_skips.assign((self.consecutive_skips + skipped) * skipped)
+        self.last_total_norm.assign(tf.cast(d["total"], tf.float32))
+        coef = d["clip"]["coef"]
+        self.last_clip_coef.assign(coef)
+        if self.monitor is not None:
+            self._record(d)
+        self._iterations.assign_add(1)
+
+    def _record(self, d):
+        """Write this step's row into the statistics ring (slot = step mod flush_every)."""
+        step = tf.cast(self._iterations, tf.int64)  # 0-based index of this apply call
+        c = d["clip"]
+        f32 = tf.float32
+        loss = tf.constant(math.nan, f32) if d["loss"] is None else tf.cast(tf.reshape(d["loss"], []), f32)
+        if self.loss_scale_factor is not None and d["loss"] is not None:
+            loss = loss / self.loss_scale_factor
+        lr = tf.cast(self.inner_optimizer._get_current_learning_rate(), f32) \
+            if hasattr(self.inner_optimizer, "_get_current_learning_rate") else tf.constant(math.nan, f32)
+        total = tf.cast(d["total"], f32)
+        nan = tf.constant(math.nan, f32)
+        row = tf.stack([loss, tf.reshape(lr, []), total, total * c["coef"], c["coef"],
+                        nan if c.get("threshold") is None else tf.cast(c["threshold"], f32),
+                        tf.cast(c["clipped"], f32), tf.cast(~d["accept"], f32),
+                        tf.cast(d["nonfinite"], f32), nan])
+        rows = self.gg_step_rows
+        slot = tf.math.floormod(step, rows.shape[0])
+        rows.assign(tf.tensor_scatter_nd_update(rows.value if hasattr(rows, "value") else rows,
+                                                tf.reshape(slot, [1, 1]), row[None]))
+        every = self.monitor.layer_every
+
+        def layer_row():
+            lay = _layer_stats(d["per"], d["grads"], d["params"], self._layer_index, len(self._layer_names))
+            lrows = self.gg_layer_rows
+            lslot = tf.math.floormod((step + 1) // every, lrows.shape[0])
+            lrows.assign(tf.tensor_scatter_nd_update(lrows.value, tf.reshape(lslot, [1, 1]), lay[None]))
+
+        ops.cond(tf.equal(tf.math.floormod(step + 1, every), 0), layer_row, lambda: None)
+
+    # -- serialisation --------------------------------------------------------------------------
+    def get_config(self):
+        return {"name": self.name,
+                "inner": keras.saving.serialize_keras_object(self.inner_optimizer),
+                "clipper": self.clipper_config, "skip": self.skip_config,
+                "on_nonfinite": self.on_nonfinite}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        inner = keras.saving.deserialize_keras_object(config.pop("inner"), custom_objects=custom_objects)
+        return cls(inner, **config)
+
+    def finalize_variable_values(self, var_list):
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+
+def _no_reduce(grads_and_vars):
+    return list(grads_and_vars)
+
+
+def _all_reduce(ctx, grads, loss):
+    """Sum the gradients (and the loss, for the statistics) across replicas, None kept."""
+    present = [g for g in grads if g is not None]
+    extra = [] if loss is None else [tf.reshape(tf.cast(loss, tf.float32), [])]
+    reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, present + extra) if present or extra else []
+    it = iter(reduced[:len(present)])
+    out = [None if g is None else next(it) for g in grads]
+    return out, (reduced[len(present)] if extra else None)
+
+
+def _read(v):
+    return v.value if isinstance(v, keras.Variable) else v
+
+
+def _map_values(g, fn):
+    if isinstance(g, tf.IndexedSlices):
+        return tf.IndexedSlices(fn(g.values), g.indices, g.dense_shape)
+    return fn(g)
+
+
+def _zero_nonfinite(x):
+    return tf.where(tf.math.is_finite(x), x, tf.zeros_like(x))
+
+
+def _layers(var_list) -> tuple[list[str], list[int]]:
+    """Layer names from Keras variable paths (``dense_1/kernel`` -> ``dense_1``)."""
+    names, index, pos = [], [], {}
+    for v in var_list:
+        path = getattr(v, "path", None) or getattr(v, "name", "var")
+        lay = path.rsplit("/", 1)[0] if "/" in path else path
+        if lay not in pos:
+            pos[lay] = len(names)
+            names.append(lay)
+        index.append(pos[lay])
+    return names, index
+
+
+def _var_paths(var_list) -> list[str]:
+    return [getattr(v, "path", None) or getattr(v, "name", f"var{i}") for i, v in enumerate(var_list)]
+
+
+def _layer_stats(per, grads, params, index, n_layers):
+    """[n_layers, 4]: grad_norm, grad_max_abs, nonfinite_count, param_norm per layer
+    (a layer's norm is the L2 norm of all its variables' gradients together)."""
+    f32 = tf.float32
+    members: list[list[int]] = [[] for _ in range(n_layers)]
+    for i, j in enumerate(index):
+        members[j].append(i)
+    rows = []
+    for j in range(n_layers):
+        sq, mx, bad, psq = [], [], [], []
+        for i in members[j]:
+            p = tf.convert_to_tensor(params[i])
+            if p.dtype.is_floating:
+                psq.append(tf.square(tf.cast(ggtf.global_norm([p]), f32)))
+            if per[i] is None:
+                continue
+            x = tf.reshape(tf.cast(_vals(grads[i]), f32), [-1])
+            sq.append(tf.square(tf.cast(per[i], f32)))
+            mx.append(tf.reduce_max(tf.concat([tf.abs(x), tf.zeros([1], f32)], 0)))
+            bad.append(tf.reduce_sum(tf.cast(~tf.math.is_finite(x), f32)))
+        z = tf.zeros((), f32)
+        rows.append(tf.stack([tf.sqrt(tf.add_n(sq)) if sq else z,
+                              tf.reduce_max(tf.stack(mx)) if mx else z,
+                              tf.add_n(bad) if bad else z,
+                              tf.sqrt(tf.add_n(psq)) if psq else z]))
+    return tf.stack(rows) if rows else tf.zeros([0, len(LAYER_FIELDS)], f32)
+
+
+# -- clip and skip rules as Keras state ------------------------------------------------------------
+class _Clip:
+    """One clipper spec on Keras variables: ``build`` makes its state, ``decide`` computes the
+    step's decision from norms (pure), ``apply`` clips one replica's gradients, ``commit``
+    keeps the proposed state only for accepted steps."""
+
+    def __init__(self, cfg: dict[str, Any] | None):
+        self.cfg = cfg
+
+    def build(self, opt, var_list) -> None:
+        pass
+
+    def decide(self, grads, params, per, total, opt, nonfinite) -> dict[str, Any]:
+        one = tf.ones((), tf.float32)
+        return {"coef": one, "clipped": tf.zeros((), tf.bool), "threshold": None, "apply": []}
+
+    def apply(self, grads, tvs, apply_args):
+        return grads
+
+    def commit(self, accept, decision, opt) -> None:
+        pass
+
+
+def _after_ratio(after, before):
+    after = tf.cast(after, tf.float32)
+    before = tf.cast(before, tf.float32)
+    ok = before > 0
+    return tf.where(ok, after / tf.where(ok, before, tf.ones_like(before)), tf.ones_like(before))
+
+
+class _ValueClip(_Clip):
+    def _clamp(self, grads):
+        return ggtf.clip_by_value(grads, self.cfg.get("min_value"), self.cfg.get("max_value"))
+
+    def decide(self, grads, params, per, total, opt, nonfinite):
+        clamped = self._clamp(grads)
+        _, after = ggtf.norms(clamped)
+        coef = _after_ratio(after, total)
+        changed = [tf.reduce_any(tf.not_equal(_vals(a), _vals(g))) for a, g in zip(clamped, grads)
+                   if g is not None]
+        clipped = tf.reduce_any(tf.stack(changed)) if changed else tf.zeros((), tf.bool)
+        return {"coef": coef, "clipped": clipped, "threshold": None, "apply": []}
+
+    def apply(self, grads, tvs, apply_args):
+        return self._clamp(grads)
+
+
+def _vals(g):
+    return g.values if isinstance(g, tf.IndexedSlices) else g
+
+
+class _GlobalNormClip(_Clip):
+    """Fixed global-norm clip (``gg.NormClip(max_norm)``)."""
+
+    def threshold(self, total, opt):
+        return tf.constant(self.cfg["max_norm"], tf.float32), None
+
+    def decide(self, grads, params, per, total, opt, nonfinite):
+        thr, state = self.threshold(total, opt)
+        coef = _global_coef(tf.cast(total, tf.float32), thr)
+        if opt.on_nonfinite != "propagate":
+            coef = tf.where(nonfinite, tf.ones_like(coef), coef)
+        return {"coef": coef, "clipped": coef < 1.0, "threshold": thr, "apply": [coef], "state": state}
+
+    def apply(self, grads, tvs, apply_args):
+        (coef,) = apply_args
+        return [None if g is None else _map_values(g, lambda x: ggtf._scale(x, coef)) for g in grads]
+
+
+class _PerTensorClip(_Clip):
+    """Each variable to its own norm (``gg.NormClip(max_norm, per_tensor=True)``, Keras clipnorm)."""
+
+    def decide(self, grads, params, per, total, opt, nonfinite):
+        c = tf.constant(self.cfg["max_norm"], tf.float32)
+        coefs = []
+        for n in per:
+            if n is None:
+                coefs.append(None)
+                continue
+            k = _per_tensor_coef(tf.cast(n, tf.float32), c)
+            if opt.on_nonfinite != "propagate":
+                k = tf.where(tf.math.is_finite(n), k, tf.ones_like(k))
+            coefs.append(k)
+        present = [(k, n) for k, n in zip(coefs, per) if k is not None]
+        if present:
+            after = tf.sqrt(tf.add_n([tf.square(tf.cast(n, tf.float32) * k) for k, n in present]))
+            clipped = tf.reduce_any(tf.stack([k < 1.0 for k, _ in present]))
+        else:
+            after, clipped = tf.zeros((), tf.float32), tf.zeros((), tf.bool)
+        coef = _after_ratio(after, total)
+        return {"coef": coef, "clipped": clipped, "threshold": c, "apply": [k for k in coefs if k is not None]}
+
+    def apply(self, grads, tvs, apply_args):
+        return _scale_each(grads, apply_args)
+
+
+class _AGC(_Clip):
+    """Unit-wise clipping (Brock et al. 2021): each output unit's gradient to
+    ``clipping * max(||W_unit||, eps)``. Keras kernels are (..., in, out): a unit is a slice of
+    the last axis; 0-d and 1-d variables are one unit. The per-unit factor is the per-tensor
+    norm-clip coefficient applied to unit norms."""
+
+    def _unit_coefs(self, grads, params, opt):
+        out = []
+        for g, p in zip(grads, params):
+            if g is None:
+                out.append(None)
+                continue
+            x = tf.convert_to_tensor(_vals(g))
+            axes = list(range(x.shape.rank - 1)) if x.shape.rank and x.shape.rank > 1 else None
+            gn = ggtf._norm(x, axes, keepdims=True)
+            wn = ggtf._norm(tf.convert_to_tensor(p), axes, keepdims=True)
+            limit = self.cfg["clipping"] * tf.maximum(tf.cast(wn, tf.float32), self.cfg["eps"])
+            k = _per_tensor_coef(tf.cast(gn, tf.float32), limit)
+            if opt.on_nonfinite != "propagate":
+                k = tf.where(tf.math.is_finite(gn), k, tf.ones_like(k))
+            out.append((k, gn))
+        return out
+
+    def decide(self, grads, params, per, total, opt, nonfinite):
+        units = self._unit_coefs(grads, params, opt)
+        present = [u for u in units if u is not None]
+        if present:
+            after = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(tf.cast(gn, tf.float32) * k)) for k, gn in present]))
+            clipped = tf.reduce_any(tf.stack([tf.reduce_any(k < 1.0) for k, _ in present]))
+        else:
+            after, clipped = tf.zeros((), tf.float32), tf.zeros((), tf.bool)
+        return {"coef": _after_ratio(after, total), "clipped": clipped, "threshold": None,
+                "apply": [k for k, _ in present]}
+
+    def apply(self, grads, tvs, apply_args):
+        return _scale_each(grads, apply_args)
+
+
+def _scale_each(grads, coefs):
+    """Scale each present gradient by its own coefficient (None entries have none)."""
+    it = iter(coefs)
+    out = []
+    for g in grads:
+        if g is None:
+            out.append(None)
+            continue
+        k = next(it)
+        out.append(_map_values(g, lambda x, k=k: ggtf._scale(x, k)))
+    return out
+
+
+def _global_coef(total, thr):
+    return ggtf._rules().global_coef(total, thr)
+
+
+def _per_tensor_coef(n, c):
+    return ggtf._rules().per_tensor_coef(n, c)
+
+
+def _make_clip(cfg: dict[str, Any] | None) -> _Clip:
+    if cfg is None:
+        return _Clip(None)
+    rule = cfg["rule"]
+    table = {"value": _ValueClip, "norm": _GlobalNormClip, "norm_per_tensor": _PerTensorClip, "agc": _AGC}
+    if rule in table:
+        return table[rule](cfg)
+    return _make_adaptive(cfg)
+
+
+def _make_adaptive(cfg: dict[str, Any]) -> _Clip:
+    raise NotImplementedError(f"clipper rule {cfg['rule']!r} needs gradguard.rules (not yet wired)")
+
+
+def _make_skip(cfg: dict[str, Any] | None):
+    if cfg is None:
+        return None
+    raise NotImplementedError("skip rules need gradguard.rules (not yet wired)")
+
+
+class Monitor:  # placeholder until the monitor section below is written
+    flush_every = 100
+    layer_every = 10
+
+    def _attach(self, opt, var_list, names, index):
+        pass
