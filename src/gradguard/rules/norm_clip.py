@@ -63,13 +63,14 @@ def update(cfg: Config, state: State, total: Any, xp: Any) -> tuple[Any, State]:
 
 
 def coefficient(total: Any, threshold: Any, xp: Any, *, nonfinite: Any = None,
-                propagate: bool = False, strict: bool = False) -> Any:
+                propagate: bool = False, strict: bool = False, eps: float = EPS) -> Any:
     """The global clip coefficient ``min(1, threshold / (total + 1e-6))`` (see the module
     docstring for ``nonfinite``, ``propagate`` and ``strict``); same dtype as ``total``.
 
     ``threshold`` is an array or a Python number; ``nonfinite`` a 0-d bool array or None.
+    ``eps`` replaces the 1e-6 (``eps=0`` is ``tf.clip_by_global_norm``'s ``min(1, c / n)``).
     """
-    coef = xp.clamp(threshold / (total + EPS), hi=1.0)
+    coef = xp.clamp(threshold / (total + eps), hi=1.0)
     if strict:
         coef = xp.where(total > threshold, coef, 1.0)
     if nonfinite is not None and not propagate:
