@@ -36,6 +36,7 @@ from ._validate import nonneg_finite as _nonneg
 from ._validate import number as _number
 from ._validate import open_unit as _open_unit
 from .clippers import Clipper, ClipStats, norm_clip_coef
+from .kernels import multi_tensor_scale_
 from .norms import GradNorms
 from .sketch import LogHistogram, RingWindow
 
@@ -74,7 +75,8 @@ class _ThresholdClipper(Clipper):
         if not propagate_nonfinite:
             coef = torch.where(nonfinite, torch.ones_like(coef), coef)
         if apply and grads:
-            torch._foreach_mul_(grads, coef)
+            # the shared scale kernel: also scales DTensor (FSDP2 / TP) gradients on any mesh
+            multi_tensor_scale_(grads, coef)
         return ClipStats(norms.total, coef, coef < 1.0, nonfinite, norms.per_tensor, thr)
 
 
