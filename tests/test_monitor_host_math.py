@@ -1,5 +1,5 @@
 """The Monitor's two ways of running the detectors on the CPU: numpy scalars on the host
-(the default there, ``host_math=None``) and torch tensors (``host_math=False``, the code a
+(the default, ``host_math=True``) and torch tensors (``host_math=False``, the code a
 GPU runs). Same events, same flags, values equal to float32 rounding; states interchange."""
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def _run(path, host_math, steps=130, start=1, state=None, stop=None, gpu_path=Fa
     net = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
     opt = torch.optim.SGD(net.parameters(), lr=1e-3)
     mon = Monitor(path, layer_every=5, flush_every=10, recorder_steps=8, detectors=_detectors(),
-                  host_math=host_math, async_flush=async_flush, warn_interval=1e9)
-    mon._host_ok = not gpu_path  # per step as on a GPU: tensors, rules that skip; rest at flush
+                  host_math=host_math, async_flush=async_flush, warn_interval=1e9,
+                  _device_path=gpu_path)  # per step as on a GPU: tensors; rest at the flush
     guard = gg.Guard(net, clipper=gg.NormClip(1e9), monitor=mon, max_consecutive_skips=None)
     if state is not None:
         mon.load_state_dict(state["monitor"])
@@ -84,9 +84,9 @@ def test_host_math_matches_device_math(tmp_path, other):
     """Rules at the flush on numpy (the default) against every rule in the step as torch
     tensors (``host_math=False``), and against the GPU's mix (skip rules as tensors in the
     step, the rest at the flush; forced on the CPU)."""
-    _run(tmp_path / "host", None)
+    _run(tmp_path / "host", True)
     if other == "gpu path":
-        _run(tmp_path / "torch", None, gpu_path=True)
+        _run(tmp_path / "torch", True, gpu_path=True)
     else:
         _run(tmp_path / "torch", False)
     host, dev = load_run(tmp_path / "host"), load_run(tmp_path / "torch")
@@ -100,7 +100,7 @@ def test_host_math_matches_device_math(tmp_path, other):
     np.testing.assert_array_equal(host.layers["grad_norm"], dev.layers["grad_norm"])
 
 
-@pytest.mark.parametrize("first, second", [(None, False), (False, None)])
+@pytest.mark.parametrize("first, second", [(True, False), (False, True)])
 def test_state_moves_between_host_and_device_math(tmp_path, first, second):
     """A checkpoint written with one kind of arithmetic resumes with the other."""
     state = _run(tmp_path / "a", first, steps=55, stop=55)
@@ -157,8 +157,8 @@ def test_host_math_argument_is_checked(tmp_path):
 def test_rules_at_the_flush_on_the_writer_thread(tmp_path):
     """With the default background writer the batched rules run on its thread: same events,
     and a checkpoint taken mid-interval (state_dict flushes first) resumes exactly."""
-    _run(tmp_path / "sync", None)
-    state = _run(tmp_path / "async", None, async_flush=True, steps=55, stop=55)
-    _run(tmp_path / "async", None, async_flush=True, start=56, state=state)
+    _run(tmp_path / "sync", True)
+    state = _run(tmp_path / "async", True, async_flush=True, steps=55, stop=55)
+    _run(tmp_path / "async", True, async_flush=True, start=56, state=state)
     events = _compare(load_run(tmp_path / "sync"), load_run(tmp_path / "async"))
     assert {"spike", "nonfinite", "growth", "vanishing"} <= {r for _, r in events}

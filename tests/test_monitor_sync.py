@@ -55,17 +55,17 @@ def _setup(monitor):
     return net, opt, gg.Guard(net, clipper=gg.NormClip(1.0), monitor=monitor)
 
 
-@pytest.mark.parametrize("host_math", [None, False, "gpu path"])
+@pytest.mark.parametrize("host_math", [True, False, "gpu path"])
 def test_no_host_read_on_non_flush_steps(tmp_path, monkeypatch, host_math):
-    # None: numpy on the host; False: every rule in the step as tensors; "gpu path": the
+    # True: numpy on the host; False: every rule in the step as tensors; "gpu path": the
     # GPU's mix on the CPU (skip rules as tensors in the step, the rest at the flush)
     net, opt, plain = _setup(None)
     baseline = _count_reads(monkeypatch, plain, opt, net)
     skip_rule = Spike(warmup=3, action="skip")  # the monitor is a device-side skip rule too
     mon = Monitor(tmp_path / "run", layer_every=5, flush_every=10, recorder_steps=8,
                   detectors=gg.monitor.default_detectors() + [skip_rule],
-                  host_math=None if host_math == "gpu path" else host_math)
-    mon._host_ok = host_math != "gpu path"
+                  host_math=True if host_math == "gpu path" else host_math,
+                  _device_path=host_math == "gpu path")
     net, opt, guard = _setup(mon)
     assert mon.can_skip
     monitored = _count_reads(monkeypatch, guard, opt, net)
