@@ -102,7 +102,7 @@ def test_demo_table_in_process(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "seed MLP" in text and "global norm 1" in text and "none" in text
     assert "loss against steps" in text
-    assert "| seed MLP (train MSE) | none | nan | 0,0 | 0% | 0 |" in text
+    assert "| seed MLP (train MSE) | none | nan | diverged | 0,0 | 0% | 0 |" in text
     rows = json.loads(out.read_text())
     assert [r["strategy"] for r in rows] == ["none", "global norm 1"]
     none, clip = rows

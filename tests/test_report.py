@@ -139,7 +139,9 @@ def test_report_payload_has_every_view(runs, tmp_path):
     assert len(r0["flow"]["mean"]) == 10 and r0["ratio"]["reference"] == 1e-3
     assert any(e["window_status"] == "embedded" for e in r0["events"])
     assert r0["events"][0]["top_layers"][0]["layer"].startswith("block")
-    assert data["compare"] and len(data["compare"]["norm"]) == 2
+    # no experiment in their config or name: one group, one comparison of both
+    assert [(g["title"], g["runs"]) for g in data["groups"]] == [("runs", [0, 1])]
+    assert len(data["groups"][0]["compare"]["norm"]) == 2
     # self-contained: no external URL is referenced by any src/href
     assert not re.search(r'(src|href)\s*=\s*["\']?(https?:|//)', text)
     assert "uPlot" in text and "Content-Security-Policy" in text
@@ -233,7 +235,7 @@ def test_missing_meta_layers_events_and_window(tmp_path):
     assert v.events and all(e["window_status"] == "missing" for e in v.events)
     for f in d.glob("layers-*.parquet"):
         f.unlink()
-    (d / "events.jsonl").unlink()
+    (d / "events-r0.jsonl").unlink()
     v = build_views(open_run(d))
     assert v.heatmap is None and v.flow is None and v.events == []
     assert v.norm is not None

@@ -61,6 +61,26 @@ class RunResult:
     history: History
     success_step: int | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    #: the metric of a model that learned nothing (the constant predictor's MSE, chance
+    #: accuracy, the uniform predictor's cross-entropy); a loss above it has diverged
+    chance: float | None = None
+    #: the metric a run must beat to count as having learned (half the target's variance, twice
+    #: chance accuracy, the unigram model's cross-entropy); None: no such bar (solved tasks)
+    learned: float | None = None
+    higher_is_better: bool = False
+
+    @property
+    def verdict(self) -> str:
+        """``"diverged"`` (non-finite, or a loss worse than learning nothing), ``"did not
+        learn"`` (did not beat ``learned``) or ``""``."""
+        v = self.value
+        if not math.isfinite(v) or self.history.first_nonfinite_epoch is not None:
+            return "diverged"
+        if self.higher_is_better:
+            return "did not learn" if self.learned is not None and v <= self.learned else ""
+        if self.chance is not None and v > self.chance:
+            return "diverged"
+        return "did not learn" if self.learned is not None and v >= self.learned else ""
 
 
 def train(model: torch.nn.Module, batches: Callable[[int], Iterable[tuple[Tensor, Tensor]]],

@@ -43,14 +43,20 @@ class Experiment:
     def title(self) -> str:
         return self.cfg.name if self.key in ("temporal", "adding") else self.module.NAME
 
+    @property
+    def folder(self) -> str:
+        """The experiment's part of run folder and run names: ``mlp``, ``temporal-T20``."""
+        return f"{self.key}-T{self.cfg.length}" if self.key in ("temporal", "adding") else self.key
+
 
 def plan(suite: str = "quick", *, only: Sequence[str] | None = None, tiny: bool = False,
          mnist_dir: str | None = None, length: int | None = None,
          broadcast_bug: bool = False, charlm_lr: float | None = None,
          max_steps: int | None = None) -> list[Experiment]:
-    """The experiments of ``suite`` ("quick": mlp, lstm, temporal order, charlm; "full": all
-    five at their long sizes), restricted to ``only``; ``tiny`` shrinks each to seconds.
-    ``max_steps`` sets the step budget of the Pascanu tasks and the character LM."""
+    """The experiments of ``suite`` ("quick": mlp, lstm, temporal order at the lengths of
+    ``pascanu.QUICK_LENGTHS``, charlm; "full": all five at their long sizes), restricted to
+    ``only``; ``tiny`` shrinks each to seconds. ``length`` runs the Pascanu tasks at that one
+    length; ``max_steps`` sets the step budget of the Pascanu tasks and the character LM."""
     keys = list(only) if only else list(QUICK if suite == "quick" else EXPERIMENTS)
     bad = [k for k in keys if k not in EXPERIMENTS]
     if bad:
@@ -65,9 +71,13 @@ def plan(suite: str = "quick", *, only: Sequence[str] | None = None, tiny: bool 
         elif key == "lstm":
             cfg, mod = seq_lstm.LSTMConfig.for_suite(suite, mnist_dir), seq_lstm
         elif key in ("temporal", "adding"):
-            cfg, mod = pascanu.PascanuConfig.for_suite(suite, key, length), pascanu
-            if max_steps is not None:
-                cfg = replace(cfg, max_steps=max_steps)
+            lengths = (length,) if length or suite != "quick" or tiny else pascanu.QUICK_LENGTHS
+            for n in lengths:
+                cfg = pascanu.PascanuConfig.for_suite(suite, key, n)
+                if max_steps is not None:
+                    cfg = replace(cfg, max_steps=max_steps)
+                out.append(Experiment(key, pascanu, cfg.tiny() if tiny else cfg, norm=1.0))
+            continue
         else:
             cfg, mod = charlm.CharLMConfig.for_suite(suite), charlm
             if charlm_lr is not None:
@@ -89,6 +99,8 @@ class Row:
     strategy: str
     metric_name: str
     results: list[RunResult] = field(default_factory=list)
+    #: the run name of seed 0's run folder, ``<experiment folder>/<strategy slug>``
+    run: str = ""
 
     @property
     def values(self) -> list[float]:
@@ -118,6 +130,21 @@ class Row:
     def skipped(self) -> int:
         return sum(r.history.skipped_steps for r in self.results)
 
+    @property
+    def verdicts(self) -> list[str]:
+        """Per seed: "diverged", "did not learn" or "" (see ``RunResult.verdict``)."""
+        return [r.verdict for r in self.results]
+
+    def verdict_text(self) -> str:
+        """The table's flag: which seeds diverged or did not learn (empty when all learned)."""
+        n = len(self.results)
+        parts = []
+        for word in ("diverged", "did not learn"):
+            k = self.verdicts.count(word)
+            if k:
+                parts.append(word if k == n else f"{word} {k}/{n}")
+        return ", ".join(parts)
+
     def result_text(self) -> str:
         """The table's result cell: mean +- spread (non-finite seeds counted apart), or for
         success tasks "k/n solved" and the steps each took."""
@@ -129,7 +156,8 @@ class Row:
         bad = sum(not math.isfinite(v) for v in self.values)
         if bad == len(self.values):
             return "nan"
-        text = f"{_num(self.mean)} ± {_num(self.spread)}"
+        finite = len(self.values) - bad
+        text = f"{_num(self.mean)} ± {_num(self.spread)}" if finite > 1 else _num(self.mean)
         return text + (f" ({bad} nan)" if bad else "")
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,6 +173,25 @@ class Row:
             "epoch_loss": [r.history.epoch_loss for r in self.results],
             "epoch_steps": [r.history.epoch_steps for r in self.results],
             "extra": [r.extra for r in self.results],
+            "verdict": self.verdicts, "chance": [r.chance for r in self.results],
+            "learned": [r.learned for r in self.results],
+        }
+
+    def report_entry(self) -> dict[str, Any]:
+        """What the HTML report shows of this row next to the run folder of seed 0."""
+        first = self.results[0] if self.results else None
+        return {
+            "experiment": self.experiment, "strategy": self.strategy, "metric": self.metric_name,
+            "seeds": len(self.results), "result": self.result_text(),
+            "summary": "k/n seeds solved (at these steps)" if self.metric_name == "solved"
+            else "mean ± sample sd over the seeds whose result is finite",
+            "verdict": self.verdict_text(),
+            "seed0": None if first is None else (
+                ("solved" if first.success_step is not None else "not solved")
+                if self.metric_name == "solved" else _num(first.value)),
+            "seed0_verdict": "" if first is None else first.verdict,
+            "chance": None if first is None else first.chance,
+            "learned": None if first is None else first.learned,
         }
 
 
@@ -162,7 +209,7 @@ def _monitor(folder: Path, exp: Experiment, strategy: Strategy, seed: int) -> An
     config = {"experiment": exp.title, "strategy": strategy.name, "seed": seed,
               **{k: v for k, v in exp.cfg.__dict__.items() if isinstance(v, (int, float, str))}}
     # per-layer statistics every 50 steps keep the monitor's cost small next to these tiny models
-    return monitor_cls(str(folder), name=f"{exp.key}/{strategy.slug}", config=config,
+    return monitor_cls(str(folder), name=f"{exp.folder}/{strategy.slug}", config=config,
                        layer_every=50)
 
 
@@ -188,6 +235,7 @@ class _Job:
     strategy: str
     seed: int
     folder: str | None  # run folder for the monitor, or None
+    exp_index: int = 0  # which experiment of the plan (progress lines)
 
 
 def _execute(job: _Job, on_step: Callable[[], None] | None = None) -> RunResult:
@@ -219,42 +267,65 @@ def run_suite(experiments: list[Experiment], suite: str = "quick", seeds: int = 
     """Run every experiment with every strategy of ``suite`` (kept to ``names``) and
     ``seeds`` seeds, in ``jobs`` processes (1: in this process, with per-step progress).
 
+    Progress: bars on a terminal; when ``console`` writes to a pipe or a file (``make demo |
+    tee log``) bars would only appear at the end, so one line is printed per finished
+    experiment instead.
+
     Returns the rows, in table order whatever order the runs finish in, and the run folders
     written (one per experiment and strategy, for seed 0, when gradguard has a Monitor and
     ``run_dir`` is not None).
     """
+    import time
+
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    console = console or Console()
     pick = suite_strategies(suite, names)
     monitored = run_dir is not None and hasattr(gg, "Monitor")
     plan_: list[tuple[int, _Job]] = []  # (index of the row, job)
     rows: list[Row] = []
     folders: list[Path] = []
-    for exp in experiments:
+    for e, exp in enumerate(experiments):
         for strategy in pick(exp):
-            folder = Path(run_dir) / exp.key / strategy.slug if monitored else None  # type: ignore[arg-type]
+            folder = Path(run_dir) / exp.folder / strategy.slug if monitored else None  # type: ignore[arg-type]
             if folder is not None:
                 folders.append(folder)
-            rows.append(Row(exp.title, strategy.name, ""))
+            rows.append(Row(exp.title, strategy.name, "", run=f"{exp.folder}/{strategy.slug}"))
             for seed in range(seeds):
                 plan_.append((len(rows) - 1, _Job(exp.key, exp.cfg, exp.norm, suite, strategy.name,
-                                                  seed, str(folder) if seed == 0 and folder else None)))
+                                                  seed, str(folder) if seed == 0 and folder else None,
+                                                  exp_index=e)))
     results: dict[int, RunResult] = {}
+    lines = progress and not console.is_terminal
+    left = [sum(1 for _, j in plan_ if j.exp_index == e) for e in range(len(experiments))]
+    t0 = time.perf_counter()
+
+    def finished(job: _Job) -> None:
+        left[job.exp_index] -= 1
+        if lines and left[job.exp_index] == 0:
+            done = sum(1 for n in left if n == 0)
+            exp = experiments[job.exp_index]
+            n = sum(1 for _, j in plan_ if j.exp_index == job.exp_index)
+            console.print(f"[{done}/{len(experiments)}] {exp.title}: {n} runs done, "
+                          f"{time.perf_counter() - t0:.0f} s", highlight=False)
+
     columns = (TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
-    with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
-        tasks = {}
-        for exp in experiments:
-            n = sum(1 for _, j in plan_ if j.key == exp.key)
-            tasks[exp.key] = bar.add_task(exp.title, total=n * exp.cfg.total_steps())
+    with Progress(*columns, console=console, disable=not progress or lines, transient=False) as bar:
+        tasks = []
+        for e, exp in enumerate(experiments):
+            n = sum(1 for _, j in plan_ if j.exp_index == e)
+            tasks.append(bar.add_task(exp.title, total=n * exp.cfg.total_steps()))
         if jobs <= 1:
             for i, (row_index, job) in enumerate(plan_):
-                task = tasks[job.key]
+                task = tasks[job.exp_index]
                 bar.update(task, description=f"{rows[row_index].experiment}: {job.strategy}"[:34])
                 done = bar.tasks[[t.id for t in bar.tasks].index(task)].completed
                 results[i] = _execute(job, on_step=lambda t=task: bar.advance(t))
                 # a run that stopped early (solved, or diverged) leaves its share of the bar
                 bar.update(task, completed=done + job.cfg.total_steps())
+                finished(job)
         else:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -272,12 +343,50 @@ def run_suite(experiments: list[Experiment], suite: str = "quick", seeds: int = 
                     i = futures[fut]
                     job = plan_[i][1]
                     results[i] = fut.result()
-                    bar.update(tasks[job.key], advance=job.cfg.total_steps(),
+                    bar.update(tasks[job.exp_index], advance=job.cfg.total_steps(),
                                description=f"{rows[plan_[i][0]].experiment}: {job.strategy}"[:34])
+                    finished(job)
     for i, (row_index, _) in enumerate(plan_):
         rows[row_index].results.append(results[i])
         rows[row_index].metric_name = results[i].metric_name
     return rows, folders
+
+
+#: Printed under the demo's table: what each column means.
+TABLE_NOTE = (
+    "result: the experiment's metric (named after it), mean ± sample sd over the seeds whose "
+    "result is finite (solved tasks: k/n seeds solved, at these steps); flag: seeds that "
+    "diverged (non-finite, or a loss worse than a model that learned nothing: the constant "
+    "predictor's MSE, the uniform predictor's cross-entropy) or did not learn (MSE above half "
+    "the target's variance, accuracy under twice chance, cross-entropy above the character "
+    "frequencies' own); non-finite at epoch: per seed, '-' never; clipped: share of steps "
+    "where the clipper changed a gradient; skipped: updates refused (non-finite gradient), "
+    "all seeds. The HTML report shows the same result next to each run (seed 0)."
+)
+
+
+def write_results(rows: list[Row], run_dir: str | Path | None,
+                  name: str = "demo-results.json") -> dict[str, dict[str, Any]]:
+    """The rows' report entries by run name (``<experiment>/<strategy>``, as the monitor names
+    seed 0's run), also written to ``run_dir/name`` so that a later ``gradguard report
+    runs`` shows the same results; returns the mapping."""
+    import json
+
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if not r.results:
+            continue
+        out[r.run or f"{r.experiment}/{r.strategy}"] = r.report_entry()
+    if run_dir is not None and out:
+        path = Path(run_dir) / name
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(out, indent=1, default=str), encoding="utf-8")
+            tmp.replace(path)
+        except OSError:
+            pass  # the report still gets the mapping directly
+    return out
 
 
 def print_table(rows: list[Row], console: Any = None, title: str = "gradguard demo") -> None:
@@ -289,19 +398,26 @@ def print_table(rows: list[Row], console: Any = None, title: str = "gradguard de
         console = Console()
         if not console.is_terminal:  # piped or captured: don't squeeze the table into 80
             console = Console(width=110)
+    from rich.text import Text
+
+    seeds = max((len(r.results) for r in rows), default=0)
     table = Table(title=title, show_lines=False)
     table.add_column("experiment (metric)")
     table.add_column("strategy", no_wrap=True)
-    table.add_column("result", justify="right", no_wrap=True)
+    table.add_column(f"result (mean ± sd, {seeds} seeds)", justify="right", no_wrap=True)
+    table.add_column("flag")
     table.add_column("non-finite at epoch", justify="right")
     table.add_column("clipped", justify="right")
     table.add_column("skipped", justify="right")
     last = None
-    for r in rows:
+    for i, r in enumerate(rows):
         first = ",".join("-" if e is None else str(e) for e in r.nonfinite_epochs)
         label = f"{r.experiment} ({r.metric_name})" if r.experiment != last else ""
-        table.add_row(label, r.strategy, r.result_text(), first, f"{r.clip_rate:.0%}",
-                      str(r.skipped), end_section=r is not rows[-1] and rows[rows.index(r) + 1].experiment != r.experiment)
+        flag = r.verdict_text()
+        style = "bold red" if flag.startswith("diverged") else "yellow"
+        table.add_row(label, r.strategy, r.result_text(), Text(flag, style=style), first,
+                      f"{r.clip_rate:.0%}", str(r.skipped),
+                      end_section=i + 1 < len(rows) and rows[i + 1].experiment != r.experiment)
         last = r.experiment
     console.print(table)
 
@@ -336,13 +452,15 @@ def print_curves(rows: list[Row], console: Any = None, points: int = 8) -> None:
 
 def markdown_table(rows: list[Row]) -> str:
     """The results table as GitHub markdown (``gradguard demo --markdown``)."""
-    lines = ["| experiment (metric) | strategy | result | non-finite at epoch | clipped | skipped |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    seeds = max((len(r.results) for r in rows), default=0)
+    lines = [f"| experiment (metric) | strategy | result (mean ± sd, {seeds} seeds) | flag | "
+             "non-finite at epoch | clipped | skipped |",
+             "| --- | --- | ---: | --- | ---: | ---: | ---: |"]
     last = None
     for r in rows:
         first = ",".join("-" if e is None else str(e) for e in r.nonfinite_epochs)
         label = f"{r.experiment} ({r.metric_name})" if r.experiment != last else ""
-        lines.append(f"| {label} | {r.strategy} | {r.result_text()} | {first} | "
-                     f"{r.clip_rate:.0%} | {r.skipped} |")
+        lines.append(f"| {label} | {r.strategy} | {r.result_text()} | {r.verdict_text()} | "
+                     f"{first} | {r.clip_rate:.0%} | {r.skipped} |")
         last = r.experiment
     return "\n".join(lines)

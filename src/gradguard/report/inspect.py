@@ -2,7 +2,9 @@
 
 Shows the step count, clip rate, skips, the events with their top layers, the worst layers and a
 sparkline of the gradient norm. Every name from the run is printed as plain text (``rich.text.Text``),
-never as markup, so a layer called ``[bold]x`` prints as written.
+never as markup, so a layer called ``[bold]x`` prints as written, and with its control characters
+escaped (:func:`gradguard.report.text.printable`), so a name cannot move the cursor, clear the
+screen or set the terminal's title.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 
 from .data import RunData
 from .downsample import bucket_edges
+from .text import printable
 from .views import build_views, layer_table
 
 BLOCKS = "\u2581\u2582\u2583\u2584\u2585\u2586\u2587\u2588"
@@ -50,11 +53,11 @@ def _f(x: Any) -> str:
     if x is None:
         return "-"
     if isinstance(x, str):
-        return x
+        return printable(x)
     try:
         f = float(x)
     except (TypeError, ValueError):
-        return str(x)
+        return printable(x)
     if math.isnan(f):
         return "NaN"
     if math.isinf(f):
@@ -76,9 +79,9 @@ def inspect_run(run: RunData, *, console: Any = None, top: int = 10, width: int 
     s = v.summary
     head = Text()
     head.append("run ", style="bold")
-    head.append(run.name)
+    head.append(printable(run.name))
     head.append("\n")
-    head.append(str(run.path), style="dim")
+    head.append(printable(run.path), style="dim")
     console.print(Panel(head, title="gradguard inspect", expand=False))
 
     stats = Table.grid(padding=(0, 2))
@@ -109,16 +112,18 @@ def inspect_run(run: RunData, *, console: Any = None, top: int = 10, width: int 
         console.print(line)
 
     for note in v.notes + v.meta["notes"]:
-        console.print(Text("note: " + note, style="yellow"))
+        console.print(Text("note: " + printable(note), style="yellow"))
 
     if v.events:
         t = Table(title=f"events ({v.events_total})", title_justify="left")
         for col in ("step", "rule", "value", "baseline", "action", "top layers"):
             t.add_column(col)
         for ev in v.events[:top]:
-            tops = ", ".join(f"{x['layer']} ({_f(x['norm'])})" for x in ev["top_layers"][:3])
+            tops = ", ".join(
+                f"{printable(x['layer'])} ({_f(x['norm'])})" for x in ev["top_layers"][:3]
+            )
             if ev["first_nonfinite_layer"]:
-                tops = f"first non-finite: {ev['first_nonfinite_layer']}" + (
+                tops = f"first non-finite: {printable(ev['first_nonfinite_layer'])}" + (
                     f"; {tops}" if tops else ""
                 )
             t.add_row(
@@ -143,7 +148,7 @@ def inspect_run(run: RunData, *, console: Any = None, top: int = 10, width: int 
             t.add_column(col)
         for r in lt.head(top).itertuples(index=False):
             t.add_row(
-                Text(str(r.layer)),
+                Text(printable(r.layer)),
                 _f(r.max_norm),
                 _f(r.mean_norm),
                 str(int(r.nonfinite)),

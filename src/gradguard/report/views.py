@@ -192,6 +192,12 @@ class RunViews:
     events_total: int
     meta: dict[str, Any]
     notes: list[str]
+    #: the experiment the run belongs to (its config's ``experiment``, else the part of its
+    #: name before the first ``/``, else ""): the report compares the runs of one experiment
+    group: str = ""
+    #: index in ``events`` of the first incident (the first event naming layers or holding a
+    #: flight-recorder window, else the first event), or None
+    incident: int | None = None
     #: full-resolution (step, total_norm, loss) of the primary rank, for the comparison view
     norm_series: tuple[np.ndarray, np.ndarray, np.ndarray] = field(
         repr=False, default=(np.zeros(0), np.zeros(0), np.zeros(0))
@@ -220,7 +226,8 @@ def _norm_view(s: pd.DataFrame, buckets: int) -> dict[str, Any] | None:
         len(s),
         [norm, loss],
         buckets=buckets,
-        marks=[(clipped, norm), (skipped, norm), (nonfinite, np.ones_like(norm))],
+        marks=[(clipped, norm), (skipped, norm), (nonfinite, np.ones_like(norm)),
+               (~np.isfinite(loss), np.ones_like(norm))],
     )
     finite = np.isfinite(norm) & (norm > 0)
     ceiling = float(norm[finite].max()) if finite.any() else 1.0
@@ -238,7 +245,8 @@ def _norm_view(s: pd.DataFrame, buckets: int) -> dict[str, Any] | None:
         "after": floats(np.where(after > 0, after, np.nan)),
         "threshold": floats(np.where(thr > 0, thr, np.nan)),
         "loss": floats(loss[idx]),
-        "loss_log": bool(np.isfinite(loss).any() and (loss[np.isfinite(loss)] > 0).all()),
+        "loss_log": spans_decades(loss),
+        "loss_nonfinite": floats(np.where(~np.isfinite(loss[idx]), 1.0, np.nan)),
         "clipped": floats(clip_mark),
         "skipped": floats(skip_mark),
         "nonfinite": floats(nf_mark),
@@ -470,6 +478,15 @@ def build_views(
     step = s["step"].to_numpy() if len(s) else np.zeros(0, dtype=np.int64)
     norm = s["total_norm"].to_numpy(dtype=np.float64) if len(s) else np.zeros(0)
     loss = s["loss"].to_numpy(dtype=np.float64) if len(s) else np.zeros(0)
+    incident = next((k for k, e in enumerate(shown) if e["top_layers"] or e["window_heatmap"]
+                     or e["first_nonfinite_layer"]), 0 if shown else None)
+    notes = list(run.notes)
+    if heat is None and incident is not None and (shown[incident]["top_layers"] or shown[incident]["window_heatmap"]):
+        notes = [n for n in notes if not n.startswith("no per-layer records")]
+        notes.append(
+            "no per-layer records in the layer shards (the run ended before its first per-layer "
+            "record, or records none): the first incident, at the top, shows its layers"
+        )
     return RunViews(
         name=run.name,
         path=str(run.path),
@@ -482,9 +499,30 @@ def build_views(
         events=shown,
         events_total=len(events),
         meta=_meta_view(run.meta),
-        notes=list(run.notes),
+        notes=notes,
+        group=run_group(run),
+        incident=incident,
         norm_series=(step, norm, loss),
     )
+
+
+def run_group(run: RunData) -> str:
+    """The experiment a run belongs to: ``meta.config.experiment`` when it is a string, else
+    the part of the run's name before the first ``/`` (``mlp/none`` -> ``mlp``), else ""."""
+    cfg = run.meta.get("config") if isinstance(run.meta, dict) else None
+    exp = cfg.get("experiment") if isinstance(cfg, dict) else None
+    if isinstance(exp, str) and exp.strip():
+        return exp.strip()
+    name = str(run.name)
+    return name.split("/", 1)[0] if "/" in name.strip("/") else ""
+
+
+def spans_decades(values: np.ndarray, decades: float = 2.0) -> bool:
+    """Whether the finite values are all positive and span at least ``decades`` powers of ten
+    (then a log axis reads better than a linear one)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    return bool(len(v) and (v > 0).all() and np.log10(v.max() / v.min()) >= decades)
 
 
 def layer_table(run: RunData) -> pd.DataFrame:

@@ -12,7 +12,15 @@
 
   var D = JSON.parse(document.getElementById("gg-data").textContent);
   var root = document.getElementById("gg-root");
-  var COLORS = ["#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#be185d", "#4d7c0f"];
+  // 12 colours that stay apart from each other (Tableau 10 and two dark ones); past 12 runs
+  // in one comparison the colours repeat with a dash pattern
+  var COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
+    "#17becf", "#bcbd22", "#7f7f7f", "#393b79", "#637939"];
+  var DASHES = [null, [7, 3], [2, 2], [9, 3, 2, 3]];
+  var FONT = "11px system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif";
+  var LABEL_FONT = "bold 12px system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif";
+  // runs drawn on load; with more, each run's section opens (and draws) on a click
+  var OPEN_RUNS = 6;
 
   function el(tag, cls, text, parent) {
     var e = document.createElement(tag);
@@ -28,10 +36,23 @@
     if (typeof v !== "number") return String(v);
     if (v === 0) return "0";
     var a = Math.abs(v);
-    if (Number.isInteger(v) && a < 1e15) return v.toLocaleString("en-US");
+    if (Number.isInteger(v) && a < 1e6) return v.toLocaleString("en-US");
     if (a >= 1e5 || a < 1e-3) return v.toExponential(2);
-    if (Number.isInteger(v)) return String(v);
     return String(Number(v.toPrecision(4)));
+  }
+
+  /* Axis tick labels: short whatever the magnitude (1e38, 2.5e-7, 1500, 0.25), never
+   * digit-grouped (a 1e12 loss is "1e12", not "1,000,000,000,000" cut by the axis). */
+  function tick(v) {
+    if (v === null || v === undefined || !isFinite(v)) return "";
+    if (v === 0) return "0";
+    var a = Math.abs(v);
+    if (a >= 1e4 || a < 1e-3) {
+      var e = Math.floor(Math.log10(a) + 1e-9), m = Number((v / Math.pow(10, e)).toPrecision(2));
+      if (Math.abs(m) >= 10) { m = m / 10; e += 1; }
+      return String(m) + "e" + e;
+    }
+    return String(Number(v.toPrecision(3)));
   }
 
   function pct(v) {
@@ -90,40 +111,155 @@
   function hideTip() { tip.style.display = "none"; }
 
   /* ---- time series through uPlot ---- */
+  var measureCtx = document.createElement("canvas").getContext("2d");
+  function textWidth(text, font) {
+    measureCtx.font = font || FONT;
+    return measureCtx.measureText(text).width;
+  }
+
+  // finite positive (log) or finite (linear) extent of the series drawn on one scale
+  function extent(series, scale, log) {
+    var lo = Infinity, hi = -Infinity;
+    series.forEach(function (s) {
+      if ((s.scale || "y") !== scale || s.top) return;
+      for (var i = 0; i < s.values.length; i++) {
+        var v = s.values[i];
+        if (v === null || !isFinite(v) || (log && !(v > 0))) continue;
+        if (v < lo) lo = v;
+        if (v > hi) hi = v;
+      }
+    });
+    return lo <= hi ? [lo, hi] : null;
+  }
+
+  /* One y scale: a log scale gets whole decades as its range and a tick every k decades (k
+   * chosen so labels never crowd, whatever the span: 1e-3 .. 3e38 too); a linear scale keeps
+   * uPlot's ticks. Either way labels come from tick() and the axis is as wide as its longest
+   * label, so no label is cut and none covers the axis title. Series with "top" (markers of
+   * non-finite steps) are drawn at the top edge. */
+  function yScale(series, scale, log, rate) {
+    var ext = extent(series, scale, log);
+    var sc = {}, info = { log: log, top: null };
+    if (rate) {
+      sc.range = function (u, mn, mx) { return [0, Math.max(0.05, (mx || 0) * 1.05)]; };
+    } else if (log) {
+      var e0 = ext ? Math.floor(Math.log10(ext[0]) + 1e-9) : 0;
+      var e1 = ext ? Math.ceil(Math.log10(ext[1]) - 1e-9) : 1;
+      if (e1 <= e0) e1 = e0 + 1;
+      e0 = Math.max(e0, -320); e1 = Math.min(e1, 308);
+      var pad = Math.min(0.3, Math.max(0.12, 0.03 * (e1 - e0)));
+      info.e0 = e0; info.e1 = e1;
+      info.top = Math.pow(10, Math.min(308, e1 + pad * 0.5));
+      var lo = Math.pow(10, e0), hi = Math.pow(10, Math.min(308.2, e1 + pad));
+      sc = { distr: 3, log: 10, range: function () { return [lo, hi]; } };
+    } else if (ext) {
+      var span = ext[1] - ext[0] || Math.abs(ext[1]) || 1;
+      info.top = ext[1] + 0.06 * span;
+      var l0 = ext[0] - 0.04 * span, l1 = ext[1] + 0.1 * span;
+      sc.range = function () { return [l0, l1]; };
+    }
+    return { scale: sc, info: info };
+  }
+
+  // steps are whole numbers: x ticks at 1, 2, 5 x 10^k, never 2.5
+  var STEP_INCRS = [];
+  for (var z = 0; z <= 15; z++) [1, 2, 5].forEach(function (m) { STEP_INCRS.push(m * Math.pow(10, z)); });
+  var LOG_INCRS = [];
+  for (var q = -320; q <= 308; q++) LOG_INCRS.push(Math.pow(10, q));
+
+  function logSplits(info) {
+    return function (u) {
+      var room = Math.max(2, Math.floor(u.bbox.height / (window.devicePixelRatio || 1) / 26));
+      var n = info.e1 - info.e0, step = Math.max(1, Math.ceil(n / room)), out = [];
+      // ticks at multiples of the step (1e0, 1e5, 1e10, ...), so labels read as a sequence
+      for (var k = Math.ceil(info.e0 / step) * step; k <= info.e1; k += step) out.push(Math.pow(10, k));
+      return out;
+    };
+  }
+
+  function axisSize(record) {
+    return function (u, values, axisIdx, cycleNum) {
+      var axis = u.axes[axisIdx];
+      if (cycleNum > 1) return axis._size;
+      var longest = 0;
+      (values || []).forEach(function (v) { if (v) longest = Math.max(longest, textWidth(v)); });
+      record.width = Math.ceil(longest);
+      record.size = Math.ceil(axis.ticks.size + axis.gap + longest + 6);
+      return record.size;
+    };
+  }
+
   function linePlot(body, id, x, series, o) {
     o = o || {};
     var total = 0;
     series.forEach(function (s) { if (!s.marker && !s.reference) total += finiteCount(s.values); });
     if (!x.length || total === 0) { noData(body, id, o.empty || "no data recorded"); return null; }
-    var scales = { x: { time: false }, y: o.log === false ? {} : { distr: 3, log: 10 } };
-    if (o.rate) scales.y = { range: function (u, mn, mx) { return [0, Math.max(0.05, mx * 1.05)]; } };
-    var ticks = function (u, splits) { return splits.map(function (v) { return v === null ? "" : fmt(v); }); };
-    var axes = [{ label: o.xlabel || "step" }, { label: o.ylabel || "", scale: "y", size: 70, values: ticks }];
+    var record = { kind: "uplot", points: total, canvas: true, axes: [] };
+    var scales = { x: { time: false } };
+    var xrec = { scale: "x", label: o.xlabel || "step", log: false, ticks: [] };
+    record.axes.push(xrec);
+    var axes = [{ label: o.xlabel || "step", font: FONT, labelFont: LABEL_FONT, labelSize: 20, incrs: STEP_INCRS,
+                  values: function (u, splits) { xrec.ticks = splits.map(tick); return xrec.ticks; } }];
+    var yspecs = [{ scale: "y", label: o.ylabel || "", log: o.log !== false, rate: !!o.rate, side: 3 }];
+    if (o.second) yspecs.push({ scale: o.second.scale, label: o.second.label, log: !!o.second.log, side: 1 });
+    var infos = {};
+    yspecs.forEach(function (ys) {
+      var made = yScale(series, ys.scale, ys.log, ys.rate);
+      scales[ys.scale] = made.scale;
+      infos[ys.scale] = made.info;
+      var rec = { scale: ys.scale, label: ys.label, log: ys.log, ticks: [] };
+      record.axes.push(rec);
+      var ax = {
+        scale: ys.scale, side: ys.side, label: ys.label, font: FONT, labelFont: LABEL_FONT,
+        labelSize: 20, labelGap: 2, size: axisSize(rec),
+        values: function (u, splits) { rec.raw = splits.slice(); rec.ticks = splits.map(tick); return rec.ticks; },
+      };
+      if (ys.side === 1) ax.grid = { show: false };
+      if (ys.log) {
+        // uPlot's own log increments stop near 1e16: past that span the axis got no ticks at
+        // all; every power of ten up to float64's range, and our own splits and filter
+        ax.incrs = LOG_INCRS;
+        ax.splits = logSplits(made.info);
+        ax.filter = function (u, splits) { return splits; };
+      }
+      axes.push(ax);
+    });
     var useries = [{ label: o.xlabel || "step" }];
     var data = [x];
     series.forEach(function (s, k) {
       var color = s.color || COLORS[k % COLORS.length];
       var u = { label: s.label, stroke: color, width: s.width || 1.25, scale: s.scale || "y", spanGaps: !!s.spanGaps };
       if (s.dash) u.dash = s.dash;
+      var values = s.values;
+      if (s.top) {  // a marker of non-finite steps: at the top edge of its axis
+        var top = infos[s.scale || "y"] ? infos[s.scale || "y"].top : null;
+        values = s.values.map(function (v) { return v === null ? null : top; });
+      }
       if (s.marker) {
         u.paths = function () { return null; };
-        u.points = { show: true, size: s.size || 7, stroke: color, fill: color, width: 1 };
+        u.points = { show: true, size: s.size || 7, stroke: color, fill: s.hollow ? "#fff" : color, width: s.hollow ? 2 : 1 };
+        u.value = s.top ? function (uu, v) { return v === null ? "\u2013" : "non-finite"; } : undefined;
       } else {
         u.points = { show: false };
       }
+      u.value = u.value || function (uu, v) { return v === null || v === undefined ? "\u2013" : fmt(v); };
       useries.push(u);
-      data.push(s.values);
+      data.push(values);
     });
-    if (o.second) {
-      scales[o.second.scale] = o.second.log ? { distr: 3, log: 10 } : {};
-      axes.push({ scale: o.second.scale, side: 1, label: o.second.label, grid: { show: false }, size: 70, values: ticks });
+    var cap = el("p", "axes-text", null, null);
+    function caption() {  // the axes in words, for screen readers and the browser tests
+      cap.textContent = record.axes.map(function (a) {
+        return (a.scale === "x" ? "x" : a.scale === "y" ? "left" : "right") + " axis " + (a.label || "") +
+          (a.log ? " (log)" : "") + ": " + a.ticks.filter(function (t) { return t; }).join(", ");
+      }).join("; ");
     }
     var opts = {
       width: widthOf(body), height: o.height || 300, scales: scales, axes: axes, series: useries,
-      cursor: { drag: { x: true, y: false } }, legend: { live: true },
+      cursor: { drag: { x: true, y: false } }, legend: { live: true }, hooks: { draw: [caption] },
     };
+    status.plots[id] = record;
     var u = new uPlot(opts, data, body);
-    status.plots[id] = { kind: "uplot", points: total, canvas: true };
+    body.appendChild(cap);
     return u;
   }
 
@@ -291,6 +427,45 @@
   }
 
   /* ---- events ---- */
+  function ratioText(ev) {
+    var r = typeof ev.value === "number" && typeof ev.baseline === "number" && ev.baseline > 0 ? ev.value / ev.baseline : null;
+    return r === null ? "\u2013" : fmt(r) + "\u00d7";
+  }
+
+  function topLayers(body, ev) {
+    if (!ev.top_layers.length) return;
+    el("h4", null, "Top layers", body);
+    var tbl = el("table", null, null, body), tr = el("tr", null, null, el("thead", null, null, tbl));
+    ["layer", "norm", "baseline", "ratio"].forEach(function (h) { el("th", null, h, tr); });
+    var tb = el("tbody", null, null, tbl);
+    ev.top_layers.forEach(function (t) {
+      var r = el("tr", null, null, tb);
+      el("td", "name", t.layer, r); el("td", null, fmt(t.norm), r); el("td", null, fmt(t.baseline), r);
+      el("td", null, t.ratio === null ? "\u2013" : fmt(t.ratio) + "\u00d7", r);
+    });
+  }
+
+  function eventDetails(body, ev) {
+    if (ev.message) el("p", null, ev.message, body);
+    var dl = el("dl", null, null, body);
+    [["rule", ev.rule], ["value", fmt(ev.value)], ["baseline", fmt(ev.baseline)], ["action", ev.action],
+     ["first non-finite layer", ev.first_nonfinite_layer || "\u2013"], ["flight-recorder window", ev.window ? ev.window + " (" + ev.window_status + ")" : "none"]]
+      .forEach(function (p) { el("dt", null, p[0], dl); el("dd", null, p[1], dl); });
+    topLayers(body, ev);
+  }
+
+  function windowPlot(body, wid, ev, lazy, det) {
+    if (!ev.window_heatmap) return;
+    el("h4", null, "Flight-recorder window: per-layer gradient norm around the event", body);
+    var wb = el("div", "plot", null, body);
+    wb.setAttribute("data-plot", wid);
+    if (!lazy) { heatmap(wb, wid, ev.window_heatmap, "gradient norm"); return; }
+    wb.setAttribute("data-lazy", "1");
+    det.addEventListener("toggle", function () {
+      if (det.open && !wb.hasChildNodes()) heatmap(wb, wid, ev.window_heatmap, "gradient norm");
+    });
+  }
+
   function eventsView(parent, run, rid) {
     var c = el("div", "card", null, parent);
     c.id = rid + "-events";
@@ -307,37 +482,28 @@
       el("span", "rule", ev.rule, sum);
       el("span", null, fmt(ev.value), sum);
       el("span", null, fmt(ev.baseline), sum);
-      var ratio = typeof ev.value === "number" && typeof ev.baseline === "number" && ev.baseline > 0 ? ev.value / ev.baseline : null;
-      el("span", null, ratio === null ? "\u2013" : fmt(ratio) + "\u00d7", sum);
+      el("span", null, ratioText(ev), sum);
       el("span", null, ev.action, sum);
       var body = el("div", "evbody", null, det);
-      if (ev.message) el("p", null, ev.message, body);
-      var dl = el("dl", null, null, body);
-      [["rule", ev.rule], ["value", fmt(ev.value)], ["baseline", fmt(ev.baseline)], ["action", ev.action],
-       ["first non-finite layer", ev.first_nonfinite_layer || "\u2013"], ["flight-recorder window", ev.window ? ev.window + " (" + ev.window_status + ")" : "none"]]
-        .forEach(function (p) { el("dt", null, p[0], dl); el("dd", null, p[1], dl); });
-      if (ev.top_layers.length) {
-        el("h4", null, "Top layers", body);
-        var tbl = el("table", null, null, body), tr = el("tr", null, null, el("thead", null, null, tbl));
-        ["layer", "norm", "baseline", "ratio"].forEach(function (h) { el("th", null, h, tr); });
-        var tb = el("tbody", null, null, tbl);
-        ev.top_layers.forEach(function (t) {
-          var r = el("tr", null, null, tb);
-          el("td", "name", t.layer, r); el("td", null, fmt(t.norm), r); el("td", null, fmt(t.baseline), r);
-          el("td", null, t.ratio === null ? "\u2013" : fmt(t.ratio) + "\u00d7", r);
-        });
-      }
-      if (ev.window_heatmap) {
-        el("h4", null, "Flight-recorder window: per-layer gradient norm around the event", body);
-        var wb = el("div", "plot", null, body);
-        var wid = rid + "-ev" + k + "-window";
-        wb.setAttribute("data-plot", wid);
-        wb.setAttribute("data-lazy", "1");
-        det.addEventListener("toggle", function () {
-          if (det.open && !wb.hasChildNodes()) heatmap(wb, wid, ev.window_heatmap, "gradient norm");
-        });
-      }
+      eventDetails(body, ev);
+      windowPlot(body, rid + "-ev" + k + "-window", ev, true, det);
     });
+  }
+
+  /* The first incident of a run, open at the top of its section: which layers, and the
+   * flight-recorder window around it (a run that exploded before its first per-layer record
+   * has no other per-layer view). */
+  function incidentCard(parent, run, rid) {
+    if (run.incident === null || run.incident === undefined) return;
+    var ev = run.events[run.incident];
+    if (!ev) return;
+    var c = el("div", "card incident", null, parent);
+    c.id = rid + "-incident";
+    el("h3", null, "First incident: step " + fmt(ev.step) + " \u00b7 " + ev.rule + " \u00b7 " + ev.action, c);
+    el("p", "sub", "value " + fmt(ev.value) + ", baseline " + fmt(ev.baseline) + " (" + ratioText(ev) + ")" +
+      (run.events_total > 1 ? "; " + (run.events_total - 1) + " more in Events below" : ""), c);
+    eventDetails(c, ev);
+    windowPlot(c, rid + "-incident-window", ev, false, null);
   }
 
   function summaryCards(parent, s) {
@@ -345,19 +511,24 @@
     [["steps", fmt(s.steps)], ["step range", s.first_step === null ? "\u2013" : s.first_step + "\u2013" + s.last_step],
      ["clip rate", pct(s.clip_rate)], ["clipped", fmt(s.clipped)], ["skipped", fmt(s.skipped)], ["non-finite", fmt(s.nonfinite)],
      ["events", fmt(s.events)], ["layers", fmt(s.layers)], ["median norm", fmt(s.median_norm)], ["max norm", fmt(s.max_norm)],
-     ["final loss", fmt(s.final_loss)]].forEach(function (p) {
+     ["last-step loss", fmt(s.final_loss)]].forEach(function (p) {
       var b = el("div", "stat", null, g);
       el("div", "k", p[0], b); el("div", "v", p[1], b);
     });
   }
 
-  function runSection(run, i) {
-    var rid = "run" + i;
-    var sec = el("section", "run", null, root);
-    sec.id = rid;
-    var h = el("h2", null, null, sec);
-    el("span", "runname", run.name, h);
+  function resultBox(parent, res) {
+    if (!res) return;
+    var b = el("div", "result" + (res.seed0_verdict ? " flagged" : ""), null, parent);
+    el("strong", null, "Demo result (" + res.metric + "): ", b);
+    el("span", null, res.result + " \u2014 " + res.summary + " over " + res.seeds + " seed" + (res.seeds === 1 ? "" : "s") +
+      (res.verdict ? " [" + res.verdict + "]" : "") + "; this run is seed 0: " + res.seed0 +
+      (res.seed0_verdict ? " (" + res.seed0_verdict + ")" : ""), b);
+  }
+
+  function runBody(sec, run, rid) {
     el("p", "sub path", run.path, sec);
+    resultBox(sec, run.result);
     summaryCards(sec, run.summary);
     var notes = run.notes.concat(run.meta.notes);
     if (notes.length) {
@@ -366,9 +537,11 @@
       var ul = el("ul", null, null, nb);
       notes.forEach(function (n) { el("li", null, n, ul); });
     }
+    incidentCard(sec, run, rid);
     var nv = run.norm;
     var body = card(sec, rid + "-norm", "Global gradient norm",
-      nv ? "pre-clip total norm (log axis) with the clip threshold, clipped/skipped/non-finite steps marked, loss on the right axis; " +
+      nv ? "pre-clip total norm (log axis) with the clip threshold, clipped/skipped/non-finite steps marked (non-finite at the top), loss on the right axis" +
+        (nv.loss_log ? " (log)" : "") + "; " +
         (nv.shown < nv.n ? nv.shown + " of " + nv.n + " steps shown (min and max of every bucket kept)" : "all " + nv.n + " steps") +
         ". Drag to zoom, double-click to reset." : null);
     if (nv) {
@@ -379,7 +552,8 @@
         { label: "loss", values: nv.loss, color: "#9ca3af", scale: "loss", reference: true },
         { label: "clipped", values: nv.clipped, color: "#f59e0b", marker: true, size: 5 },
         { label: "skipped", values: nv.skipped, color: "#dc2626", marker: true, size: 9 },
-        { label: "non-finite", values: nv.nonfinite, color: "#e11d48", marker: true, size: 11 },
+        { label: "non-finite norm", values: nv.nonfinite, color: "#e11d48", marker: true, size: 11, top: true },
+        { label: "non-finite loss", values: nv.loss_nonfinite || [], color: "#6b7280", marker: true, size: 9, top: true, scale: "loss", hollow: true },
       ], { ylabel: "gradient norm", second: { scale: "loss", label: "loss", log: nv.loss_log } });
     } else noData(body, rid + "-norm", "no step records yet");
 
@@ -391,16 +565,18 @@
     ], { log: false, rate: true, ylabel: "rate", height: 220 });
     else noData(body, rid + "-rate", "no step records yet");
 
+    var noLayers = run.incident !== null && run.incident !== undefined ? "no per-layer records (the first incident, above, shows the layers)" : "no per-layer records";
     body = card(sec, rid + "-heatmap", "Layer \u00d7 step gradient norm",
       run.heatmap ? run.heatmap.rows + " layers \u00d7 " + run.heatmap.cols + " step columns, log colour scale; hover for names and values" : null);
-    heatmap(body, rid + "-heatmap", run.heatmap, "gradient norm");
+    if (run.heatmap) heatmap(body, rid + "-heatmap", run.heatmap, "gradient norm");
+    else noData(body, rid + "-heatmap", noLayers);
 
     body = card(sec, rid + "-flow", "Gradient flow", "mean and max gradient norm per layer over the run (log axis); a red tick marks layers with non-finite values");
     if (run.flow) bars(body, rid + "-flow", run.flow.layers, [
       { label: "max norm", values: run.flow.max, color: "#67e8f9" },
       { label: "mean norm", values: run.flow.mean, color: "#1d4ed8" },
-    ], { nonfinite: run.flow.nonfinite });
-    else noData(body, rid + "-flow", "no per-layer records");
+    ], { nonfinite: run.flow.nonfinite, empty: noLayers });
+    else noData(body, rid + "-flow", noLayers);
 
     var ur = run.ratio;
     body = card(sec, rid + "-ratio", "Update-to-weight ratio", "|lr\u00b7update| / |w| across layers (min, median, max of per-layer geometric means per column), reference 1e-3");
@@ -425,27 +601,106 @@
     el("pre", null, run.meta.versions, det);
   }
 
-  function compareSection(cmp) {
-    var sec = el("section", "run compare", null, root);
-    sec.id = "compare";
-    el("h2", null, "Comparison", sec);
-    var tbl = el("table", "cmp", null, sec), tr = el("tr", null, null, el("thead", null, null, tbl));
-    ["run", "steps", "clip rate", "skipped", "non-finite", "median norm", "max norm", "final loss", "events"].forEach(function (h) { el("th", null, h, tr); });
-    var tb = el("tbody", null, null, tbl);
-    D.runs.forEach(function (r) {
-      var s = r.summary, row = el("tr", null, null, tb);
-      el("td", "name", r.name, row);
-      [fmt(s.steps), pct(s.clip_rate), fmt(s.skipped), fmt(s.nonfinite), fmt(s.median_norm), fmt(s.max_norm), fmt(s.final_loss), fmt(s.events)]
-        .forEach(function (v) { el("td", null, v, row); });
+  function flagOf(run) {
+    var s = run.summary, parts = [];
+    if (run.result && run.result.seed0_verdict) parts.push(run.result.seed0_verdict);
+    if (s.nonfinite) parts.push(s.nonfinite + " non-finite");
+    if (s.skipped) parts.push(s.skipped + " skipped");
+    return parts.join(", ");
+  }
+
+  /* One run: drawn at once when the page holds few runs; else a closed section whose
+   * summary line says how the run went, drawn when opened. */
+  function runSection(parent, run, i, collapsed) {
+    var rid = "run" + i;
+    if (!collapsed) {
+      var sec = el("section", "run", null, parent);
+      sec.id = rid;
+      var h = el("h2", null, null, sec);
+      el("span", "runname", run.name, h);
+      runBody(sec, run, rid);
+      return;
+    }
+    var det = el("details", "run", null, parent);
+    det.id = rid;
+    var sum = el("summary", null, null, det);
+    el("span", "runname", run.name, sum);
+    var s = run.summary, flag = flagOf(run);
+    el("span", "sub", " \u00b7 " + fmt(s.steps) + " steps, clip rate " + pct(s.clip_rate) + ", max norm " + fmt(s.max_norm) +
+      (run.result ? ", " + run.result.metric + " " + run.result.seed0 : ""), sum);
+    if (flag) el("span", "flag", flag, sum);
+    var inner = el("div", "runbody", null, det);
+    det.addEventListener("toggle", function () {
+      if (det.open && !inner.hasChildNodes()) runBody(inner, run, rid);
     });
-    var body = card(sec, "compare-norm", "Global gradient norm, all runs", "pre-clip total norm on a log axis; clipped runs keep it bounded, unclipped ones explode");
-    linePlot(body, "compare-norm", cmp.x, cmp.norm.map(function (v, k) {
-      return { label: D.runs[k].name, values: v, spanGaps: true, color: COLORS[k % COLORS.length] };
-    }), { ylabel: "gradient norm" });
-    body = card(sec, "compare-loss", "Loss, all runs", null);
-    linePlot(body, "compare-loss", cmp.x, cmp.loss.map(function (v, k) {
-      return { label: D.runs[k].name, values: v, spanGaps: true, color: COLORS[k % COLORS.length] };
-    }), { ylabel: "loss", log: cmp.loss_log, empty: "no loss recorded" });
+  }
+
+  function shortName(name, group) {
+    var k = name.indexOf("/");
+    return group !== "runs" && k > 0 ? name.slice(k + 1) : name;
+  }
+
+  function compareCharts(sec, g, gi) {
+    var cmp = g.compare;
+    var runs = g.runs.map(function (i) { return D.runs[i]; });
+    function lines(key, nfKey) {
+      var out = runs.map(function (r, k) {
+        return { label: shortName(r.name, g.title), values: cmp[key][k], spanGaps: true,
+                 color: COLORS[k % COLORS.length], dash: DASHES[Math.floor(k / COLORS.length) % DASHES.length] || undefined };
+      });
+      runs.forEach(function (r, k) {  // non-finite steps: a mark in the run's colour at the top
+        var idx = cmp[nfKey][k];
+        if (!idx.length) return;
+        var v = cmp.x.map(function () { return null; });
+        idx.forEach(function (p) { v[p] = 1; });
+        out.push({ label: shortName(r.name, g.title) + " non-finite", values: v, marker: true, top: true,
+                   size: 10, color: COLORS[k % COLORS.length], reference: true });
+      });
+      return out;
+    }
+    var body = card(sec, "exp" + gi + "-norm", "Global gradient norm: " + g.title,
+      "pre-clip total norm per run (log axis); steps whose norm is not finite are marked at the top in the run's colour");
+    linePlot(body, "exp" + gi + "-norm", cmp.x, lines("norm", "norm_nonfinite"), { ylabel: "gradient norm", height: 320 });
+    body = card(sec, "exp" + gi + "-loss", "Loss: " + g.title,
+      "training loss per step" + (cmp.loss_log ? " (log axis: it spans decades)" : "") + "; non-finite losses are marked at the top");
+    linePlot(body, "exp" + gi + "-loss", cmp.x, lines("loss", "loss_nonfinite"),
+      { ylabel: "loss", log: cmp.loss_log, empty: "no loss recorded", height: 280 });
+  }
+
+  function groupTable(sec, g) {
+    var runs = g.runs.map(function (i) { return D.runs[i]; });
+    var res = runs.filter(function (r) { return r.result; })[0];
+    var tbl = el("table", "cmp", null, sec), tr = el("tr", null, null, el("thead", null, null, tbl));
+    var heads = ["run"];
+    if (res) heads.push(res.result.metric + " (" + res.result.summary.replace("mean \u00b1 sample sd", "mean \u00b1 sd") + ", " + res.result.seeds + " seeds)", "flag", "seed 0 (this run)");
+    heads = heads.concat(["steps", "clip rate", "skipped", "non-finite", "median norm", "max norm", "last-step loss", "events", "first incident"]);
+    heads.forEach(function (h) { el("th", null, h, tr); });
+    var tb = el("tbody", null, null, tbl);
+    g.runs.forEach(function (i) {
+      var r = D.runs[i], s = r.summary, row = el("tr", null, null, tb);
+      var td = el("td", "name", null, row), a = el("a", null, r.name, td);
+      a.href = "#run" + i;
+      a.addEventListener("click", function () { var d = document.getElementById("run" + i); if (d && d.tagName === "DETAILS") d.open = true; });
+      if (res) {
+        var rr = r.result || {};
+        el("td", "num", rr.result || "\u2013", row);
+        el("td", rr.verdict ? "flag" : null, rr.verdict || "", row);
+        el("td", "num", rr.seed0 === undefined ? "\u2013" : rr.seed0, row);
+      }
+      var inc = r.incident === null || r.incident === undefined ? null : r.events[r.incident];
+      [fmt(s.steps), pct(s.clip_rate), fmt(s.skipped), fmt(s.nonfinite), fmt(s.median_norm), fmt(s.max_norm), fmt(s.final_loss), fmt(s.events),
+       inc ? "step " + fmt(inc.step) + ": " + inc.rule : "\u2013"]
+        .forEach(function (v) { el("td", "num", v, row); });
+    });
+  }
+
+  function groupSection(g, gi, collapsed) {
+    var sec = el("section", "group", null, root);
+    sec.id = "exp" + gi;
+    el("h2", null, (D.groups.length > 1 || g.title !== "runs" ? g.title : "Runs") + " (" + g.runs.length + " run" + (g.runs.length === 1 ? "" : "s") + ")", sec);
+    if (g.runs.length > 1 || D.runs[g.runs[0]].result) groupTable(sec, g);
+    if (g.compare) compareCharts(sec, g, gi);
+    g.runs.forEach(function (i) { runSection(sec, D.runs[i], i, collapsed); });
   }
 
   try {
@@ -456,8 +711,9 @@
       D.failed.forEach(function (f) { el("li", null, f, ul); });
     }
     if (!D.runs.length) el("p", "empty", "No run could be read; nothing to show.", root);
-    if (D.compare) compareSection(D.compare);
-    D.runs.forEach(runSection);
+    var collapsed = D.runs.length > OPEN_RUNS;
+    status.collapsed = collapsed;
+    D.groups.forEach(function (g, gi) { groupSection(g, gi, collapsed); });
   } catch (e) {
     status.errors.push(String(e && e.stack || e));
     el("p", "notes error", "The report could not be drawn: " + e, root);
