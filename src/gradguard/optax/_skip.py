@@ -1,0 +1,123 @@
+"""Refusing bad updates: ``skip_nonfinite(inner)`` and ``spike_skip(inner, ...)``.
+
+The wrapper decides on the **incoming** updates (before ``inner`` transforms them)::
+
+    accept = isfinite(||u||)  [and not a spike, for spike_skip]
+    accepted: (inner's updates, inner's new state)
+    refused:  (-0.0 for every element, inner's *old* state, bit for bit)
+
+``||u||`` is the float32 global norm of ``_tree.tree_norms`` (finite whenever every element
+is and the norm is below float32's maximum). The choice is a ``jnp.where`` select, never a
+multiplication (``0 * NaN`` is NaN). The refused update is negative zero because
+``p + (-0.0) == p`` bit for bit for every ``p`` (``-0.0 + 0.0`` would give ``+0.0``), so
+``optax.apply_updates`` leaves every parameter exactly as it was.
+
+Policy on streaks: **hold**. However many refusals in a row, nothing non-finite is ever
+applied (``optax.apply_if_finite`` applies the NaN after ``max_consecutive_errors``). The
+streak is counted in the state (``consecutive_skips``); ``check_skips(state, max_consecutive)``
+raises ``GradientExplosionError`` on the host, and ``Recorder(max_consecutive_skips=...)``
+does so at its reads: the step itself never syncs with the host.
+
+Consequences of holding the inner state: its step counter does not advance on a refused
+step, so learning-rate schedules inside ``inner`` count accepted steps. Wrap the *whole*
+update (``skip_nonfinite(optax.chain(clipper, optimizer, weight_decay...))``): a transform
+outside the wrapper still acts on a refused step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from . import _args
+from ._tree import F32, tree_norms
+
+
+class SkipState(NamedTuple):
+    """State of ``skip_nonfinite`` / ``spike_skip``.
+
+    ``inner_state``       the wrapped transformation's state (held on refused steps)
+    ``skipped``           bool: the last update was refused
+    ``skip_count``        int32: refused updates in total
+    ``consecutive_skips`` int32: refused updates in a row (0 after an accepted one)
+    ``grad_norm``         float32 global norm of the last incoming update (NaN/Inf if non-finite)
+    ``guard_steps``       int32: updates seen (accepted or not)
+    ``spike``             the spike rule's state (``()`` for ``skip_nonfinite``)
+    """
+
+    inner_state: Any
+    skipped: jax.Array
+    skip_count: jax.Array
+    consecutive_skips: jax.Array
+    grad_norm: jax.Array
+    guard_steps: jax.Array
+    spike: Any = ()
+
+
+def _select_tree(accept: jax.Array, new: Any, old: Any) -> Any:
+    return jax.tree.map(lambda n, o: jnp.where(accept, n, o).astype(jnp.asarray(o).dtype), new, old)
+
+
+def _refused(updates: Any) -> Any:
+    return jax.tree.map(lambda u: jnp.full_like(u, -0.0), updates)
+
+
+def guarded(inner: Any, *, axis_name: Any = None, spike: Any = None
+            ) -> optax.GradientTransformationExtraArgs:
+    """The one implementation behind both wrappers. ``spike``: None, or an object with
+    ``init() -> state``, ``decide(state, norm, value) -> (is_spike, proposed)`` and
+    ``commit(accept, proposed, old) -> state`` (the shared spike rule, see ``_adaptive``)."""
+    inner = optax.with_extra_args_support(_args.transformation(inner, "inner"))
+
+    def init_fn(params: Any) -> SkipState:
+        z = jnp.zeros((), jnp.int32)
+        return SkipState(inner.init(params), jnp.zeros((), bool), z, z, jnp.zeros((), F32), z,
+                         () if spike is None else spike.init())
+
+    def update_fn(updates: Any, state: SkipState, params: Any = None, **extra_args: Any):
+        norm = tree_norms(updates, axis_name).total
+        accept = jnp.isfinite(norm)
+        spike_state = state.spike
+        if spike is not None:
+            is_spike, proposed = spike.decide(state.spike, norm, extra_args.get("value"))
+            accept = accept & ~is_spike
+            spike_state = spike.commit(accept, proposed, state.spike)
+        new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+        out = jax.tree.map(lambda n, r: jnp.where(accept, n, r), new_updates, _refused(new_updates))
+        held = _select_tree(accept, new_inner, state.inner_state)
+        refused = ~accept
+        r = refused.astype(jnp.int32)
+        new = SkipState(held, refused, state.skip_count + r,
+                        jnp.where(refused, state.consecutive_skips + 1, 0).astype(jnp.int32),
+                        norm, state.guard_steps + 1, spike_state)
+        return out, new
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def skip_nonfinite(inner: Any, *, axis_name: Any = None) -> optax.GradientTransformationExtraArgs:
+    """Refuse any update holding a NaN or Inf (or whose float32 norm overflows): the update
+    becomes ``-0.0`` everywhere and ``inner``'s state is kept bit for bit, however many times
+    in a row (see the module docstring for the policy). ``axis_name``: under ``shard_map`` /
+    ``pmap`` with leaves sharded over that axis, a NaN on one device refuses the step on all.
+    """
+    return guarded(inner, axis_name=axis_name)
+
+
+def check_skips(state: Any, max_consecutive: int) -> None:
+    """Host-side: raise ``GradientExplosionError`` when the state's ``consecutive_skips``
+    exceeds ``max_consecutive`` (reads one int from the device; call it every N steps)."""
+    from ..errors import GradientExplosionError
+
+    max_consecutive = _args.int_at_least(max_consecutive, "max_consecutive", 1)
+    c = optax.tree.get(state, "consecutive_skips")
+    if c is None:
+        raise ValueError("check_skips: the state holds no skip_nonfinite / spike_skip state")
+    n = int(jax.device_get(c))
+    if n > max_consecutive:
+        raise GradientExplosionError(
+            f"gradguard.optax: {n} updates in a row were refused (non-finite or spiking "
+            f"gradients; max_consecutive={max_consecutive}): training has diverged")
