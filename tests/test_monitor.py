@@ -190,6 +190,9 @@ def test_standalone_record_without_attach(tmp_path):
 
 def test_load_run_empty_and_torn_events(tmp_path):
     (tmp_path / "r").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a gradguard run folder"):
+        load_run(tmp_path / "r")  # an empty folder is not a run (it used to read as one)
+    (tmp_path / "r" / "meta.json").write_text(json.dumps({"name": "r", "layers": []}))
     run = load_run(tmp_path / "r")
     assert run.steps.empty and list(run.steps.columns) == STEPS_SCHEMA.names
     assert run.layers.empty and list(run.layers.columns) == LAYERS_SCHEMA.names
@@ -197,7 +200,8 @@ def test_load_run_empty_and_torn_events(tmp_path):
     good = {"step": 3, "rule": "spike", "value": 5.0, "baseline": 1.0, "action": "warn",
             "top_layers": [], "first_nonfinite_layer": None, "window": None, "message": "m", "time": 1.0}
     (tmp_path / "r" / "events.jsonl").write_text(json.dumps(good) + "\n" + '{"step": 4, "ru')
-    run = load_run(tmp_path / "r")
+    with pytest.warns(UserWarning, match="cut short"):
+        run = load_run(tmp_path / "r")
     assert run.events.step.tolist() == [3]
     with pytest.raises(FileNotFoundError):
         load_run(tmp_path / "nope")

@@ -33,7 +33,7 @@ _EXPORTS = {
     "grad_norm": "functional",
     "Guard": "guard",
     "Monitor": "monitor.monitor",
-    "load_run": "monitor.store",
+    "load_run": "store",
     "GradNorms": "norms",
 }
 
@@ -77,5 +77,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         grad_norm,
     )
     from .guard import Guard
-    from .monitor import Monitor, load_run
+    from .monitor import Monitor
     from .norms import GradNorms
+    from .store import load_run

@@ -3,12 +3,12 @@
 The data look like a training run: a slowly drifting log-normal gradient norm with a few spikes, a
 clip threshold, clipped steps, skipped non-finite steps, per-layer norms that shrink with depth,
 update-to-weight ratios around 1e-3 (a few layers far below), events with top layers and
-flight-recorder windows. The on-disk schema is exactly the run store's (see ``docs/report.md``).
+flight-recorder windows. It is written through the run store's own writer
+(:class:`gradguard.store.RunWriter`), so the files are exactly what a training run writes.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +28,18 @@ def write_synthetic_run(
     seed: int = 0,
     rank: int = 0,
     window_steps: int = 16,
+    mode: str = "new",
 ) -> Path:
-    """Write a run of ``steps`` steps and ``layers`` layers to ``path``; return the folder."""
+    """Write a run of ``steps`` steps and ``layers`` layers to ``path`` through the run store's
+    writer (one shard per ``shard_steps`` steps, no compaction); return the folder written
+    (``mode`` as in :class:`~gradguard.store.RunWriter`: a second rank joins the folder of the
+    first, a second run of the same rank goes to a versioned sibling unless ``mode`` says
+    otherwise)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
+
+    from ..store import LAYERS_SCHEMA, STEPS_SCHEMA, WINDOW_SCHEMA, RunWriter, layer_column
 
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     names = layer_names or [
         f"block{i // 2}.{'attn' if i % 2 == 0 else 'mlp'}.weight" for i in range(layers)
@@ -79,111 +84,77 @@ def write_synthetic_run(
         "notes": [],
         "ranks": [rank],
     }
-    (folder / "meta.json").write_text(json.dumps(meta))
-    for seq, lo in enumerate(range(0, steps, shard_steps)):
-        hi = min(steps, lo + shard_steps)
-        sl = slice(lo, hi)
-        t = pa.table(
-            {
-                "step": step[sl],
-                "time": time[sl],
-                "loss": loss[sl],
-                "lr": np.full(hi - lo, 1e-3),
-                "total_norm": norm[sl],
-                "total_norm_after": after[sl],
-                "clip_coef": coef[sl],
-                "threshold": threshold[sl],
-                "clipped": clipped[sl],
-                "skipped": skipped[sl],
-                "nonfinite": nonfinite[sl],
-                "loss_scale": np.full(hi - lo, np.nan),
-                "rank": np.full(hi - lo, rank, dtype=np.int32),
-            }
-        )
-        pq.write_table(t, folder / f"steps-r{rank}-{seq:06d}.parquet")
+    writer = RunWriter(folder, rank, mode=mode, compact="off")
+    folder = writer.path
+    if rank == 0 or not (folder / "meta.json").exists():
+        writer.write_meta(meta)
     depth = np.linspace(0.0, -1.5, layers)  # earlier layers get smaller gradients
     base_ratio = np.full(layers, -3.0) + rng.normal(0, 0.2, layers)
     if layers >= 4:
         base_ratio[1] = -5.0  # a layer that barely updates
     lstep = step[::layer_every]
-    for seq, lo in enumerate(range(0, steps, shard_steps)):
-        ls = lstep[(lstep >= lo) & (lstep < lo + shard_steps)]
-        if not len(ls):
-            continue
-        k = len(ls)
-        ln = (log_norm[ls][:, None] + depth[None, :] + rng.normal(0, 0.1, (k, layers))).astype(
-            np.float64
-        )
-        gn = 10.0**ln
-        nfc = np.zeros((k, layers), dtype=np.int64)
-        bad = nonfinite[ls]
-        if bad.any() and layers:
-            gn[bad, layers // 2] = np.inf
-            nfc[bad, layers // 2] = 3
-        ur = 10.0 ** (base_ratio[None, :] + rng.normal(0, 0.1, (k, layers)))
-        ur[skipped[ls], :] = np.nan
-        t = pa.table(
-            {
-                "step": np.repeat(ls, layers),
-                "layer": pa.array(np.tile(np.array(names, dtype=object), k), pa.string()),
-                "grad_norm": gn.ravel(),
-                "grad_max_abs": (gn / 30.0).ravel(),
+    for lo in range(0, steps, shard_steps):
+        hi = min(steps, lo + shard_steps)
+        sl = slice(lo, hi)
+        writer.write_shard("steps", pa.table({
+            "step": step[sl], "time": time[sl], "loss": loss[sl], "lr": np.full(hi - lo, 1e-3),
+            "total_norm": norm[sl], "total_norm_after": after[sl], "clip_coef": coef[sl],
+            "threshold": threshold[sl], "clipped": clipped[sl], "skipped": skipped[sl],
+            "nonfinite": nonfinite[sl], "loss_scale": np.full(hi - lo, np.nan),
+            "rank": np.full(hi - lo, rank, dtype=np.int32)}, schema=STEPS_SCHEMA))
+        ls = lstep[(lstep >= lo) & (lstep < hi)]
+        if len(ls):
+            k = len(ls)
+            ln = log_norm[ls][:, None] + depth[None, :] + rng.normal(0, 0.1, (k, layers))
+            gn = 10.0**ln
+            nfc = np.zeros((k, layers), dtype=np.int64)
+            bad = nonfinite[ls]
+            if bad.any() and layers:
+                gn[bad, layers // 2] = np.inf
+                nfc[bad, layers // 2] = 3
+            ur = 10.0 ** (base_ratio[None, :] + rng.normal(0, 0.1, (k, layers)))
+            ur[skipped[ls], :] = np.nan
+            writer.write_shard("layers", pa.table({
+                "step": np.repeat(ls, layers), "layer": layer_column(names, k),
+                "grad_norm": gn.ravel().astype(np.float32),
+                "grad_max_abs": (gn / 30.0).ravel().astype(np.float32),
                 "nonfinite_count": nfc.ravel(),
-                "param_norm": np.full(k * layers, 10.0),
-                "update_ratio": ur.ravel(),
-                "rank": np.full(k * layers, rank, dtype=np.int32),
-            }
-        )
-        pq.write_table(t, folder / f"layers-r{rank}-{seq:06d}.parquet")
-    with open(folder / "events.jsonl", "w") as f:
-        for s in spike_at.tolist():
-            w0 = max(0, s - window_steps + 1)
-            ws = np.arange(w0, s + 1)
-            wl = log_norm[ws][:, None] + depth[None, :]
-            wv = 10.0**wl
-            if nonfinite[s] and layers:
-                wv[-1, layers // 2] = np.inf
-            wname = f"window-r{rank}-step{s:08d}.parquet"
-            pq.write_table(
-                pa.table(
-                    {
-                        "step": np.repeat(ws, layers),
-                        "layer": pa.array(
-                            np.tile(np.array(names, dtype=object), len(ws)), pa.string()
-                        ),
-                        "grad_norm": wv.ravel(),
-                    }
-                ),
-                folder / wname,
-            )
-            order = np.argsort(-wv[-1])[:3]
-            ev = {
-                "step": int(s),
-                "rule": "nonfinite" if nonfinite[s] else "spike",
-                "value": None if nonfinite[s] else float(norm[s]),
-                "baseline": float(
-                    np.median(norm[max(0, s - 128) : s][np.isfinite(norm[max(0, s - 128) : s])])
-                )
-                if s
-                else 1.0,
-                "action": "skip" if nonfinite[s] else "clip",
-                "top_layers": [
-                    {
-                        "layer": names[j],
-                        "norm": float(wv[-1, j]) if np.isfinite(wv[-1, j]) else None,
-                        "baseline": float(10 ** (depth[j])),
-                        "ratio": float(wv[-1, j] / 10 ** depth[j])
-                        if np.isfinite(wv[-1, j])
-                        else None,
-                    }
-                    for j in order
-                ],
-                "first_nonfinite_layer": names[layers // 2] if nonfinite[s] and layers else None,
-                "window": wname,
-                "message": "non-finite gradient; update skipped"
-                if nonfinite[s]
-                else "gradient norm spike",
-                "time": float(time[s]),
-            }
-            f.write(json.dumps(ev) + "\n")
+                "param_norm": np.full(k * layers, 10.0, dtype=np.float32),
+                "update_ratio": ur.ravel().astype(np.float32),
+                "rank": np.full(k * layers, rank, dtype=np.int32)}, schema=LAYERS_SCHEMA))
+        writer.next_seq()
+    events = []
+    for s in spike_at.tolist():
+        w0 = max(0, s - window_steps + 1)
+        ws = np.arange(w0, s + 1)
+        wl = log_norm[ws][:, None] + depth[None, :]
+        wv = 10.0**wl
+        if nonfinite[s] and layers:
+            wv[-1, layers // 2] = np.inf
+        wname = writer.write_window(s, pa.table({
+            "step": np.repeat(ws, layers),
+            "layer": pa.array(np.tile(np.array(names, dtype=object), len(ws)), pa.string()),
+            "grad_norm": wv.ravel()}, schema=WINDOW_SCHEMA))
+        order = np.argsort(-wv[-1])[:3]
+        past = norm[max(0, s - 128): s]
+        events.append({
+            "step": int(s),
+            "rule": "nonfinite" if nonfinite[s] else "spike",
+            "value": None if nonfinite[s] else float(norm[s]),
+            "baseline": float(np.median(past[np.isfinite(past)])) if s else 1.0,
+            "action": "skip" if nonfinite[s] else "clip",
+            "top_layers": [
+                {"layer": names[j],
+                 "norm": float(wv[-1, j]) if np.isfinite(wv[-1, j]) else None,
+                 "baseline": float(10 ** (depth[j])),
+                 "ratio": float(wv[-1, j] / 10 ** depth[j]) if np.isfinite(wv[-1, j]) else None}
+                for j in order],
+            "first_nonfinite_layer": names[layers // 2] if nonfinite[s] and layers else None,
+            "window": wname,
+            "message": "non-finite gradient; update skipped" if nonfinite[s] else "gradient norm spike",
+            "time": float(time[s]),
+            "rank": rank,
+        })
+    writer.append_events(events)
+    writer.close()
     return folder
