@@ -182,3 +182,96 @@ def test_char_lm_clipping_keeps_a_large_lr_training():
     assert none30.value > ln_vocab
     assert clip30.value < ln_vocab - 0.5
     assert clip30.history.clip_rate > 0.5
+
+
+# -- verdicts: a result that diverged or did not learn is flagged ------------------------------
+def _result(value, chance=None, learned=None, higher=False, nonfinite_epoch=None):
+    from gradguard.experiments.loop import RunResult
+
+    h = History(epoch_loss=[value], first_nonfinite_epoch=nonfinite_epoch)
+    return RunResult("e", "s", 0, "m", value, h, chance=chance, learned=learned,
+                     higher_is_better=higher)
+
+
+def test_run_verdicts():
+    var = 2.3e4  # the seed MLP target's variance: the constant predictor's MSE
+    assert _result(3.47e11, var, var / 2).verdict == "diverged"  # AutoClip's 3.47e+11
+    assert _result(1.79e4, var, var / 2).verdict == "did not learn"  # AGC's 1.79e+04
+    assert _result(0.58, var, var / 2).verdict == ""
+    assert _result(math.nan, var, var / 2).verdict == "diverged"
+    assert _result(0.5, var, var / 2, nonfinite_epoch=3).verdict == "diverged"
+    assert _result(0.12, 0.1, 0.2, higher=True).verdict == "did not learn"  # accuracy near chance
+    assert _result(0.8, 0.1, 0.2, higher=True).verdict == ""
+    assert _result(1.0).verdict == ""  # no bars (solved tasks): nothing to flag
+
+
+def test_row_flags_count_seeds():
+    from gradguard.experiments.suite import Row
+
+    var = 2.3e4
+    row = Row("seed MLP", "AutoClip", "train MSE",
+              [_result(3.47e11, var, var / 2), _result(0.5, var, var / 2), _result(2e4, var, var / 2)])
+    assert row.verdict_text() == "diverged 1/3, did not learn 1/3"
+    row = Row("seed MLP", "none", "train MSE", [_result(math.nan, var, var / 2)] * 3)
+    assert row.verdict_text() == "diverged" and row.result_text() == "nan"
+    one = Row("x", "y", "train MSE", [_result(0.25, var, var / 2)])
+    assert one.result_text() == "0.25"  # one seed: no "± 0"
+
+
+def test_experiments_set_their_bars():
+    mlp = seed_mlp.run(S["global norm 1"], 0, seed_mlp.MLPConfig().tiny())
+    _, y = seed_mlp.make_data(seed_mlp.MLPConfig())
+    assert mlp.chance == pytest.approx(float(y.var(unbiased=False)), rel=1e-6)
+    assert mlp.learned == pytest.approx(mlp.chance / 2)
+    ids, vocab = charlm.encode(charlm.corpus(20_000))
+    p = torch.bincount(ids).double() / len(ids)
+    p = p[p > 0]
+    assert charlm.unigram_loss(ids, len(vocab)) == pytest.approx(float(-(p * p.log()).sum()))
+    assert charlm.unigram_loss(ids, len(vocab)) < math.log(len(vocab))
+
+
+# -- the quick suite: each experiment shows what it is there for -----------------------------
+def test_quick_temporal_order_needs_clipping_at_the_longer_length():
+    from gradguard.experiments.suite import plan
+
+    temporal = [e for e in plan("quick") if e.key == "temporal"]
+    assert [e.cfg.length for e in temporal] == list(pascanu.QUICK_LENGTHS) == [10, 20]
+    assert [e.folder for e in temporal] == ["temporal-T10", "temporal-T20"]
+    short, long_ = (e.cfg for e in temporal)
+    assert pascanu.run(S["none"], 0, short).success_step is not None  # T=10: plain SGD solves
+    none = pascanu.run(S["none"], 0, long_)
+    clip = pascanu.run(S["global norm 1"], 0, long_)
+    assert none.success_step is None and none.extra["final error"] > 0.3  # T=20: it fails
+    assert clip.success_step is not None and clip.extra["final error"] < 0.01  # clipping rescues
+
+
+def test_quick_char_lm_clipped_trains_where_unclipped_is_thrown_off():
+    from gradguard.experiments.suite import plan
+
+    (exp,) = [e for e in plan("quick") if e.key == "charlm"]
+    assert exp.cfg.lr == 30.0 and exp.norm == 0.25  # Zhang et al.'s lr and threshold
+    clip_s = Strategy("global norm 0.25", lambda: NormClip(0.25))
+    none = charlm.run(S["none"], 0, exp.cfg)
+    clip = charlm.run(clip_s, 0, exp.cfg)
+    assert none.verdict == "diverged" and none.value > none.chance  # above the uniform loss
+    assert clip.verdict == "" and clip.value < clip.learned  # beats character frequencies
+    # and at every evaluation after the first, the clipped run's loss is the lower one
+    assert all(c < n for c, n in zip(clip.history.epoch_loss[1:], none.history.epoch_loss[1:]))
+
+
+def test_progress_lines_when_output_is_not_a_terminal():
+    import io
+
+    from rich.console import Console
+
+    from gradguard.experiments.suite import plan, run_suite
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=False, width=100)
+    exps = plan("quick", only=["mlp", "temporal"], tiny=True)
+    run_suite(exps, "quick", 1, names=["none"], run_dir=None, progress=True, console=console, jobs=1)
+    lines = [ln for ln in buf.getvalue().splitlines() if ln.strip()]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("[1/2] seed MLP: 1 runs done")
+    assert lines[1].startswith("[2/2] temporal order T=10: 1 runs done")
+    assert "\x1b" not in buf.getvalue() and "━" not in buf.getvalue()  # no bar drawn at the end

@@ -373,3 +373,146 @@ def test_run_store_reader_and_fast_reader_give_the_same_report(runs):
         assert [e["step"] for e in v.events] == [e["step"] for e in views[0].events]
         assert [e["window_status"] for e in v.events] == [e["window_status"] for e in views[0].events]
         assert v.events == views[0].events
+
+
+# ---------------------------------------------------------------- reading at a glance (issue 12)
+
+
+def _set_steps(folder, **columns):
+    """Overwrite step columns of a written run's shards (values by step index)."""
+    for f in sorted(folder.glob("steps-*.parquet")):
+        t = pq.read_table(f)
+        step = t.column("step").to_numpy()
+        for name, values in columns.items():
+            col = t.column(name).to_numpy().astype(np.float64).copy()
+            for k, v in values.items():
+                col[step == k] = v
+            t = t.set_column(t.schema.get_field_index(name), name, pa.array(col, t.schema.field(name).type))
+        pq.write_table(t, f)
+
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def extreme_runs(base):
+    """Two runs of one experiment: one whose norm reaches float32's max, then inf and NaN,
+    and whose loss reaches 1e12 then NaN; one ordinary."""
+    a = write_synthetic_run(base / "x" / "none", steps=400, layers=4, clip=False, name="x/none", spikes=0)
+    _set_steps(a, total_norm={300: 1e20, 301: F32_MAX, 302: np.inf, 303: np.nan},
+               loss={300: 1e12, 301: 3e12, 302: np.nan, 303: np.nan})
+    b = write_synthetic_run(base / "x" / "clip", steps=400, layers=4, name="x/clip", spikes=0)
+    return a, b
+
+
+def test_compare_keeps_float32_max_and_marks_nonfinite_steps(tmp_path):
+    a, b = extreme_runs(tmp_path)
+    data = payload_of(render_html([open_run(a), open_run(b)]))
+    (g,) = data["groups"]
+    assert g["title"] == "x" and g["runs"] == [0, 1]
+    cmp = g["compare"]
+    x = cmp["x"]
+    norm0 = dict(zip(x, cmp["norm"][0]))
+    assert norm0[301] == pytest.approx(F32_MAX, rel=1e-5)  # the largest finite value is drawn
+    assert [x[i] for i in cmp["norm_nonfinite"][0]] == [302, 303]  # inf and NaN: marks
+    assert [x[i] for i in cmp["loss_nonfinite"][0]] == [302, 303]
+    assert cmp["norm_nonfinite"][1] == [] and cmp["loss_log"]  # 0.1 .. 3e12 spans decades
+    r0 = data["runs"][0]
+    assert r0["norm"]["loss_log"] and sum(v is not None for v in r0["norm"]["loss_nonfinite"]) == 2
+
+
+def test_loss_axis_is_linear_when_it_spans_no_decades(runs):
+    data = payload_of(render_html([open_run(p) for p in runs]))
+    assert data["groups"][0]["compare"]["loss_log"] is False  # synthetic loss: 0.1 .. 2.1
+    assert data["runs"][0]["norm"]["loss_log"] is False
+
+
+def test_thirty_two_runs_of_four_experiments_group_by_experiment(tmp_path):
+    paths = []
+    for e in range(4):
+        for k in range(8):
+            paths.append(write_synthetic_run(tmp_path / f"exp{e}" / f"s{k}", steps=60, layers=2,
+                                             name=f"exp{e}/strategy-{k}", seed=k, spikes=0))
+    text = render_html([open_run(p) for p in paths])
+    data = payload_of(text)
+    assert [(g["title"], g["runs"]) for g in data["groups"]] == [
+        (f"exp{e}", list(range(8 * e, 8 * e + 8))) for e in range(4)]
+    assert all(len(g["compare"]["norm"]) == 8 for g in data["groups"])
+    assert [r["group"] for r in data["runs"]] == [e for e in range(4) for _ in range(8)]
+    head = text[: text.index('<main id="gg-root">')]
+    assert "32 runs in 4 experiments" in head
+    assert "strategy-3" not in head  # the header names experiments, not 32 runs twice
+    assert head.count('<a href="#exp') == 4
+
+
+def test_group_comes_from_the_config_experiment_first(tmp_path):
+    d = write_synthetic_run(tmp_path / "a", steps=30, layers=2, name="temporal-T20/none", spikes=0)
+    meta = json.loads((d / "meta.json").read_text())
+    meta["config"]["experiment"] = "temporal order T=20"
+    (d / "meta.json").write_text(json.dumps(meta))
+    from gradguard.report.views import run_group
+
+    assert run_group(open_run(d)) == "temporal order T=20"
+    e = write_synthetic_run(tmp_path / "b", steps=30, layers=2, name="plain", spikes=0)
+    assert run_group(open_run(e)) == ""
+
+
+@pytest.mark.filterwarnings("ignore:gradguard")
+def test_exploded_run_shows_its_first_incident(tmp_path):
+    """The seed MLP without clipping explodes before its first per-layer record (every 50
+    steps): the report's per-layer story is the first incident's top layers and window."""
+    import torch
+
+    import gradguard as gg
+    from gradguard.experiments import seed_mlp
+    from gradguard.experiments.strategies import strategies
+
+    none = next(s for s in strategies() if s.name == "none")
+    torch.set_num_threads(1)
+    mon = gg.Monitor(str(tmp_path / "mlp" / "none"), name="mlp/none", layer_every=50)
+    try:
+        seed_mlp.run(none, 0, seed_mlp.MLPConfig().tiny(), monitor=mon)
+    finally:
+        mon.close()
+    v = build_views(open_run(mon.run_dir or tmp_path / "mlp" / "none"))
+    assert v.heatmap is None and v.incident is not None
+    ev = v.events[v.incident]
+    assert ev["top_layers"] and ev["window_heatmap"] is not None
+    assert any("first incident" in n for n in v.notes)
+    assert not any(n.startswith("no per-layer records (layers shards") for n in v.notes)
+
+
+@pytest.mark.filterwarnings("ignore:gradguard")
+def test_report_shows_the_demo_result_next_to_each_run(tmp_path):
+    """The same number, with the same label, as the demo's table (item: table and report
+    disagreed: mean of 3 seeds vs the last step's loss of seed 0)."""
+    from gradguard.experiments.suite import plan, run_suite, write_results
+
+    exps = plan("quick", only=["mlp"], tiny=True)
+    rows, folders = run_suite(exps, "quick", 2, names=["none", "global norm"],
+                              run_dir=tmp_path / "runs", progress=False, jobs=1)
+    written = write_results(rows, tmp_path / "runs")
+    assert (tmp_path / "runs" / "demo-results.json").exists()
+    out, failed = make_report([tmp_path / "runs"], tmp_path / "r.html")  # found next to the runs
+    data = payload_of(out.read_text())
+    by_name = {r["name"]: r for r in data["runs"]}
+    assert set(by_name) == {"mlp/none", "mlp/global-norm-1"} == set(written)
+    for row in rows:
+        res = by_name[row.run]["result"]
+        assert res["result"] == row.result_text() and res["metric"] == row.metric_name == "train MSE"
+        assert res["seeds"] == 2 and res["verdict"] == row.verdict_text()
+        assert res["summary"].startswith("mean ± sample sd")
+    assert by_name["mlp/none"]["result"]["verdict"] == "diverged"
+    assert by_name["mlp/none"]["result"]["seed0"] == "nan"
+    clip = next(r for r in rows if r.strategy == "global norm 1")
+    assert by_name["mlp/global-norm-1"]["result"]["seed0"] == f"{clip.results[0].value:.3g}"
+    # the run order follows the demo's table, not the folder names
+    assert [r["name"] for r in data["runs"]] == ["mlp/none", "mlp/global-norm-1"]
+
+
+def test_static_figures_compare_per_experiment(tmp_path):
+    a, b = extreme_runs(tmp_path)
+    c = write_synthetic_run(tmp_path / "y" / "one", steps=100, layers=2, name="y/one", spikes=0)
+    d = write_synthetic_run(tmp_path / "y" / "two", steps=100, layers=2, name="y/two", spikes=0)
+    files = write_figures([open_run(p) for p in (a, b, c, d)], tmp_path / "svg", "svg")
+    names = {f.name for f in files}
+    assert {"compare-x.svg", "compare-y.svg"} <= names and "compare.svg" not in names

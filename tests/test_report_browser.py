@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_report import extreme_runs
 
 from gradguard.report import make_report, open_run, write_html
 from gradguard.report.synthetic import write_synthetic_run
@@ -158,7 +159,7 @@ def test_report_draws_every_view_offline(browser, two_runs, tmp_path):
     assert_clean(page)
     plots = page.plots()
     views = ["norm", "rate", "heatmap", "flow", "ratio", "ratio-layers"]
-    assert_drawn(plots, ["compare-norm", "compare-loss"] + [f"run{i}-{v}" for i in (0, 1) for v in views])
+    assert_drawn(plots, ["exp0-norm", "exp0-loss"] + [f"run{i}-{v}" for i in (0, 1) for v in views])
     # the events table: 5 incidents per run, each opens to rule, values, top layers and its window
     summaries = browser.find_elements("css selector", "#run0-events details.event > summary")
     assert len(summaries) == 5
@@ -167,6 +168,9 @@ def test_report_draws_every_view_offline(browser, two_runs, tmp_path):
     assert "nonfinite" in body and "Top layers" in body and "first non-finite layer" in body
     assert "window-r0-step" in body and "(embedded)" in body
     assert_drawn(page.plots(), ["run0-ev4-window"])
+    # the first incident is open at the top of the run, its window drawn without a click
+    assert "Top layers" in browser.find_element("css selector", "#run0-incident").text
+    assert_drawn(page.plots(), ["run0-incident-window"])
     assert page.screenshot(tmp_path / "report.png").stat().st_size > 50_000
     assert_clean(page)  # opening the event logged nothing either
 
@@ -231,3 +235,130 @@ def test_million_steps_500_layers_page_is_drawn(browser, tmp_path):
     assert_drawn(plots, [f"run0-{v}" for v in ("norm", "rate", "heatmap", "flow", "ratio", "ratio-layers")])
     assert plots["run0-heatmap"]["status"]["points"] == 500 * 200  # 500 layers x 200 recorded steps
     page.screenshot(tmp_path / "big.png")
+
+
+# ---------------------------------------------------------------- reading at a glance (issue 12)
+
+AXIS_PROBE = """
+// per uPlot chart: text pixels left of the plot area (the y tick labels) and right of it
+const out = {};
+for (const node of document.querySelectorAll('[data-plot]')) {
+  const id = node.getAttribute('data-plot'), u = node.querySelector('.uplot');
+  if (!u) continue;
+  const c = u.querySelector('canvas'), over = u.querySelector('.u-over');
+  const scale = c.width / c.getBoundingClientRect().width;
+  const left = Math.floor((over.getBoundingClientRect().left - c.getBoundingClientRect().left) * scale);
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let dark = 0;
+  for (let y = 0; y < c.height; y++) for (let x = 0; x < left; x++) {
+    const i = 4 * (y * c.width + x);
+    if (d[i + 3] > 0 && d[i] < 120 && d[i + 1] < 120 && d[i + 2] < 120) dark++;
+  }
+  out[id] = {leftPx: left, darkLeft: dark, caption: (node.querySelector('.axes-text') || {}).textContent || ''};
+}
+return out;
+"""
+
+
+def assert_axes_labelled(page: Page, ids: list[str]) -> dict:
+    """Every chart's axes have tick labels, short ones, that fit the axis (none cut, none over
+    the axis title), also in the page's text; the y axis strip holds drawn text."""
+    pixels = page.driver.execute_script(AXIS_PROBE)
+    plots = page.driver.execute_script("return window.ggReport.plots")
+    for pid in ids:
+        rec = plots[pid]
+        for axis in rec["axes"]:
+            ticks = [t for t in axis["ticks"] if t]
+            assert len(ticks) >= 2, (pid, axis)
+            assert all(len(t) <= 7 for t in ticks), (pid, axis)  # 1e38, never 0,000,000,000
+            assert not any(w in t for t in ticks for w in ("NaN", "Infinity", ","))
+            if axis["scale"] != "x":
+                assert axis["width"] + 15 <= axis["size"], (pid, axis)  # fits beside the ticks
+        cap = pixels[pid]["caption"]
+        assert "left axis" in cap and all(t in cap for a in rec["axes"] for t in a["ticks"] if t)
+        assert pixels[pid]["darkLeft"] > 150, (pid, pixels[pid])  # labels drawn, not blank
+    return pixels
+
+
+def test_axes_stay_labelled_with_float32_max_inf_and_nan(browser, tmp_path):
+    a, b = extreme_runs(tmp_path)
+    out, failed = make_report([tmp_path], tmp_path / "extreme.html")
+    assert failed == []
+    page = Page(browser, out)
+    assert_clean(page)
+    ids = ["exp0-norm", "exp0-loss", "run0-norm", "run1-norm"]
+    assert_drawn(page.plots(), ids)
+    assert_axes_labelled(page, ids)
+    plots = browser.execute_script("return window.ggReport.plots")
+    norm_y = next(x for x in plots["exp0-norm"]["axes"] if x["scale"] == "y")
+    assert norm_y["log"] and any(t in norm_y["ticks"] for t in ("1e38", "1e39", "1e36", "1e35", "1e30"))
+    loss_y = next(x for x in plots["exp0-loss"]["axes"] if x["scale"] == "y")
+    assert loss_y["log"] and any(t.startswith("1e1") for t in loss_y["ticks"])  # 1e10 .. 1e12
+    # the run with inf / NaN steps has its non-finite marks in the comparison
+    assert "none non-finite" in browser.find_element("css selector", "#exp0-norm").text
+    page.screenshot(tmp_path / "extreme.png")
+
+
+@pytest.fixture(scope="module")
+def demo_report(tmp_path_factory):
+    """The report of the demo as `make demo` writes it, at the --tiny size (seconds)."""
+    import subprocess
+    import sys
+
+    base = tmp_path_factory.mktemp("demo")
+    p = subprocess.run(
+        [sys.executable, "-m", "gradguard.cli", "demo", "--tiny", "--seeds", "1", "--jobs", "2",
+         "--runs-dir", str(base / "runs"), "--report", str(base / "runs" / "report.html")],
+        capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "report:" in p.stdout
+    return base / "runs" / "report.html", p.stdout
+
+
+def test_demo_report_one_comparison_per_experiment(browser, demo_report, tmp_path):
+    out, table = demo_report
+    page = Page(browser, out)
+    assert_clean(page)
+    groups = browser.find_elements("css selector", "section.group")
+    titles = [g.find_element("css selector", "h2").text for g in groups]
+    assert len(groups) == 4 and titles[0].startswith("seed MLP") and titles[-1].startswith("char LSTM LM")
+    for g in groups:  # one norm and one loss chart per experiment, nothing else drawn on load
+        assert len(g.find_elements("css selector", "[data-plot$='-norm'].plot, [data-plot$='-loss'].plot")) == 2
+    ids = [f"exp{k}-{v}" for k in range(4) for v in ("norm", "loss")]
+    assert_drawn(page.plots(), ids)
+    assert_axes_labelled(page, ids)
+    plots = browser.execute_script("return window.ggReport.plots")
+    for k in range(4):  # distinct colours within a comparison
+        lines = plots[f"exp{k}-norm"]["lines"]
+        assert len(lines) == 8 and len({(x["color"], x["dash"]) for x in lines}) == 8
+    # 32 runs: the header names the experiments; each run opens on a click
+    header = browser.find_element("tag name", "header").text
+    assert "32 runs in 4 experiments" in header and "value-1" not in header
+    assert page.report["collapsed"] and len(browser.find_elements("css selector", "details.run")) == 32
+    # the table's result is the demo's, labelled with its metric
+    mlp = groups[0]
+    head = mlp.find_element("css selector", "table.cmp thead").text
+    assert "train MSE" in head and "seed 0 (this run)" in head
+    row = next(r for r in mlp.find_elements("css selector", "table.cmp tbody tr") if r.text.startswith("mlp/none"))
+    assert "diverged" in row.text
+    assert "diverged" in table  # and the terminal table says the same
+    page.screenshot(tmp_path / "demo-report.png")
+
+
+def test_demo_exploded_run_opens_on_its_first_incident(browser, demo_report, tmp_path):
+    out, _ = demo_report
+    page = Page(browser, out)
+    runs = browser.find_elements("css selector", "details.run")
+    det = next(d for d in runs if d.find_element("css selector", "summary .runname").text == "mlp/none")
+    rid = det.get_attribute("id")
+    assert "diverged" in det.find_element("css selector", "summary").text
+    det.find_element("css selector", "summary").click()
+    card = browser.find_element("css selector", f"#{rid}-incident")
+    assert card.text.startswith("First incident: step") and "Top layers" in card.text
+    sections = [e.get_attribute("id") for e in det.find_elements("css selector", ".runbody > .card")]
+    assert sections[0] == f"{rid}-incident"  # at the top of the run's section
+    plots = page.plots()
+    assert_drawn(plots, [f"{rid}-incident-window", f"{rid}-norm"])
+    assert_axes_labelled(page, [f"{rid}-norm"])
+    assert_clean(page)
+    page.screenshot(tmp_path / "demo-mlp-none.png")

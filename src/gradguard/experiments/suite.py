@@ -208,9 +208,14 @@ def _monitor(folder: Path, exp: Experiment, strategy: Strategy, seed: int) -> An
         return None
     config = {"experiment": exp.title, "strategy": strategy.name, "seed": seed,
               **{k: v for k, v in exp.cfg.__dict__.items() if isinstance(v, (int, float, str))}}
-    # per-layer statistics every 50 steps keep the monitor's cost small next to these tiny models
+    # per-layer statistics every 50 steps keep the monitor's cost small next to these tiny models;
+    # a demo run replaces the same run of the previous demo (mode "overwrite"), so re-running
+    # `make demo` neither mixes two runs nor leaves versioned siblings for the report to find
+    import inspect
+
+    kw = {"mode": "overwrite"} if "mode" in inspect.signature(monitor_cls).parameters else {}
     return monitor_cls(str(folder), name=f"{exp.folder}/{strategy.slug}", config=config,
-                       layer_every=50)
+                       layer_every=50, **kw)
 
 
 def suite_strategies(suite: str, names: Sequence[str] | None = None) -> Callable[[Experiment], list[Strategy]]:

@@ -21,6 +21,7 @@ import numpy as np
 
 from .data import RunData
 from .downsample import select_indices
+from .text import printable
 from .views import DEFAULT_BUCKETS, RunViews, build_views, floats, spans_decades
 
 
@@ -147,16 +148,17 @@ def render_views(
         "failed": list(failed),
     }
     nonce = secrets.token_urlsafe(18)
-    names = [v.name for v in views]
+    names = [printable(v.name) for v in views]  # control characters shown, not sent raw
     n, m = len(views), len(groups)
     many = n > 3
     what = (f"{n} runs" + (f" in {m} experiments" if m > 1 else "")) if many else (", ".join(names) or "no runs")
     title = "gradguard report: " + (
-        what + (" (" + ", ".join(t for t, _ in groups[:6]) + (", ..." if m > 6 else "") + ")" if m > 1 else "")
+        what + (" (" + ", ".join(printable(t) for t, _ in groups[:6]) + (", ..." if m > 6 else "") + ")" if m > 1 else "")
         if many else what
     )
     if m > 1:
-        nav = "".join(f'<a href="#exp{g}">{html.escape(t)} ({len(idx)})</a>' for g, (t, idx) in enumerate(groups))
+        nav = "".join(f'<a href="#exp{g}">{html.escape(printable(t))} ({len(idx)})</a>'
+                      for g, (t, idx) in enumerate(groups))
     else:
         nav = "".join(f'<a href="#run{i}">{html.escape(v)}</a>' for i, v in enumerate(names[:12]))
         nav += f"<span>and {n - 12} more</span>" if n > 12 else ""

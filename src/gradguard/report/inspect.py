@@ -95,7 +95,7 @@ def inspect_run(run: RunData, *, console: Any = None, top: int = 10, width: int 
         ("skipped", str(s["skipped"])),
         ("non-finite", str(s["nonfinite"])),
         ("norm", f"median {_f(s['median_norm'])}, max {_f(s['max_norm'])}"),
-        ("final loss", _f(s["final_loss"])),
+        ("last-step loss", _f(s["final_loss"])),
         ("layers", str(s["layers"])),
         ("events", str(s["events"])),
     ):

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from .data import RunData
-from .html import compare_json
+from .html import compare_json, groups_of
 from .views import MISSING_CODE, NONFINITE_CODE, RunViews, build_views
 
 FORMATS = ("png", "svg")
@@ -182,7 +182,7 @@ def _ratio_fig(v: RunViews, plt: Any) -> Any:
     return fig
 
 
-def _compare_fig(views: list[RunViews], plt: Any) -> Any:
+def _compare_fig(views: list[RunViews], plt: Any, title: str = "all runs") -> Any:
     cmp = compare_json(views)
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     x = np.array(cmp["x"])
@@ -196,7 +196,7 @@ def _compare_fig(views: list[RunViews], plt: Any) -> Any:
     _logy(a1)
     a1.set_ylabel("gradient norm")
     a1.legend(fontsize=8)
-    a1.set_title("global gradient norm, all runs")
+    a1.set_title(f"global gradient norm: {_safe(title)}")
     if cmp["loss_log"]:
         _logy(a2)
     a2.set_ylabel("loss")
@@ -225,8 +225,10 @@ def write_figures(runs: list[RunData], outdir: str | Path, fmt: str = "png") -> 
         plt.close(fig)
         written.append(path)
 
-    if len(views) > 1:
-        save(_compare_fig(views, plt), "compare")
+    groups = [(t, [views[i] for i in idx]) for t, idx in groups_of(views)]
+    for title, members in groups:  # one comparison per experiment, as in the HTML report
+        if len(members) > 1:
+            save(_compare_fig(members, plt, title), "compare" if len(groups) == 1 else f"compare-{slug(title)}")
     for v in views:
         base = slug(v.name)
         while base in used:

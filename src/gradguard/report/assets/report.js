@@ -194,7 +194,7 @@
     var total = 0;
     series.forEach(function (s) { if (!s.marker && !s.reference) total += finiteCount(s.values); });
     if (!x.length || total === 0) { noData(body, id, o.empty || "no data recorded"); return null; }
-    var record = { kind: "uplot", points: total, canvas: true, axes: [] };
+    var record = { kind: "uplot", points: total, canvas: true, axes: [], lines: [] };
     var scales = { x: { time: false } };
     var xrec = { scale: "x", label: o.xlabel || "step", log: false, ticks: [] };
     record.axes.push(xrec);
@@ -212,7 +212,7 @@
       var ax = {
         scale: ys.scale, side: ys.side, label: ys.label, font: FONT, labelFont: LABEL_FONT,
         labelSize: 20, labelGap: 2, size: axisSize(rec),
-        values: function (u, splits) { rec.raw = splits.slice(); rec.ticks = splits.map(tick); return rec.ticks; },
+        values: function (u, splits) { rec.ticks = splits.map(tick); return rec.ticks; },
       };
       if (ys.side === 1) ax.grid = { show: false };
       if (ys.log) {
@@ -230,6 +230,7 @@
       var color = s.color || COLORS[k % COLORS.length];
       var u = { label: s.label, stroke: color, width: s.width || 1.25, scale: s.scale || "y", spanGaps: !!s.spanGaps };
       if (s.dash) u.dash = s.dash;
+      if (!s.marker && !s.reference) record.lines.push({ label: s.label, color: color, dash: s.dash ? s.dash.join(",") : "" });
       var values = s.values;
       if (s.top) {  // a marker of non-finite steps: at the top edge of its axis
         var top = infos[s.scale || "y"] ? infos[s.scale || "y"].top : null;
