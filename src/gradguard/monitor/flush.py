@@ -13,10 +13,10 @@ background writer thread by default:
 
 At most one snapshot is in flight: a flush waits for the previous one to be written before
 it hands over the next, so a SIGKILL loses at most the steps of one flush interval plus the
-write in progress (a few milliseconds once the writer is warm; the writer thread starts, and
-the Parquet writer is loaded, when the Monitor is built, not at the first flush).
+write in progress (milliseconds: the writer thread starts with the Monitor and loads what the
+first write needs while training starts, instead of during the first flush).
 
-The run folder is claimed at the first write (``run_store.open_writer``): a Monitor built and
+The run folder is claimed at the first write (``run_store``): a Monitor built and
 then given a checkpoint (``load_state_dict``) before training resumes the folder it was
 created for instead of claiming a new one.
 """
@@ -37,6 +37,7 @@ from .events import build_events, window_columns
 from .layers import LayerMap
 from .notices import Notices
 from .rules import RuleRunner
+from .run_store import lazy_writer, moved_message
 
 
 class Batch:
@@ -103,19 +104,16 @@ class Flusher:
         self.async_flush = async_flush
         self.buffers: StepBuffer | None = None
         self.closed = False
-        self._writer: Any = None
+        self._writer: Any = None if run_dir is None else lazy_writer(run_dir, rank, mode)
         self._claimed = False
-        self._resume_step: int | None = None
         self._meta_lock = threading.Lock()
         self._claim_lock = threading.Lock()
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         notices.on_note = self.write_meta
         notices.in_worker = self.in_worker
-        if run_dir is not None:
-            import pyarrow.parquet  # noqa: F401 - loaded now, not during the first flush
         if async_flush:
-            self._start()
+            self._start(warm=run_dir is not None)
         for s in self.sinks:
             self.safe_sink(s, "open", self.info.meta(self.notices.notes))
 
@@ -128,17 +126,9 @@ class Flusher:
 
     def resume(self, step: int) -> None:
         """Continue the run from ``step`` (a checkpoint): rows after it are superseded."""
-        with self._claim_lock:
-            if not self._claimed:
-                if self.mode == "new":
-                    self.mode = "resume"
-                self._resume_step = step
-                return
         if self._writer is not None:
             try:
-                resume_from = getattr(self._writer, "resume_from", None)
-                if resume_from is not None:
-                    resume_from(step)
+                self._writer.resume_from(int(step))
             except OSError as exc:
                 self.notices.fail("store", exc)
 
@@ -147,26 +137,29 @@ class Flusher:
         if self._claimed:
             return self._writer
         with self._claim_lock:
-            if not self._claimed:
+            if self._claimed or self._writer is None:
                 self._claimed = True
-                if self.requested_dir is not None:
-                    from .run_store import open_writer
-                    try:
-                        self._writer = open_writer(self.requested_dir, self.rank, self.mode,
-                                                   self._resume_step, self.notices)
-                    except OSError as exc:
-                        self.notices.fail(
-                            "store", exc, f"gradguard monitor: cannot create the run folder "
-                            f"{self.requested_dir}: {exc}; the run store is off, sinks still "
-                            "get the statistics")
-                    if self._writer is not None:
-                        self.write_meta()
+                return self._writer
+            try:
+                self._writer.open()
+            except OSError as exc:
+                self._writer = None
+                self.notices.fail(
+                    "store", exc, f"gradguard monitor: cannot create the run folder "
+                    f"{self.requested_dir}: {exc}; the run store is off, sinks still get the "
+                    "statistics")
+            self._claimed = True
+            if self._writer is not None:
+                used = Path(self._writer.path)
+                if self.requested_dir is not None and used != self.requested_dir:
+                    self.notices.note(moved_message(self.requested_dir, used), write=False)
+                self.write_meta()
         return self._writer
 
     def write_meta(self) -> None:
         """``meta.json`` (rank 0), once the folder is claimed; a failure notes once."""
         w = self._writer
-        if w is None or self.rank != 0:
+        if w is None or self.rank != 0 or not self._claimed:
             return
         with self._meta_lock:
             try:
@@ -197,10 +190,12 @@ class Flusher:
         if wait and not self.in_worker():
             self.notices.deliver(allow_raise=False)
 
-    def _start(self) -> None:
+    def _start(self, warm: bool) -> None:
         self._queue = queue.Queue()
         self._thread = threading.Thread(target=self._worker, name="gradguard-monitor", daemon=True)
         self._thread.start()
+        if warm:
+            self._queue.put(_warm_up)
 
     def in_worker(self) -> bool:
         return threading.current_thread() is self._thread
@@ -212,7 +207,10 @@ class Flusher:
             try:
                 if payload is None:
                     return
-                self.process(payload)
+                if callable(payload):
+                    payload()
+                else:
+                    self.process(payload)
             except Exception as exc:  # noqa: BLE001
                 self.notices.fail("flush", exc)
             finally:
@@ -342,6 +340,15 @@ class Flusher:
                 self.notices.deliver(allow_raise=False)
         except Exception:  # noqa: BLE001 - closing never raises into the user's program
             self.closed = True
+
+
+def _warm_up() -> None:
+    """Load what the first write needs (pyarrow builds tables through pandas, ~1 s to import)
+    on the writer thread while training starts, so that the first flush takes milliseconds."""
+    import pandas  # noqa: F401
+    import pyarrow.parquet  # noqa: F401
+
+    from . import store  # noqa: F401
 
 
 def close_quietly(flusher: Flusher) -> None:
