@@ -358,3 +358,11 @@ def test_state_pickles_and_resumes_bit_exactly(tmp_path):
     p, s = jax.tree.map(jnp.asarray, pickle.loads(f.read_bytes()))
     p, s = run(p, s, grads[5:])
     assert _bits(p) == _bits(full_p) and _bits(s) == _bits(full_s)
+
+
+def test_tiny_gradients_keep_their_norm():
+    g = {"a": jnp.full((4,), 1e-30, jnp.float32), "b": jnp.full((2,), 1e-3)}
+    n = ggo.tree_norms(g)
+    assert float(n.per_leaf[0]) == pytest.approx(2e-30, rel=1e-6)
+    assert float(n.total) == pytest.approx(np.sqrt(2) * 1e-3, rel=1e-6)
+    assert float(jax.jit(ggo.tree_norms)(g).per_leaf[0]) == pytest.approx(2e-30, rel=1e-6)

@@ -19,8 +19,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ..rules import agc as agc_rule
+from ..rules import norm_clip, value_clip
+from ..rules.xp_jax import JAX
 from . import _args
-from ._tree import F32, scale_leaf, tree_norms, unit_norms
+from ._tree import F32, mag32, scale_leaf, tree_norms
 
 
 class ClipState(NamedTuple):
@@ -54,21 +57,26 @@ def empty_clip_state(params: Any, rule: Any = ()) -> ClipState:
                      leaf_max_abs=jnp.zeros((k,), F32), rule=rule)
 
 
-def norm_coefficient(total: jax.Array, max_norm: Any) -> jax.Array:
-    """``max_norm / total`` where ``total > max_norm``, else exactly 1 (also when the norm is
-    not finite). No division by 0: at ``total == max_norm == 0`` the factor is 1 (optax's
-    ``clip_by_global_norm(0.0)`` gives 0/0 = NaN there)."""
-    thr = jnp.asarray(max_norm, F32)
-    clip = jnp.isfinite(total) & (total > thr)
-    return jnp.where(clip, thr / jnp.where(clip, total, 1.0), jnp.ones((), F32))
+def norm_coefficient(total: jax.Array, threshold: Any, *, eps: float = 0.0,
+                     strict: bool = True) -> jax.Array:
+    """The shared rule's coefficient (``gradguard.rules.norm_clip.coefficient``) with the
+    non-finite policy: 1 exactly when ``total`` is not finite or ``total <= threshold``; else
+    ``threshold / (total + eps)``. ``eps=0`` is optax's ``max_norm / ||u||`` (no 0/0 at
+    ``total == max_norm == 0``: optax gives NaN there); ``eps=1e-6`` torch's formula."""
+    return norm_clip.coefficient(total, jnp.asarray(threshold, F32), JAX,
+                                 nonfinite=~jnp.isfinite(total), strict=strict, eps=eps)
 
 
 def apply_coefficient(updates: Any, coef: jax.Array) -> Any:
     return jax.tree.map(lambda u: scale_leaf(u, coef), updates)
 
 
-def clip_by_global_norm(max_norm: Any, *, axis_name: Any = None) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: Any, *, formula: str = "optax", axis_name: Any = None
+                        ) -> optax.GradientTransformation:
     """Scale all updates by ``min(1, max_norm / ||u||)`` (optax's ``clip_by_global_norm``).
+
+    ``formula="torch"`` gives ``gg.NormClip`` / torch's ``min(1, max_norm / (||u|| + 1e-6))``
+    instead (a norm within 1e-6 below ``max_norm`` is then shrunk by a hair, as in torch).
 
     ``||u||`` is the float32 global L2 norm (a float16 leaf of 300s has its true norm). A
     norm equal to or below ``max_norm`` leaves the updates bit-for-bit unchanged; non-finite
@@ -77,6 +85,9 @@ def clip_by_global_norm(max_norm: Any, *, axis_name: Any = None) -> optax.Gradie
     over it); not needed for replicated (already ``pmean``-ed) updates.
     """
     max_norm = _args.threshold(max_norm, "max_norm", allow_inf=True)
+    if formula not in ("optax", "torch"):
+        raise ValueError(f"formula must be 'optax' or 'torch', got {formula!r}")
+    eps = 0.0 if formula == "optax" else norm_clip.EPS
 
     def init_fn(params: Any) -> ClipState:
         return empty_clip_state(params)
@@ -84,9 +95,10 @@ def clip_by_global_norm(max_norm: Any, *, axis_name: Any = None) -> optax.Gradie
     def update_fn(updates: Any, state: ClipState, params: Any = None) -> tuple[Any, ClipState]:
         del params
         n = tree_norms(updates, axis_name)
-        coef = norm_coefficient(n.total, max_norm)
-        new = ClipState(n.total, coef, jnp.asarray(max_norm, F32), coef < 1.0, n.nonfinite,
-                        n.per_leaf, n.max_abs, state.rule)
+        # strict (exactly 1 at or below max_norm) with eps=0: optax's trigger; eps>0: torch's
+        coef = norm_coefficient(n.total, max_norm, eps=eps, strict=eps == 0.0)
+        new = ClipState(n.total, coef, jnp.asarray(max_norm, F32), coef < 1.0,
+                        ~jnp.isfinite(n.total), n.per_leaf, n.max_abs, state.rule)
         return apply_coefficient(updates, coef), new
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -117,9 +129,8 @@ def clip_by_norm_per_leaf(max_norm: Any, *, axis_name: Any = None) -> optax.Grad
     def update_fn(updates: Any, state: PerLeafClipState, params: Any = None):
         del params, state
         n = tree_norms(updates, axis_name)
-        thr = jnp.asarray(max_norm, F32)
-        clip = (n.per_leaf > thr) & ~n.nonfinite
-        coefs = jnp.where(clip, thr / jnp.where(clip, n.per_leaf, 1.0), 1.0)
+        coefs = norm_clip.per_tensor_coefficients(n.per_leaf, jnp.asarray(max_norm, F32), JAX,
+                                                  nonfinite=~jnp.isfinite(n.total))
         leaves, treedef = jax.tree.flatten(updates)
         out = [scale_leaf(u, coefs[i]) for i, u in enumerate(leaves)]
         return jax.tree.unflatten(treedef, out), PerLeafClipState(n.per_leaf, coefs, n.nonfinite)
@@ -133,35 +144,19 @@ class ValueClipState(NamedTuple):
     clipped_elements: jax.Array
 
 
-def value_bounds(clip_value: Any, min_value: Any, max_value: Any) -> tuple[Any, Any]:
-    """(lo, hi) from either ``clip_value`` (symmetric) or ``min_value`` / ``max_value``."""
-    if clip_value is not None:
-        if min_value is not None or max_value is not None:
-            raise ValueError("give either clip_value or min_value/max_value, not both")
-        v = _args.threshold(clip_value, "clip_value")
-        return -v, v
-    if min_value is None and max_value is None:
-        raise ValueError("give clip_value, or at least one of min_value and max_value")
-    lo = None if min_value is None else _args.number(min_value, "min_value")
-    hi = None if max_value is None else _args.number(max_value, "max_value")
-    if lo is not None and hi is not None and lo > hi:
-        raise ValueError(f"min_value ({lo}) must not exceed max_value ({hi})")
-    return lo, hi
-
-
 def clip_by_value(clip_value: Any = None, *, min_value: float | None = None,
                   max_value: float | None = None) -> optax.GradientTransformation:
     """Clamp every element into ``[-clip_value, clip_value]`` or ``[min_value, max_value]``
     (``optax.clip`` for the symmetric form; either bound may be left out). NaN stays NaN;
     ±Inf is clamped onto the bound, as ``optax.clip`` and ``torch.clamp`` do."""
-    lo, hi = value_bounds(clip_value, min_value, max_value)
+    cfg = value_clip.config(clip_value, min_value=min_value, max_value=max_value)
 
     def init_fn(params: Any) -> ValueClipState:
         del params
         return ValueClipState(jnp.zeros((), jnp.int32))
 
     def clamp(u: jax.Array) -> tuple[jax.Array, jax.Array]:
-        out = jnp.clip(u, lo, hi)
+        out = value_clip.clip(cfg, u, JAX)
         moved = jnp.sum((out != u) & ~jnp.isnan(u), dtype=jnp.int32)
         return out, moved
 
@@ -214,8 +209,7 @@ def agc(clipping: Any = 0.01, eps: Any = 1e-3, *, axis: Any = None) -> optax.Gra
     Needs ``params``. When any element of the updates is non-finite nothing is clipped (the
     skip transformation sees the raw values), as ``gg.AGC``.
     """
-    clipping = _args.threshold(clipping, "clipping")
-    eps = _args.threshold(eps, "eps")
+    cfg = agc_rule.config(clipping, eps)
 
     def init_fn(params: Any) -> AGCState:
         del params
@@ -232,12 +226,11 @@ def agc(clipping: Any = 0.01, eps: Any = 1e-3, *, axis: Any = None) -> optax.Gra
         out, count = [], jnp.zeros((), jnp.int32)
         for u, p in zip(u_leaves, p_leaves):
             axes = unit_axes(p, axis)
-            g_n = unit_norms(u, axes)
-            max_n = clipping * jnp.maximum(unit_norms(p, axes), eps)
-            clip = (g_n > max_n) & finite
-            coef = jnp.where(clip, max_n / jnp.maximum(g_n, 1e-6), 1.0)
+            coef = agc_rule.coefficient(cfg, agc_rule.unit_norm(mag32(u), axes, JAX),
+                                        agc_rule.unit_norm(mag32(p), axes, JAX), JAX,
+                                        nonfinite=~finite)
             out.append(scale_leaf(u, coef))
-            count = count + jnp.sum(clip, dtype=jnp.int32)
+            count = count + jnp.sum(coef < 1.0, dtype=jnp.int32)
         return jax.tree.unflatten(treedef, out), AGCState(count, ~finite)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -7,10 +7,11 @@ For leaves ``g_1 .. g_k`` (any float dtype, complex allowed)::
     n_i = sqrt(s_i),  ||g|| = sqrt(sum_i s_i)
 
 A float16 leaf of 300s therefore has its exact norm (optax's ``tree.norm`` squares in float16:
-inf). When the float32 squares overflow (a float32 or bfloat16 element beyond ~1.8e19) while
-every element is finite, the norms are recomputed with each leaf's max-abs factored out,
+inf). When the float32 squares overflow (a float32 or bfloat16 element beyond ~1.8e19) or
+underflow (a leaf whose largest element is below 2**-60) while every element is finite, the norms are recomputed with each leaf's max-abs factored out,
 ``n_i = a_i sqrt(sum |g_i / a_i|^2)`` and ``||g|| = N sqrt(sum (n_i / N)^2)``, ``N = max n_i``; that branch (``lax.cond``) only runs in that case. So every
-norm is finite whenever it is below float32's maximum (3.4e38). A NaN or Inf element makes
+norm is finite whenever it is below float32's maximum (3.4e38), and a norm of 1e-30 is
+1e-30, not 0. A NaN or Inf element makes
 ``nonfinite`` true and the total NaN or Inf (it is never clipped into something finite).
 
 ``a_i`` and ``s_i`` read the same leaf and XLA fuses them into one pass. With ``axis_name``
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 F32 = jnp.float32
+_TINY = 2.0 ** -60
 
 
 class TreeNorms(NamedTuple):
@@ -38,7 +40,7 @@ class TreeNorms(NamedTuple):
     nonfinite: jax.Array  # 0-d bool: some element is NaN or Inf
 
 
-def _mag(x: jax.Array) -> jax.Array:
+def mag32(x: jax.Array) -> jax.Array:
     """|x| as float32 (real leaves: x itself, the square does the rest)."""
     if jnp.issubdtype(x.dtype, jnp.complexfloating):
         return jnp.abs(x).astype(F32)
@@ -50,7 +52,7 @@ def _abs_max(x: jax.Array) -> jax.Array:
 
 
 def _sum_sq(x: jax.Array, scale: jax.Array | None = None) -> jax.Array:
-    m = _mag(x)
+    m = mag32(x)
     if scale is not None:
         m = m / scale
     return jnp.sum(m * m, dtype=F32)
@@ -82,7 +84,10 @@ def tree_norms(tree: Any, axis_name: Any = None) -> TreeNorms:
     ss = _psum(jnp.stack([_sum_sq(x) for x in leaves]), axis_name)
     nonfinite = ~jnp.all(jnp.isfinite(amax))
     total_ss = jnp.sum(ss)
-    overflow = ~nonfinite & ~jnp.isfinite(total_ss)
+    # squares beyond float32 (an element above ~1.8e19) or below its normal range (every
+    # element of a leaf under 2**-60 ~ 8.7e-19: squares subnormal or 0) lose the norm
+    tiny = (amax > 0) & (amax < _TINY)
+    overflow = ~nonfinite & (~jnp.isfinite(total_ss) | jnp.any(tiny))
 
     def fast(_: None) -> tuple[jax.Array, jax.Array]:
         return jnp.sqrt(ss), jnp.sqrt(total_ss)
@@ -92,27 +97,12 @@ def tree_norms(tree: Any, axis_name: Any = None) -> TreeNorms:
         # the total from the per-leaf norms with their max factored out
         scale = jnp.where(amax > 0, amax, 1.0)
         t = _psum(jnp.stack([_sum_sq(x, scale[i]) for i, x in enumerate(leaves)]), axis_name)
-        per = jnp.where(jnp.isfinite(ss), jnp.sqrt(ss), scale * jnp.sqrt(t))
+        per = jnp.where(jnp.isfinite(ss) & ~tiny, jnp.sqrt(ss), scale * jnp.sqrt(t))
         big = jnp.max(per)
         return per, big * jnp.sqrt(jnp.sum(jnp.square(per / big)))
 
     per_leaf, total = _cond(overflow, rescaled, fast)
     return TreeNorms(total, per_leaf, amax, nonfinite)
-
-
-def unit_norms(x: jax.Array, axes: tuple[int, ...] | None) -> jax.Array:
-    """float32 L2 norms of ``x`` over ``axes`` (all when None), keepdims, overflow-safe."""
-    m = _mag(x)
-    ss = jnp.sum(m * m, axis=axes, keepdims=True)
-    amax = jnp.max(jnp.abs(m), axis=axes, keepdims=True, initial=0)
-    overflow = jnp.isfinite(amax) & ~jnp.isfinite(ss)
-
-    def rescaled(_: None) -> jax.Array:
-        scale = jnp.where(amax > 0, amax, 1.0)
-        r = m / scale
-        return scale * jnp.sqrt(jnp.sum(r * r, axis=axes, keepdims=True))
-
-    return _cond(jnp.any(overflow), rescaled, lambda _: jnp.sqrt(ss))
 
 
 def scale_leaf(x: jax.Array, coef: jax.Array) -> jax.Array:
