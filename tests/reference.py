@@ -96,23 +96,23 @@ def autoclip_thresholds(norms, accepted, p: float, window: int | None = None) ->
 
 def zclip_thresholds(norms, accepted, alpha: float, z_thr: float, warmup: int,
                      max_norm: float | None = None, eps: float = 1e-6) -> list[float]:
-    """ZClip per-step thresholds (inf: no clip), statistics fed the clipped accepted norms."""
+    """ZClip per-step thresholds (inf: no clip); the statistics are fed the accepted norms,
+    raw in warm-up and clipped to the adaptive value after (as the paper's code)."""
     buf: list[float] = []
     mean = var = 0.0
     out = []
     for g, ok in zip(norms, accepted):
         if len(buf) < warmup:
-            thr = math.inf
+            adaptive = math.inf
         else:
             sigma = math.sqrt(var)
             z = (g - mean) / (sigma + eps)
-            thr = mean + z_thr * z_thr * sigma / z if z > z_thr else math.inf
-        if max_norm is not None:
-            thr = min(thr, max_norm)
+            adaptive = mean + z_thr * z_thr * sigma / z if z > z_thr else math.inf
+        thr = adaptive if max_norm is None else min(adaptive, max_norm)
         out.append(thr)
         if not (ok and math.isfinite(g)):
             continue
-        x = min(g, thr)
+        x = min(g, adaptive)  # raw in warm-up, the adaptive clip value after (not max_norm)
         if len(buf) < warmup:
             buf.append(x)
             if len(buf) == warmup:

@@ -65,7 +65,7 @@ SEQUENCES = _sequences()
 
 CASES: list[dict[str, Any]] = [
     {"rule": "norm_clip", "config": {"max_norm": 1.5}, "seq": "spiky"},
-    {"rule": "norm_clip", "config": {"max_norm": 1e39}, "seq": "warm"},
+    {"rule": "norm_clip", "config": {"max_norm": INF}, "seq": "warm"},
     {"rule": "autoclip", "config": {"percentile": 10.0}, "seq": "spiky"},
     {"rule": "autoclip", "config": {"percentile": 90.0}, "seq": "spiky"},
     {"rule": "autoclip", "config": {"percentile": 100.0}, "seq": "rise"},

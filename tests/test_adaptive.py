@@ -84,24 +84,32 @@ def test_zclip_hand_computed_reciprocal_threshold():
 
 
 def test_zclip_hand_computed_with_max_norm_cap():
+    """``max_norm`` caps what is applied, never what is learnt (the paper's code, issue 15):
+    the warm-up buffer holds raw norms and the EMA the adaptive clip value."""
     z = gg.ZClip(alpha=0.97, z_threshold=2.5, warmup_steps=2, max_norm=1.0)
-    thr, _ = _drive(z, [0.9, 1.1])
-    assert thr == [1.0, 1.0]  # warm-up clips at max_norm (1.1 is clipped to 1.0)
-    # buffer holds the clipped values 0.9 and 1.0: mu 0.95, sigma 0.05
-    assert float(z.mean) == pytest.approx(0.95) and float(z.std) == pytest.approx(0.05, rel=1e-5)
+    thr, coef = _drive(z, [0.9, 1.1])
+    assert thr == [1.0, 1.0]  # warm-up clips at max_norm (1.1 is clipped to 1.0) ...
+    assert coef[1] == pytest.approx(1.0 / (1.1 + 1e-6), rel=1e-6)
+    # ... but the buffer holds the raw 0.9 and 1.1: mu 1.0, sigma 0.1
+    assert float(z.mean) == pytest.approx(1.0) and float(z.std) == pytest.approx(0.1, rel=1e-5)
     thr, _ = _drive(z, [2.0])
-    # z = 1.05 / 0.05 = 21, adaptive 0.95 + 6.25 * 0.05 / 21 = 0.96488..., below the cap
-    assert thr[0] == pytest.approx(0.95 + 6.25 * 0.05 / 21.0, rel=1e-5)
-    # a wide warm-up (0.1, 0.9 under a cap of 0.9): mu 0.5, sigma 0.4; g 2.0 gives z 3.75 and
-    # adaptive 0.5 + 6.25 * 0.4 / 3.75 = 1.1667 without the cap, 0.9 with it
-    for cap, expected in [(None, 0.5 + 6.25 * 0.4 / 3.75), (0.9, 0.9)]:
+    # z = 10, adaptive 1.0625, applied min(1.0625, 1.0) = 1.0; the EMA is fed 1.0625
+    assert thr[0] == pytest.approx(1.0, rel=1e-6)
+    mu = 0.97 * 1.0 + 0.03 * 1.0625
+    assert float(z.mean) == pytest.approx(mu, rel=1e-6)
+    assert float(z.std) ** 2 == pytest.approx(0.97 * 0.01 + 0.03 * (1.0625 - mu) ** 2, rel=1e-5)
+    # a wide warm-up (0.1, 0.9): mu 0.5, sigma 0.4; g 2.0 gives z 3.75 and adaptive
+    # 0.5 + 6.25 * 0.4 / 3.75 = 1.1667, applied as is without a cap and as 0.9 under a cap
+    # of 0.9; the statistics are the same either way
+    adaptive = 0.5 + 6.25 * 0.4 / 3.75
+    for cap, expected in [(None, adaptive), (0.9, 0.9)]:
         z2 = gg.ZClip(alpha=0.97, z_threshold=2.5, warmup_steps=2, max_norm=cap)
         _drive(z2, [0.1, 0.9])
         thr, _ = _drive(z2, [2.0])
         assert thr[0] == pytest.approx(expected, rel=1e-5)
-        mu = 0.97 * 0.5 + 0.03 * expected
+        mu = 0.97 * 0.5 + 0.03 * adaptive
         assert float(z2.mean) == pytest.approx(mu, rel=1e-5)
-        assert float(z2.std) ** 2 == pytest.approx(0.97 * 0.16 + 0.03 * (expected - mu) ** 2, rel=1e-5)
+        assert float(z2.std) ** 2 == pytest.approx(0.97 * 0.16 + 0.03 * (adaptive - mu) ** 2, rel=1e-5)
 
 
 @settings(max_examples=40, deadline=None)

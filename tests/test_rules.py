@@ -86,8 +86,11 @@ def test_coefficient_policy():
 
 def test_thresholds_beyond_float32_and_config_errors():
     for xp, like in [(rules.NUMPY, None), (xp_torch.TORCH, torch.zeros(()))]:
-        thr = rules.norm_clip.threshold(rules.norm_clip.config(1e39), xp, like)
-        assert math.isinf(float(thr))
+        assert math.isinf(float(xp.full((), 1e39, "f32", like)))  # what float32(1e39) means
+        assert float(xp.full((), 1e39, "f64", like)) == 1e39
+    with pytest.raises(ValueError, match="max_norm=1e.39 is beyond float32"):
+        rules.norm_clip.config(1e39)
+    assert math.isinf(rules.norm_clip.config(math.inf).max_norm)
     assert rules.norm_clip.config(np.float32(1.0)).max_norm == 1.0
     with pytest.raises(TypeError, match="max_norm"):
         rules.norm_clip.config(torch.tensor(1.0))

@@ -1,16 +1,23 @@
-"""Clippers: objects that turn gradient norms into a clip and apply it.
+"""Clippers: torch objects that turn gradient norms into a clip and apply it.
 
-Every clipper follows one protocol, ``clipper(parameters) -> ClipStats``, and splits it into
-the steps the Guard needs to do a training step in one read of the gradients:
+Every clipper follows one protocol (``gradguard.protocols.Clipper``), ``clipper(parameters)
+-> ClipStats``, split into the steps the Guard needs to do a training step in one read of
+the gradients:
 
 1. norms are computed once (``gradguard.norms``) and shared by clipper, skip rule and monitor;
 2. ``clip_(params, grads, norms)`` scales the gradients and returns ``ClipStats``;
-   a *scalar* clipper (one global factor) also offers ``coefficient(norms)`` so the Guard can
-   fold the factor into a fused optimizer's ``grad_scale`` instead of a separate pass;
+   a *scalar* clipper (one global factor) also offers ``coefficient(norms)``, the same factor
+   ``clip_`` would apply, so the Guard can fold it into a fused optimizer's ``grad_scale``;
 3. ``observe(norms, accept)`` lets an adaptive clipper update its statistics, only with the
    steps that were accepted (never with a non-finite or skipped one).
 
-The clip coefficient of norm clipping is computed in exactly one place, ``norm_clip_coef``.
+The math lives in ``gradguard.rules`` (one implementation for every framework); the classes
+here hold the state on the gradients' device and apply the decision. Every scalar clipper,
+fixed or adaptive, applies through one path, ``ScalarClipper.clip_``: a threshold
+(``step_threshold``), the coefficient from ``rules.norm_clip.coefficient`` (the one place it
+is computed) and ``kernels.multi_tensor_scale_`` (Triton on CUDA, threaded numpy on the CPU,
+no pass at all when the coefficient is 1).
+
 A clipper never acts on non-finite gradients: when any gradient element is NaN or Inf it
 leaves every gradient as it is and reports ``nonfinite``; what happens next is the Guard's
 ``on_nonfinite`` policy.
@@ -18,7 +25,6 @@ leaves every gradient as it is and reports ``nonfinite``; what happens next is t
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -29,19 +35,21 @@ from torch import Tensor
 from . import _validate
 from .kernels import multi_tensor_scale_
 from .norms import GradNorms, collect_grads, compute_norms, total_from_per_tensor
+from .rules import agc as _agc
+from .rules import norm_clip as _norm_clip
+from .rules import value_clip as _value_clip
+from .rules.xp_torch import TORCH
+
+__all__ = ["AGC", "ClipStats", "Clipper", "NormClip", "PerTensorNormClip", "ScalarClipper",
+           "ValueClip", "norm_clip_coef"]
 
 #: Added to the norm before dividing, as torch.nn.utils.clip_grad_norm_ does.
-EPS = 1e-6
+EPS = _norm_clip.EPS
 
 
 def norm_clip_coef(total_norm: Tensor, max_norm: float | Tensor) -> Tensor:
-    """The global clip coefficient: ``min(1, max_norm / (total_norm + 1e-6))``.
-
-    Same formula as ``torch.nn.utils.clip_grad_norm_``; float32, on the norm's device. The
-    coefficient is always multiplied in (1.0 when no clip is needed) so the decision never
-    has to be read on the host.
-    """
-    return torch.clamp(max_norm / (total_norm + EPS), max=1.0)
+    """``min(1, max_norm / (total_norm + 1e-6))`` (torch's formula; ``rules.norm_clip``)."""
+    return _norm_clip.coefficient(total_norm, max_norm, TORCH)
 
 
 @dataclass(frozen=True)
@@ -79,8 +87,18 @@ def _ratio(after: Tensor, before: Tensor) -> Tensor:
     return torch.where(before > 0, after / torch.where(before > 0, before, 1.0), 1.0)
 
 
+def _unclipped(norms: GradNorms) -> ClipStats:
+    one = torch.ones((), dtype=torch.float32, device=norms.total.device)
+    return ClipStats(norms.total, one, one < 0, norms.nonfinite, norms.per_tensor)
+
+
 class Clipper:
-    """Base class of the clippers; see the module docstring for the protocol."""
+    """Base class of the clippers; see the module docstring for the protocol.
+
+    A subclass implements ``clip_`` (and, when it learns, ``observe``, ``state_dict`` and
+    ``load_state_dict``); a global-norm clipper subclasses ``ScalarClipper`` instead and only
+    says which threshold is in force (``step_threshold``).
+    """
 
     #: the p of the norms this clipper reads
     norm_type: float = 2.0
@@ -103,16 +121,7 @@ class Clipper:
         finite (torch's behaviour: gradients become NaN or 0); otherwise such gradients are
         left untouched.
         """
-        if not self.scalar:
-            raise NotImplementedError
-        nonfinite = norms.nonfinite
-        coef = self.coefficient(norms)
-        if not propagate_nonfinite:
-            coef = torch.where(nonfinite, 1.0, coef)
-        if apply and grads:
-            multi_tensor_scale_(grads, coef)  # no host read on CUDA; skips coef == 1 on CPU
-        return ClipStats(norms.total, coef, coef < 1.0, nonfinite, norms.per_tensor,
-                         self.threshold(norms.total))
+        raise NotImplementedError(f"{type(self).__name__} must implement clip_")
 
     def observe(self, norms: GradNorms, accept: Tensor) -> None:
         """Update adaptive statistics with this step's norms when ``accept`` (0-d bool)."""
@@ -131,52 +140,112 @@ class Clipper:
         pass
 
 
-class NormClip(Clipper):
-    """Clip by norm: the global norm (torch ``clip_grad_norm_``) or, with ``per_tensor``,
-    each tensor to its own norm (``tf.clip_by_norm``, Keras ``clipnorm``).
+class ScalarClipper(Clipper):
+    """A global-norm clipper: ``g <- coef * g`` with ``coef = min(1, thr / (||g|| + 1e-6))``.
 
-    Global:      g <- g * min(1, max_norm / (||g||_p + 1e-6))
-    Per tensor:  g_i <- g_i * max_norm / max(||g_i||_p, max_norm)
+    Subclasses give ``step_threshold(total)``, the threshold (0-d float32 device tensor) for
+    a step whose norm is ``total``, computed from the committed state alone (pure).
+    ``strict`` (the adaptive clippers): a norm at or below the threshold gets exactly 1.0.
     """
 
-    def __init__(self, max_norm: float, norm_type: float = 2.0, per_tensor: bool = False):
-        self.max_norm = _validate.nonneg_finite(max_norm, "max_norm", allow_inf=True)
-        self.norm_type = _validate.norm_type(norm_type)
-        self.per_tensor = _validate.flag(per_tensor, "per_tensor")
-        self.scalar = not self.per_tensor
+    scalar = True
+    norm_type = 2.0
+    strict = False
 
-    def __repr__(self) -> str:
-        return f"NormClip(max_norm={self.max_norm}, norm_type={self.norm_type}, per_tensor={self.per_tensor})"
+    def step_threshold(self, total: Tensor) -> Tensor:
+        raise NotImplementedError
 
-    def threshold(self, like: Tensor) -> Tensor:
-        return torch.full_like(like, self.max_norm, dtype=torch.float32)
+    def _coef(self, total: Tensor, thr: Tensor, nonfinite: Tensor, propagate: bool) -> Tensor:
+        return _norm_clip.coefficient(total, thr, TORCH, nonfinite=nonfinite,
+                                      propagate=propagate, strict=self.strict)
 
     def coefficient(self, norms: GradNorms) -> Tensor:
-        if self.per_tensor:
-            raise NotImplementedError("per-tensor clipping has one factor per tensor")
-        return norm_clip_coef(norms.total, self.max_norm)
+        """The factor ``clip_`` applies (non-finite norm: 1.0); pure."""
+        total = norms.total.detach()
+        return self._coef(total, self.step_threshold(total), norms.nonfinite, False)
 
     def clip_(self, params, grads, norms, *, apply=True, propagate_nonfinite=False):
-        if not self.per_tensor:
-            return super().clip_(params, grads, norms, apply=apply,
-                                 propagate_nonfinite=propagate_nonfinite)
+        total = norms.total.detach()
+        nonfinite = norms.nonfinite
+        thr = self.step_threshold(total)
+        coef = self._coef(total, thr, nonfinite, propagate_nonfinite)
+        if apply and grads:
+            multi_tensor_scale_(grads, coef)  # no host read on CUDA; skips coef == 1 on CPU
+        return ClipStats(norms.total, coef, coef < 1.0, nonfinite, norms.per_tensor, thr)
+
+
+class NormClip(ScalarClipper):
+    """Clip by the global norm (torch ``clip_grad_norm_``):
+
+        g <- g * min(1, max_norm / (||g||_p + 1e-6))
+
+    ``max_norm`` is a number in [0, inf] (numpy scalars too; a finite value beyond float32's
+    range is refused, use ``math.inf``). ``per_tensor=True`` returns a
+    :class:`PerTensorNormClip` (each tensor to its own norm), kept for compatibility.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        per_tensor = kwargs.get("per_tensor", args[2] if len(args) > 2 else False)
+        if cls is NormClip and _validate.flag(per_tensor, "per_tensor"):
+            kwargs.pop("per_tensor", None)
+            return PerTensorNormClip(*args[:2], **kwargs)
+        return super().__new__(cls)
+
+    def __init__(self, max_norm: float, norm_type: float = 2.0, per_tensor: bool = False):
+        self.cfg = _norm_clip.config(max_norm)
+        self.max_norm = self.cfg.max_norm
+        self.norm_type = _validate.norm_type(norm_type)
+        self.per_tensor = False
+
+    def __repr__(self) -> str:
+        return f"NormClip(max_norm={self.max_norm}, norm_type={self.norm_type})"
+
+    def step_threshold(self, total: Tensor) -> Tensor:
+        return _norm_clip.threshold(self.cfg, TORCH, total)
+
+    def threshold(self, like: Tensor) -> Tensor:
+        return _norm_clip.threshold(self.cfg, TORCH, like)
+
+
+class PerTensorNormClip(Clipper):
+    """Clip each tensor to its own norm (``tf.clip_by_norm`` per variable, Keras ``clipnorm``):
+
+        g_i <- g_i * max_norm / max(||g_i||_p, max_norm)
+
+    ``ClipStats.clip_coef`` is the ratio of the total norm after clipping to before.
+    """
+
+    per_tensor = True
+    scalar = False
+
+    def __init__(self, max_norm: float, norm_type: float = 2.0):
+        self.cfg = _norm_clip.config(max_norm)
+        self.max_norm = self.cfg.max_norm
+        self.norm_type = _validate.norm_type(norm_type)
+
+    def __repr__(self) -> str:
+        return f"PerTensorNormClip(max_norm={self.max_norm}, norm_type={self.norm_type})"
+
+    def threshold(self, like: Tensor) -> Tensor:
+        return _norm_clip.threshold(self.cfg, TORCH, like)
+
+    def clip_(self, params, grads, norms, *, apply=True, propagate_nonfinite=False):
         per = norms.per_tensor
         nonfinite = norms.nonfinite
-        # max_norm / max(n_i, max_norm), written so that an unclipped tensor gets exactly 1.0
-        coefs = torch.where(per > self.max_norm, self.max_norm / torch.clamp(per, min=1e-30),
-                            torch.ones_like(per))
-        if not propagate_nonfinite:
-            coefs = torch.where(nonfinite, torch.ones_like(coefs), coefs)
+        thr = self.threshold(norms.total)
+        coefs = _norm_clip.per_tensor_coefficients(per, thr, TORCH, nonfinite=nonfinite,
+                                                   propagate=propagate_nonfinite)
         if apply and grads:
             torch._foreach_mul_(grads, list(coefs.unbind()))
         after = total_from_per_tensor(per * coefs, self.norm_type)
         coef = _ratio(after, norms.total)
         clipped = (coefs < 1.0).any() if grads else torch.zeros((), dtype=torch.bool)
-        return ClipStats(norms.total, coef, clipped, nonfinite, per, self.threshold(norms.total))
+        return ClipStats(norms.total, coef, clipped, nonfinite, per, thr)
 
 
 class ValueClip(Clipper):
-    """Clip every gradient element into ``[-clip_value, clip_value]`` or ``[min_value, max_value]``.
+    """Clip every gradient element into ``[-clip_value, clip_value]`` or ``[min_value, max_value]``
+    (``rules.value_clip``).
 
     The asymmetric form is the seed article's min/max thresholds; either bound may be left
     out. NaN elements stay NaN. ``ClipStats.clip_coef`` is the ratio of the total norm after
@@ -185,25 +254,24 @@ class ValueClip(Clipper):
 
     def __init__(self, clip_value: float | None = None, *, min_value: float | None = None,
                  max_value: float | None = None):
-        self.min_value, self.max_value = _value_bounds(clip_value, min_value, max_value)
+        self.cfg = _value_clip.config(clip_value, min_value=min_value, max_value=max_value)
+        self.min_value, self.max_value = self.cfg
 
     def __repr__(self) -> str:
         return f"ValueClip(min_value={self.min_value}, max_value={self.max_value})"
 
     def clip_(self, params, grads, norms, *, apply=True, propagate_nonfinite=False):
-        nonfinite = norms.nonfinite
         if not apply or not grads:
-            one = torch.ones((), dtype=torch.float32, device=norms.total.device)
-            return ClipStats(norms.total, one, one < 0, nonfinite, norms.per_tensor)
+            return _unclipped(norms)
         _clamp_(grads, self.min_value, self.max_value)
         after = compute_norms(grads, norms.norm_type)
         coef = _ratio(after.total, norms.total)
         clipped = (after.per_tensor != norms.per_tensor).any()
-        return ClipStats(norms.total, coef, clipped, nonfinite, norms.per_tensor)
+        return ClipStats(norms.total, coef, clipped, norms.nonfinite, norms.per_tensor)
 
 
 class AGC(Clipper):
-    """Adaptive gradient clipping, unit-wise (Brock et al. 2021, NFNets).
+    """Adaptive gradient clipping, unit-wise (Brock et al. 2021, NFNets; ``rules.agc``).
 
     For each unit i of a weight W (a row: dims 1..n of a PyTorch (out, in, ...) weight; the
     whole tensor for 0-d and 1-d parameters):
@@ -211,15 +279,17 @@ class AGC(Clipper):
         G_i <- G_i * (clipping * max(||W_i||, eps) / max(||G_i||, 1e-6))
                where ||G_i|| > clipping * max(||W_i||, eps), else unchanged.
 
-    ``clipping`` is the paper's lambda (0.01 default, as in the paper for large batches).
-    Flax/JAX kernels are (in, out): their unit axis differs, see the JAX adapter.
+    Unit norms are max-normalised, so rows whose squares overflow (float32 gradients of
+    1e20, float64 ones of 1e160, weights of 1e20) are still clipped correctly. ``clipping``
+    is the paper's lambda (0.01 default, as in the paper for large batches). Flax/JAX
+    kernels are (in, out): their unit axis differs, see the JAX adapter.
     """
 
     norm_type = 2.0
 
     def __init__(self, clipping: float = 0.01, eps: float = 1e-3):
-        self.clipping = _validate.nonneg_finite(clipping, "clipping", positive=True)
-        self.eps = _validate.nonneg_finite(eps, "eps")
+        self.cfg = _agc.config(clipping, eps)
+        self.clipping, self.eps = self.cfg
 
     def __repr__(self) -> str:
         return f"AGC(clipping={self.clipping}, eps={self.eps})"
@@ -227,59 +297,33 @@ class AGC(Clipper):
     def clip_(self, params, grads, norms, *, apply=True, propagate_nonfinite=False):
         if len(params) != len(grads):
             raise ValueError("AGC needs the parameters, not only their gradients")
+        if not grads:
+            return _unclipped(norms)
         nonfinite = norms.nonfinite
         after_per = []
         any_clipped = []
         for p, g in zip(params, grads):
-            dims = tuple(range(1, g.dim())) if g.dim() > 1 else None
+            axis = tuple(range(1, g.dim())) if g.dim() > 1 else None
             acc = torch.float64 if g.dtype == torch.float64 else torch.float32
-            keep = dims is not None
-            g_norm = torch.linalg.vector_norm(g, 2, dim=dims, keepdim=keep, dtype=acc)
-            w_norm = torch.linalg.vector_norm(p.detach(), 2, dim=dims, keepdim=keep, dtype=acc)
-            max_norm = self.clipping * torch.clamp(w_norm, min=self.eps)
-            clip = (g_norm > max_norm) & torch.isfinite(g_norm)
-            if not propagate_nonfinite:
-                clip = clip & ~nonfinite
-            coef = torch.where(clip, max_norm / torch.clamp(g_norm, min=EPS), torch.ones_like(g_norm))
+            g_n = _agc.unit_norm(g.detach().to(acc), axis, TORCH)
+            w_n = _agc.unit_norm(p.detach().to(acc), axis, TORCH)
+            coef = _agc.coefficient(self.cfg, g_n, w_n, TORCH, nonfinite=nonfinite,
+                                    propagate=propagate_nonfinite)
             if apply:
                 g.mul_(coef.to(g.dtype))
-            after_per.append(torch.linalg.vector_norm(g_norm * coef).float())
+            # per-unit norm after clipping, scale first so that it stays finite
+            after_per.append(torch.linalg.vector_norm((g_n.scale * coef) * g_n.root).float())
             any_clipped.append((coef < 1).any())
-        dev = norms.total.device
-        if not grads:
-            one = torch.ones((), dtype=torch.float32, device=dev)
-            return ClipStats(norms.total, one, one < 0, nonfinite, norms.per_tensor)
         after = total_from_per_tensor(torch.stack(after_per), 2.0)
         coef = _ratio(after, norms.total)
-        return ClipStats(norms.total, coef, torch.stack(any_clipped).any(), nonfinite, norms.per_tensor)
-
-
-def _value_bounds(clip_value, min_value, max_value) -> tuple[float | None, float | None]:
-    if clip_value is not None:
-        if min_value is not None or max_value is not None:
-            raise ValueError("give either clip_value or min_value/max_value, not both")
-        v = _validate.nonneg_finite(clip_value, "clip_value")
-        return -v, v
-    if min_value is None and max_value is None:
-        raise ValueError("give clip_value, or at least one of min_value and max_value")
-    lo = None if min_value is None else _finite(min_value, "min_value")
-    hi = None if max_value is None else _finite(max_value, "max_value")
-    if lo is not None and hi is not None and lo > hi:
-        raise ValueError(f"min_value ({lo}) must not exceed max_value ({hi})")
-    return lo, hi
-
-
-def _finite(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return v
+        return ClipStats(norms.total, coef, torch.stack(any_clipped).any(), nonfinite,
+                         norms.per_tensor)
 
 
 def _clamp_(grads: list[Tensor], lo: float | None, hi: float | None) -> None:
+    """``rules.value_clip.clip`` over many tensors at once (torch's multi-tensor clamp)."""
     if lo is not None:
         torch._foreach_clamp_min_(grads, lo)
     if hi is not None:
         torch._foreach_clamp_max_(grads, hi)
+

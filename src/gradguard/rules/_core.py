@@ -65,11 +65,15 @@ def nonneg(value: Any, name: str, *, allow_inf: bool = False, positive: bool = F
 
 
 def threshold(value: Any, name: str) -> float:
-    """A norm threshold: a number in [0, inf]. One beyond float32's range (3.4e38) is accepted
-    and means what it says: no finite float32 norm reaches it, so against float32 norms it
-    acts as inf (the array namespace's ``full`` rounds it to inf there), while float64 norms
-    compare with the exact value."""
-    return nonneg(value, name, allow_inf=True)
+    """A norm threshold: a number in [0, inf]. A finite value beyond float32's range (3.4e38)
+    is refused: thresholds live in float32 arrays, where it would silently become inf; pass
+    ``math.inf`` for no limit."""
+    v = nonneg(value, name, allow_inf=True)
+    if math.isfinite(v) and v > FLOAT32_MAX:
+        raise ValueError(f"{name}={value!r} is beyond float32's largest value "
+                         f"({FLOAT32_MAX:.4g}), the precision thresholds are kept in; use "
+                         f"math.inf for no limit")
+    return v
 
 
 def open_unit(value: Any, name: str) -> float:

@@ -118,7 +118,7 @@ def bin_of(cfg: Config, value: Any, xp: Any) -> Any:
     return xp.astype(xp.clamp(idx, lo=0.0, hi=float(cfg.bins - 1)), "i64")
 
 
-def _count(cfg: Config, counts: Any, bin_min: Any, bin_max: Any, value: Any, ok: Any,
+def count_value(cfg: Config, counts: Any, bin_min: Any, bin_max: Any, value: Any, ok: Any,
            xp: Any) -> tuple[Any, Any, Any]:
     """The histogram with ``value`` counted where ``ok`` and finite."""
     keep = ok & xp.isfinite(value)
@@ -140,8 +140,10 @@ def _order_stat(cfg: Config, counts: Any, cum: Any, bin_min: Any, bin_max: Any, 
     return lo_v + xp.clamp(frac, lo=0.0, hi=1.0) * (hi_v - lo_v)
 
 
-def _histogram_percentile(cfg: Config, counts: Any, bin_min: Any, bin_max: Any,
-                          xp: Any) -> Any:
+def histogram_percentile(cfg: Config, counts: Any, bin_min: Any, bin_max: Any,
+                         xp: Any) -> Any:
+    """The p-th percentile (0-d float32) of a histogram (see the module docstring); NaN when
+    it is empty."""
     cum = xp.cumsum(counts)
     n = xp.take(cum, cfg.bins - 1)
     pos = _ring.rank_position(n, cfg.percentile, xp)
@@ -165,9 +167,9 @@ def percentile(cfg: Config, state: WindowState | HistoryState, extra: Any, xp: A
         use_exact = xp.full((), False, "bool", state.n)
     else:
         use_exact = state.n_exact == state.n
-    counts, bmin, bmax = _count(cfg, state.counts, state.bin_min, state.bin_max, extra,
+    counts, bmin, bmax = count_value(cfg, state.counts, state.bin_min, state.bin_max, extra,
                                 xp.isfinite(extra), xp)
-    hist = _histogram_percentile(cfg, counts, bmin, bmax, xp)
+    hist = histogram_percentile(cfg, counts, bmin, bmax, xp)
     return xp.where(use_exact, exact, hist)
 
 
@@ -178,16 +180,29 @@ def threshold(cfg: Config, state: WindowState | HistoryState, total: Any, xp: An
     return xp.where(xp.isnan(thr), math.inf, thr)
 
 
-def update(cfg: Config, state: WindowState | HistoryState, total: Any,
-           xp: Any) -> tuple[Any, WindowState | HistoryState]:
-    """``(threshold, proposed)``: this step's threshold, and the state with ``total`` added
-    to the history (unchanged when ``total`` is not finite)."""
-    thr = threshold(cfg, state, total, xp)
+def propose(cfg: Config, state: WindowState | HistoryState, total: Any,
+            xp: Any) -> WindowState | HistoryState:
+    """The state with ``total`` added to the history (unchanged when it is not finite)."""
     ok = xp.isfinite(total)
     if cfg.window is not None:
         values, count = _ring.append(state.values, state.count, total, ok, xp)
-        return thr, WindowState(values, count)
+        return WindowState(values, count)
     exact, n_exact = _ring.fill(state.exact, state.n_exact, total, ok, xp)
-    counts, bmin, bmax = _count(cfg, state.counts, state.bin_min, state.bin_max, total, ok, xp)
-    return thr, HistoryState(exact, n_exact, counts, bmin, bmax,
-                             state.n + xp.astype(ok, "i64"))
+    counts, bmin, bmax = count_value(cfg, state.counts, state.bin_min, state.bin_max, total, ok, xp)
+    return HistoryState(exact, n_exact, counts, bmin, bmax, state.n + xp.astype(ok, "i64"))
+
+
+def update(cfg: Config, state: WindowState | HistoryState, total: Any,
+           xp: Any) -> tuple[Any, WindowState | HistoryState]:
+    """``(threshold, proposed)``: this step's threshold, and ``propose``'s state."""
+    return threshold(cfg, state, total, xp), propose(cfg, state, total, xp)
+
+
+def bin_edges(cfg: Config, xp: Any, like: Any = None) -> tuple[Any, Any]:
+    """(lower, upper) edge of every bin, float32 [bins] (for states saved without the
+    per-bin smallest and largest values: the edges stand in for them)."""
+    b = xp.astype(xp.arange(cfg.bins, "i64", like), "f64")
+    step = (math.log(cfg.hi) - math.log(cfg.lo)) / cfg.bins
+    lower = xp.exp(math.log(cfg.lo) + b * step)
+    upper = xp.exp(math.log(cfg.lo) + (b + 1.0) * step)
+    return xp.astype(lower, "f32"), xp.astype(upper, "f32")
