@@ -145,6 +145,17 @@ def test_second_live_writer_is_refused_or_versioned(tmp_path):
     RunWriter(tmp_path / "x", mode="resume").close()  # free again
 
 
+def test_the_lock_is_one_however_the_folder_is_spelled(tmp_path, monkeypatch):
+    (tmp_path / "runs").mkdir()
+    os.symlink(tmp_path / "runs", tmp_path / "link")
+    w = RunWriter(tmp_path / "runs" / "x")
+    monkeypatch.chdir(tmp_path)
+    for spelled in ("runs/x", "link/x", "./runs/../runs/x"):
+        with pytest.raises(RunLockedError):
+            RunWriter(spelled, mode="resume")
+    w.close()
+
+
 def test_lock_of_a_dead_process_is_taken_over(tmp_path):
     write_run(tmp_path / "x", 1, 10)
     p = subprocess.Popen([sys.executable, "-c", "pass"])

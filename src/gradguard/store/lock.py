@@ -48,6 +48,11 @@ def _alive(pid: int, start: str | None) -> bool:
     return start is None or now is None or now == start
 
 
+def _key(path: Path) -> str:
+    """The same lock however its folder was spelled (relative, absolute, through a link)."""
+    return os.path.realpath(path)
+
+
 def _holder(path: Path) -> dict[str, Any] | None:
     try:
         info = json.loads(path.read_text(encoding="utf-8", errors="replace"))
@@ -69,7 +74,7 @@ def _stale(path: Path, info: dict[str, Any] | None) -> bool:
     except (TypeError, ValueError):
         return True
     if pid == os.getpid():
-        return _HELD.get(str(path)) != info.get("token")
+        return _HELD.get(_key(path)) != info.get("token")
     return not _alive(pid, info.get("start"))
 
 
@@ -108,8 +113,9 @@ class Lock:
                 os.write(fd, json.dumps(info).encode())
             finally:
                 os.close(fd)
-            _HELD[str(self.path)] = self.token
-            self._finalizer = weakref.finalize(self, _release, str(self.path), self.token)
+            _HELD[_key(self.path)] = self.token
+            self._finalizer = weakref.finalize(self, _release, str(self.path), _key(self.path),
+                                               self.token)
             return
         raise RunLockedError(f"{self.path}: could not take the writer lock (contended)")
 
@@ -118,9 +124,9 @@ class Lock:
             self._finalizer()
 
 
-def _release(path: str, token: str) -> None:
-    if _HELD.get(path) == token:
-        del _HELD[path]
+def _release(path: str, key: str, token: str) -> None:
+    if _HELD.get(key) == token:
+        del _HELD[key]
     info = _holder(Path(path))
     if info is not None and info.get("token") == token:
         try:
