@@ -418,6 +418,18 @@ def test_each_rank_writes_its_own_files_and_load_run_merges(tmp_path):
     d.close()
 
 
+def test_rank_0_joins_a_live_rank_that_flushed_first(tmp_path):
+    b = write_run(tmp_path / "ddp", 1, 10, rank=1, close=False)  # rank 1 was faster
+    a = write_run(tmp_path / "ddp", 1, 10, rank=0, close=False)
+    assert a.path == b.path == tmp_path / "ddp"
+    a.close()
+    b.close()
+    # once that job is over its rank-1 files are a run: rank 0 of a new job does not mix in
+    (tmp_path / "old").mkdir()
+    write_run(tmp_path / "old", 1, 10, rank=1)
+    assert write_run(tmp_path / "old", 1, 10, rank=0).path == tmp_path / "old-2"
+
+
 def test_events_of_earlier_versions_are_read(tmp_path):
     w = write_run(tmp_path / "x", 1, 10)
     ev = {"step": 2, "rule": "spike", "value": 1.0}

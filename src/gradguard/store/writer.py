@@ -11,8 +11,9 @@ silently):
 * ``"overwrite"``: remove the run-store files in the folder (only those: meta.json, shards,
   events, windows, marks; never other files) and start afresh.
 
-For rank 0, a folder "holds a run" when it has any run-store file; for rank ``r > 0``, when it
-has files of rank ``r``. A lock file ``writer-r{rank}.lock`` (pid, host) refuses a second live
+For rank 0, a folder "holds a run" when it has meta.json or files of rank 0, or files of a
+rank that no live writer holds; for rank ``r > 0``, when it has files of rank ``r`` (so the
+ranks of one job meet in one folder whichever flushes first). A lock file ``writer-r{rank}.lock`` (pid, host) refuses a second live
 writer of the same rank on the same folder (:class:`RunLockedError`); a lock whose process is
 gone is taken over. In ``"new"`` mode a locked folder counts as holding a run.
 
@@ -72,17 +73,19 @@ def _data_names(folder: Path) -> list[str]:
     return [n for n in names if not n.startswith(".") and is_store_file(n) and not LOCK_RE.match(n)]
 
 
-def holds_run(folder: Path, rank: int) -> bool:
-    """True when ``folder`` holds a run for a writer of ``rank`` (see the module docstring),
-    counting a live lock of that rank."""
+def holds_run(folder: Path, rank: int, *, own_lock: bool = True) -> bool:
+    """True when ``folder`` holds a run for a writer of ``rank`` (see the module docstring).
+
+    Rank 0: meta.json or any file of rank 0, or files of a rank no live writer holds (a live
+    rank of the same job that flushed first is joined, not fled). Rank ``r > 0``: files of
+    rank ``r``. ``own_lock``: a live lock of ``rank`` counts too."""
     if not folder.is_dir():
         return False
-    names = _data_names(folder)
-    if rank == 0 and names:
-        return True
-    if any(file_rank(n) == rank for n in names):
-        return True
-    return live_lock(folder / lock_name(rank))
+    for n in _data_names(folder):
+        r = file_rank(n)
+        if r == rank or (rank == 0 and (r is None or not live_lock(folder / lock_name(r)))):
+            return True
+    return own_lock and live_lock(folder / lock_name(rank))
 
 
 def version_path(path: Path, n: int) -> Path:
@@ -185,13 +188,10 @@ class RunWriter:
                 self._take(folder)
             except RunLockedError:
                 continue  # another writer claimed it a moment ago
-            if any(self._counts(name) for name in _data_names(folder)):
+            if holds_run(folder, self.rank, own_lock=False):
                 self._release()  # written before we locked it: not ours
                 continue
             return
-
-    def _counts(self, name: str) -> bool:
-        return self.rank == 0 or file_rank(name) == self.rank
 
     def _scan(self) -> None:
         """Resume: list this rank's shards (removing parts a killed compaction left inside a
