@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,17 +45,27 @@ class GradNorms:
     whose ``grad`` is None are left out). ``norm_type``: p. ``max_abs``: 1-d, ``max |g_i|``
     per gradient (NaN when it holds a NaN, 0 when empty), only when asked for
     (``compute_norms(..., with_max_abs=True)``), else None.
+
+    In a distributed run (DTensor gradients, ``process_group`` or ``pp_group``; see
+    ``gradguard.distributed``) every field is global, identical on every rank:
+    ``reduced_nonfinite`` is the job-wide non-finite flag (a NaN on any rank or shard) and
+    ``loss`` the mean of the losses handed to ``compute_norms``, reduced in the same
+    collective as the norms; both None in a single process.
     """
 
     total: Tensor
     per_tensor: Tensor
     norm_type: float
     max_abs: Tensor | None = None
+    reduced_nonfinite: Tensor | None = None
+    loss: Tensor | None = None
 
     @property
     def nonfinite(self) -> Tensor:
-        """0-d bool tensor: True when some gradient element is NaN or Inf."""
+        """0-d bool tensor: True when some gradient element is NaN or Inf (on any rank)."""
         # (not a cached_property: torch.compile(fullgraph=True) cannot trace one)
+        if self.reduced_nonfinite is not None:
+            return self.reduced_nonfinite
         return ~torch.isfinite(self.total)
 
 
@@ -303,7 +314,14 @@ def per_tensor_norms(grads: list[Tensor], norm_type: float = 2.0) -> Tensor:
     kernel (``gradguard.kernels``); otherwise ``torch._foreach_norm`` with float32
     accumulation.
     """
+    if _any_dtensor(grads):
+        return compute_norms(grads, norm_type).per_tensor  # the global norms
     return _per_tensor(grads, norm_type, False)[0]
+
+
+def _any_dtensor(grads: list[Tensor]) -> bool:
+    # DTensor is a Tensor subclass: a type check, no import of torch.distributed needed
+    return any(type(g) is not Tensor and type(g).__name__ == "DTensor" for g in grads)
 
 
 def total_from_per_tensor(per_tensor: Tensor, norm_type: float = 2.0) -> Tensor:
@@ -318,7 +336,8 @@ def total_from_per_tensor(per_tensor: Tensor, norm_type: float = 2.0) -> Tensor:
 
 
 def compute_norms(grads: list[Tensor], norm_type: float = 2.0, *,
-                  with_max_abs: bool = False) -> GradNorms:
+                  with_max_abs: bool = False, process_group: Any = None,
+                  pp_group: Any = None, loss: Any = None) -> GradNorms:
     """Per-tensor and total norms of ``grads`` from one read of each gradient.
 
     On CUDA, when every gradient has one dtype and the Triton kernels apply, both come from
@@ -326,7 +345,24 @@ def compute_norms(grads: list[Tensor], norm_type: float = 2.0, *,
     ``with_max_abs``: also ``max |g_i|`` per tensor (``GradNorms.max_abs``); on the CPU in the
     same pass over memory, elsewhere one more multi-tensor launch. The norms do not depend on
     it.
+
+    Distributed (``gradguard.distributed``): DTensor gradients (FSDP2, TP) are read through
+    their local shards, every path above applies to those, and the partials are reduced
+    over the gradients' meshes; ``process_group``: the data-parallel group over which plain
+    gradients are replicated (DDP: the flag and ``loss`` are reduced over it);
+    ``pp_group``: the pipeline group (ProcessGroup or 1-D DeviceMesh) whose stages' totals
+    add up. ``loss``: reduced in the same collective, see ``GradNorms.loss``.
     """
+    if process_group is not None or pp_group is not None or _any_dtensor(grads):
+        from . import distributed
+        plan = distributed.plan(grads, process_group=process_group, pp_group=pp_group)
+        if plan is not None:
+            local = compute_norms(plan.localize(grads), norm_type, with_max_abs=with_max_abs)
+            red = distributed.reduce_partials(local.per_tensor, norm_type, plan,
+                                              local_max_abs=local.max_abs, loss=loss)
+            return GradNorms(total=red.total, per_tensor=red.per_tensor, norm_type=norm_type,
+                             max_abs=red.max_abs, reduced_nonfinite=red.nonfinite,
+                             loss=red.loss)
     if grads and grads[0].device.type == "cuda" and all(g.dtype == grads[0].dtype for g in grads):
         from . import kernels
         res = kernels.multi_tensor_norms(grads, norm_type)
@@ -343,12 +379,14 @@ def compute_norms(grads: list[Tensor], norm_type: float = 2.0, *,
                      norm_type=norm_type, max_abs=mx)
 
 
-def grad_norm(parameters: Tensor | Iterable[Tensor], norm_type: float = 2.0) -> GradNorms:
+def grad_norm(parameters: Tensor | Iterable[Tensor], norm_type: float = 2.0, *,
+              process_group: Any = None, pp_group: Any = None) -> GradNorms:
     """Read-only gradient norms: ``.total`` and ``.per_tensor`` (float32), nothing mutated.
 
     Use this to log the norm instead of ``clip_grad_norm_(..., max_norm=inf)``, which
-    multiplies every gradient and can turn an Inf into NaN.
+    multiplies every gradient and can turn an Inf into NaN. DTensor gradients (FSDP2, TP)
+    give the global norms; ``process_group`` / ``pp_group``: see ``compute_norms``.
     """
     p = _validate.norm_type(norm_type)
     _, grads = collect_grads(parameters)
-    return compute_norms(grads, p)
+    return compute_norms(grads, p, process_group=process_group, pp_group=pp_group)

@@ -17,7 +17,8 @@
     other core busy torch's own multiply took 10x longer), in reverse order, so the first
     chunks scaled are the last ones the norm pass read, still in the last-level cache;
     float16/bfloat16 through ``torch._foreach_mul_``. Elsewhere ``torch._foreach_mul_``. The result is the same on
-    every path: ``x * coef`` computed in float32, rounded to the tensor's dtype.
+    every path: ``x * coef`` computed in float32, rounded to the tensor's dtype. DTensors
+(FSDP2, TP) are scaled through their local shards.
 
 No host synchronisation happens on CUDA: the chunk tables the kernels read are built once
 per gradient layout (data pointers, sizes, dtype), copied to the device from pinned memory
@@ -207,6 +208,12 @@ def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor, *, allow_cpu: bool 
     """``t <- t * coef`` in place for every tensor; see the module docstring for the paths."""
     if not tensors:
         return
+    if any(type(t).__name__ == "DTensor" for t in tensors):
+        # FSDP2 / TP gradients: scale each rank's local shard in place (the same factor on
+        # every rank: ``coef`` comes from the global norm, gradguard.distributed)
+        tensors = [t.to_local() if type(t).__name__ == "DTensor" else t for t in tensors]
+        if type(coef).__name__ == "DTensor":
+            coef = coef.to_local()
     dev = tensors[0].device
     if _usable(tensors, allow_cpu):
         coef32 = coef.reshape(1).to(torch.float32)
