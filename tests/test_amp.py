@@ -187,3 +187,31 @@ def test_several_optimizers_with_a_scaler_make_one_decision():
     scaler.update()
     assert not bool(stats.skipped)
     assert not same(b1, snapshot(model, o1)) and not same(b2, snapshot(model, o2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_scaler_skips_are_counted_without_a_synchronisation():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 16)
+    guard = gg.Guard(model, gg.NormClip(1.0), max_consecutive_skips=None)
+    x = torch.randn(32, 64, device="cuda")
+    for _ in range(2):  # warm-up: optimizer state, the skip counter's pinned buffer
+        model.zero_grad(set_to_none=True)
+        scaler.scale(model(x).square().mean()).backward()
+        guard.step(opt, scaler=scaler)
+        scaler.update()
+    torch.cuda.synchronize()
+    for s in range(4):
+        model.zero_grad(set_to_none=True)
+        loss = model(x).square().mean() * (1e36 if s % 2 else 1.0)
+        scaler.scale(loss).backward()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            guard.step(opt, scaler=scaler)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        scaler.update()
+    torch.cuda.synchronize()
+    assert guard.skipped_steps == 2
