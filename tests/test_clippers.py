@@ -100,3 +100,144 @@ def test_stateless_clippers_round_trip_state_dict():
         sd = clipper.state_dict()
         clipper.load_state_dict(sd)
         assert clipper.state_dict() == sd
+
+
+# -- issue 15: overflow-safe AGC, threshold arguments, one apply path ---------------------
+
+
+def _agc_case(w_val, g_val, dtype, shape=(3, 4)):
+    p = torch.nn.Parameter(torch.full(shape, w_val, dtype=dtype))
+    p.grad = torch.full(shape, g_val, dtype=dtype)
+    return p
+
+
+@pytest.mark.parametrize("w_val, g_val, dtype", [
+    (1.0, 1e20, torch.float32),      # the squares of the gradient overflow float32
+    (1e20, 1e19, torch.float32),     # and those of the weight: scale by 0.1
+    (1.0, 1e160, torch.float64),     # float64 squares overflow too
+    (1e160, 1e159, torch.float64),
+    (1.0, 3e38, torch.float32),      # the row norm itself is beyond float32 (6e38)
+])
+def test_agc_clips_rows_whose_norms_overflow(w_val, g_val, dtype):
+    p = _agc_case(w_val, g_val, dtype)
+    # float64 reference with max-normalised norms (the exact values, no overflow)
+    w = np.full((3, 4), w_val, dtype=np.float64)
+    g = np.full((3, 4), g_val, dtype=np.float64)
+    wn = w_val * math.sqrt(4.0)
+    gn = g_val * math.sqrt(4.0)
+    max_n = 0.01 * max(wn, 1e-3)
+    want = g * (max_n / gn) if gn > max_n else g
+    stats = gg.AGC()([p])
+    assert bool(stats.clipped) and not bool(stats.nonfinite)
+    # (for 3e38 the factor, 3.3e-41, is a float32 subnormal: 2e-5 relative precision left)
+    rtol = 1e-4 if g_val > 1e38 and dtype == torch.float32 else 1e-5
+    np.testing.assert_allclose(p.grad.double().numpy(), want, rtol=rtol)
+    assert np.isfinite(w).all()
+
+
+def test_agc_overflow_scale_is_one_tenth_when_weights_overflow():
+    p = _agc_case(1e20, 1e19, torch.float32)
+    gg.AGC(clipping=0.01)([p])
+    # ||w_row|| = 2e20, max norm 2e18, ||g_row|| = 2e19: factor 0.1
+    np.testing.assert_allclose(p.grad.numpy(), np.full((3, 4), 1e18, np.float32), rtol=1e-6)
+
+
+def test_normclip_threshold_arguments():
+    with pytest.raises(ValueError, match=r"max_norm=1e\+39 is beyond float32"):
+        gg.NormClip(1e39)
+    with pytest.raises(TypeError, match="per_tensor"):
+        gg.NormClip(1.0, per_tensor="no")
+    clip = gg.NormClip(np.float32(1.0))
+    assert clip.max_norm == 1.0 and type(clip.max_norm) is float
+    assert math.isinf(gg.NormClip(math.inf).max_norm)
+    params = make_params([(3, 2)], torch.float32, 0, scale=5)
+    stats = gg.NormClip(np.float32(0.5))(params)
+    assert float(stats.total_norm_after) == pytest.approx(0.5, rel=1e-5)
+
+
+def test_per_tensor_normclip_is_its_own_class():
+    old = gg.NormClip(0.5, per_tensor=True)
+    from gradguard.clippers import PerTensorNormClip
+    assert isinstance(old, PerTensorNormClip) and old.per_tensor and not old.scalar
+    new = PerTensorNormClip(0.5)
+    a = make_params([(3, 2), (4,)], torch.float64, 1, scale=5)
+    b = make_params([(3, 2), (4,)], torch.float64, 1, scale=5)
+    want = ref.clip_per_tensor([ref.to_np(q.grad) for q in a], 0.5, 2.0)
+    old(a)
+    new(b)
+    for x, y, w in zip(a, b, want):
+        assert torch.equal(x.grad, y.grad)
+        np.testing.assert_allclose(ref.to_np(x.grad), w, rtol=1e-6)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: gg.NormClip(0.1), lambda: gg.AutoClip(10.0), lambda: gg.ZClip(warmup_steps=1),
+    lambda: gg.OvershootClip(), lambda: gg.AutoClip(50.0, window=4),
+])
+def test_every_scalar_clipper_applies_through_multi_tensor_scale(monkeypatch, make):
+    import gradguard.clippers as clippers_mod
+
+    calls = []
+    real = clippers_mod.multi_tensor_scale_
+
+    def spy(tensors, coef, **kw):
+        calls.append(float(coef))
+        return real(tensors, coef, **kw)
+
+    monkeypatch.setattr(clippers_mod, "multi_tensor_scale_", spy)
+    clip = make()
+    for scale in (1.0, 1.0, 50.0):
+        params = make_params([(3, 2), (2,)], torch.float32, 0, scale=scale)
+        n = gg.grad_norm(params)
+        coef = clip.coefficient(n)
+        stats = clip.clip_(params, [q.grad for q in params], n, apply=True)
+        assert torch.equal(coef, stats.clip_coef)  # coefficient() is what clip_ applies
+        clip.observe(n, ~stats.nonfinite)
+    assert len(calls) == 3
+
+
+def _readme_clipper():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- custom-clipper -->\s*```python\n(.*?)```\s*<!-- /custom-clipper -->",
+                      text, re.S)
+    assert block, "README.md has no custom-clipper block"
+    lines = block.group(1).strip().splitlines()
+    assert len(lines) <= 11, "the README promises a ten-line clipper"
+    ns = {"gg": gg, "torch": torch}
+    exec(block.group(1), ns)  # noqa: S102 - the README's own example, run as written
+    return ns["HalveAbove"]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_readme_user_clipper_works_in_guard(fused):
+    """The README's user-written clipper, run in a Guard: it halves the gradients of a step
+    whose norm exceeds the limit (on the fused path through grad_scale), leaves the others,
+    and a NaN step is still skipped with parameters unchanged."""
+    from gradguard.protocols import Clipper as ClipperProtocol
+
+    HalveAbove = _readme_clipper()
+    assert isinstance(HalveAbove(1.0), ClipperProtocol)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, fused=fused)
+    guard = gg.Guard(model, clipper=HalveAbove(50.0), max_consecutive_skips=None)
+    for scale, halved in [(1.0, False), (100.0, True), (1.0, False), (100.0, True)]:
+        opt.zero_grad()
+        before = [p.detach().clone() for p in model.parameters()]
+        (scale * model(torch.ones(4, 3)).sum()).backward()
+        grads = [p.grad.detach().clone() for p in model.parameters()]
+        stats = guard.step(opt)
+        assert bool(stats.clipped) == halved
+        f = 0.5 if halved else 1.0
+        for p, b, g in zip(model.parameters(), before, grads):
+            torch.testing.assert_close(p.detach(), b - 0.1 * f * g)  # plain SGD: p - lr * g
+    opt.zero_grad()
+    model(torch.ones(4, 3)).sum().backward()
+    model.weight.grad[0, 0] = math.nan
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = guard.step(opt)
+    assert bool(stats.skipped) and bool(stats.nonfinite)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

@@ -299,14 +299,18 @@ class AGC(Clipper):
             raise ValueError("AGC needs the parameters, not only their gradients")
         if not grads:
             return _unclipped(norms)
-        nonfinite = norms.nonfinite
-        after_per = []
-        any_clipped = []
+        unit = []
         for p, g in zip(params, grads):
             axis = tuple(range(1, g.dim())) if g.dim() > 1 else None
             acc = torch.float64 if g.dtype == torch.float64 else torch.float32
-            g_n = _agc.unit_norm(g.detach().to(acc), axis, TORCH)
-            w_n = _agc.unit_norm(p.detach().to(acc), axis, TORCH)
+            unit.append((_agc.unit_norm(g.detach().to(acc), axis, TORCH),
+                         _agc.unit_norm(p.detach().to(acc), axis, TORCH)))
+        # some element NaN/Inf: a max-normalised root is then not finite (it is <= sqrt(n)
+        # otherwise), so an overflowing norm is not mistaken for a non-finite gradient
+        nonfinite = torch.stack([~torch.isfinite(g_n.root).all() for g_n, _ in unit]).any()
+        after_per = []
+        any_clipped = []
+        for g, (g_n, w_n) in zip(grads, unit):
             coef = _agc.coefficient(self.cfg, g_n, w_n, TORCH, nonfinite=nonfinite,
                                     propagate=propagate_nonfinite)
             if apply:
