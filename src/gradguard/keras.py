@@ -50,6 +50,7 @@ import tensorflow as tf
 from keras import ops
 
 from . import tensorflow as ggtf
+from .rules.xp_tf import TF
 
 try:  # the decorator LossScaleOptimizer.build uses: variables made in build are tracked once
     from keras.src.utils.tracking import no_automatic_dependency_tracking as _no_tracking
@@ -69,41 +70,77 @@ LAYER_FIELDS = ("grad_norm", "grad_max_abs", "nonfinite_count", "param_norm")
 
 
 # -- clipper specs ------------------------------------------------------------------------------
+_RULE_OF = {"AutoClip": "autoclip", "ZClip": "zclip", "OvershootClip": "overshoot",
+            "SpikeSkip": "spike_skip"}
+
+
 def clipper_config(spec: Any, name: str = "clipper") -> dict[str, Any] | None:
     """The plain-dict form of a clipper or skip spec (what ``get_config`` stores).
 
     Accepts the gradguard objects (``gg.NormClip``, ``gg.ValueClip``, ``gg.AGC``,
-    ``gg.AutoClip``, ``gg.ZClip``, ``gg.OvershootClip``, ``gg.SpikeSkip``) without importing
-    torch here (their public attributes are read), ``"auto"``, None, or such a dict.
+    ``gg.AutoClip``, ``gg.ZClip``, ``gg.OvershootClip``, ``gg.SpikeSkip``; their
+    configuration is read, nothing of torch is used), ``"auto"`` (``OvershootClip()``), None,
+    or such a dict (``{"rule": "zclip", "warmup_steps": 10}``: the keyword arguments of
+    ``gradguard.rules.<rule>.config``; for ``"norm"`` / ``"norm_per_tensor"``: ``max_norm``;
+    ``"value"``: ``min_value``/``max_value``; ``"agc"``: ``clipping``, ``eps``;
+    ``"overshoot"``: its arguments plus ``optimizer_scale``). Checked at once: errors name
+    the argument.
     """
     if spec is None:
         return None
     if isinstance(spec, str):
         if spec == "auto":
-            return {"rule": "overshoot"}
+            return _checked({"rule": "overshoot"}, name)
         raise ValueError(f"{name} must be 'auto', None or a gradguard clipper, got {spec!r}")
     if isinstance(spec, dict):
         if "rule" not in spec:
             raise ValueError(f"{name} dict needs a 'rule' key, got {spec!r}")
-        return dict(spec)
+        return _checked(dict(spec), name)
     kind = type(spec).__name__
-    get = lambda a, d=None: getattr(spec, a, d)  # noqa: E731
-    if kind == "NormClip":
-        if float(get("norm_type", 2.0)) != 2.0:
-            raise ValueError(f"{name}: Keras clipping supports norm_type=2 only, got {get('norm_type')!r}")
-        return {"rule": "norm_per_tensor" if get("per_tensor") else "norm", "max_norm": float(get("max_norm"))}
+    if kind in ("NormClip", "PerTensorNormClip"):
+        if float(getattr(spec, "norm_type", 2.0)) != 2.0:
+            raise ValueError(f"{name}: Keras clipping supports norm_type=2 only, got "
+                             f"{spec.norm_type!r}")
+        per = kind == "PerTensorNormClip" or getattr(spec, "per_tensor", False) is True
+        rule = "norm_per_tensor" if per else "norm"
+        return _checked({"rule": rule, "max_norm": float(spec.max_norm)}, name)
     if kind == "ValueClip":
-        return {"rule": "value", "min_value": get("min_value"), "max_value": get("max_value")}
+        return _checked({"rule": "value", "min_value": spec.min_value, "max_value": spec.max_value}, name)
     if kind == "AGC":
-        return {"rule": "agc", "clipping": float(get("clipping")), "eps": float(get("eps"))}
-    if kind in ("AutoClip", "ZClip", "OvershootClip", "SpikeSkip"):
-        return _rule_config(spec, kind, name)
+        return _checked({"rule": "agc", "clipping": float(spec.clipping), "eps": float(spec.eps)}, name)
+    if kind == "OvershootClip":
+        cfg = {k: getattr(spec, k) for k in ("beta", "init_step", "floor", "spike_factor", "ema")}
+        return _checked({"rule": "overshoot", **cfg, "optimizer_scale": bool(spec.optimizer_scale)}, name)
+    if kind in _RULE_OF and hasattr(spec, "cfg"):
+        return _checked({"rule": _RULE_OF[kind], **spec.cfg._asdict()}, name)
     raise TypeError(f"{name} must be a gradguard clipper (NormClip, ValueClip, AGC, AutoClip, ZClip, "
-                    f"OvershootClip), 'auto' or None; got {type(spec).__name__} {spec!r}")
+                    f"OvershootClip), SpikeSkip, 'auto' or None; got {type(spec).__name__} {spec!r}")
 
 
-def _rule_config(spec: Any, kind: str, name: str) -> dict[str, Any]:
-    raise NotImplementedError(f"{name}: {kind} needs gradguard.rules (not yet wired)")
+def _checked(d: dict[str, Any], name: str) -> dict[str, Any]:
+    """``d`` after building its rule configuration once (so a bad value fails here)."""
+    _rule_cfg(d, name)
+    return d
+
+
+def _rule_cfg(d: dict[str, Any], name: str = "clipper", mode: str = "cap", beta2: float = 0.999) -> Any:
+    """The ``gradguard.rules`` configuration of a spec dict."""
+    from . import rules
+
+    kw = {k: v for k, v in d.items() if k != "rule"}
+    rule = d["rule"]
+    if rule in ("norm", "norm_per_tensor"):
+        return rules.norm_clip.config(**kw)
+    if rule == "value":
+        return rules.value_clip.config(**kw)
+    if rule == "agc":
+        return rules.agc.config(**kw)
+    if rule == "overshoot":
+        kw.pop("optimizer_scale", None)
+        return rules.overshoot.config(mode, beta2=beta2, **kw)
+    if rule in ("autoclip", "zclip", "spike_skip"):
+        return getattr(rules, rule).config(**kw)
+    raise ValueError(f"{name}: unknown rule {rule!r}")
 
 
 # -- the wrapper ---------------------------------------------------------------------------------
@@ -432,19 +469,20 @@ def _layer_stats(per, grads, params, index, n_layers):
 
 # -- clip and skip rules as Keras state ------------------------------------------------------------
 class _Clip:
-    """One clipper spec on Keras variables: ``build`` makes its state, ``decide`` computes the
-    step's decision from norms (pure), ``apply`` clips one replica's gradients, ``commit``
-    keeps the proposed state only for accepted steps."""
+    """One clipper spec over the shared rules: ``build`` makes its state variables,
+    ``decide`` computes the step's decision from the global gradients (pure: the proposed
+    state is returned, not assigned), ``apply`` clips one replica's gradients with it and
+    ``commit`` keeps the proposed state only for accepted steps (``rules.commit``)."""
 
     def __init__(self, cfg: dict[str, Any] | None):
-        self.cfg = cfg
+        self.spec = cfg
 
     def build(self, opt, var_list) -> None:
         pass
 
     def decide(self, grads, params, per, total, opt, nonfinite) -> dict[str, Any]:
-        one = tf.ones((), tf.float32)
-        return {"coef": one, "clipped": tf.zeros((), tf.bool), "threshold": None, "apply": []}
+        return {"coef": tf.ones((), tf.float32), "clipped": tf.zeros((), tf.bool),
+                "threshold": None, "apply": []}
 
     def apply(self, grads, tvs, apply_args):
         return grads
@@ -454,114 +492,15 @@ class _Clip:
 
 
 def _after_ratio(after, before):
+    """``||g after|| / ||g before||`` (1 where the norm before is 0)."""
     after = tf.cast(after, tf.float32)
     before = tf.cast(before, tf.float32)
     ok = before > 0
     return tf.where(ok, after / tf.where(ok, before, tf.ones_like(before)), tf.ones_like(before))
 
 
-class _ValueClip(_Clip):
-    def _clamp(self, grads):
-        return ggtf.clip_by_value(grads, self.cfg.get("min_value"), self.cfg.get("max_value"))
-
-    def decide(self, grads, params, per, total, opt, nonfinite):
-        clamped = self._clamp(grads)
-        _, after = ggtf.norms(clamped)
-        coef = _after_ratio(after, total)
-        changed = [tf.reduce_any(tf.not_equal(_vals(a), _vals(g))) for a, g in zip(clamped, grads)
-                   if g is not None]
-        clipped = tf.reduce_any(tf.stack(changed)) if changed else tf.zeros((), tf.bool)
-        return {"coef": coef, "clipped": clipped, "threshold": None, "apply": []}
-
-    def apply(self, grads, tvs, apply_args):
-        return self._clamp(grads)
-
-
 def _vals(g):
     return g.values if isinstance(g, tf.IndexedSlices) else g
-
-
-class _GlobalNormClip(_Clip):
-    """Fixed global-norm clip (``gg.NormClip(max_norm)``)."""
-
-    def threshold(self, total, opt):
-        return tf.constant(self.cfg["max_norm"], tf.float32), None
-
-    def decide(self, grads, params, per, total, opt, nonfinite):
-        thr, state = self.threshold(total, opt)
-        coef = _global_coef(tf.cast(total, tf.float32), thr)
-        if opt.on_nonfinite != "propagate":
-            coef = tf.where(nonfinite, tf.ones_like(coef), coef)
-        return {"coef": coef, "clipped": coef < 1.0, "threshold": thr, "apply": [coef], "state": state}
-
-    def apply(self, grads, tvs, apply_args):
-        (coef,) = apply_args
-        return [None if g is None else _map_values(g, lambda x: ggtf._scale(x, coef)) for g in grads]
-
-
-class _PerTensorClip(_Clip):
-    """Each variable to its own norm (``gg.NormClip(max_norm, per_tensor=True)``, Keras clipnorm)."""
-
-    def decide(self, grads, params, per, total, opt, nonfinite):
-        c = tf.constant(self.cfg["max_norm"], tf.float32)
-        coefs = []
-        for n in per:
-            if n is None:
-                coefs.append(None)
-                continue
-            k = _per_tensor_coef(tf.cast(n, tf.float32), c)
-            if opt.on_nonfinite != "propagate":
-                k = tf.where(tf.math.is_finite(n), k, tf.ones_like(k))
-            coefs.append(k)
-        present = [(k, n) for k, n in zip(coefs, per) if k is not None]
-        if present:
-            after = tf.sqrt(tf.add_n([tf.square(tf.cast(n, tf.float32) * k) for k, n in present]))
-            clipped = tf.reduce_any(tf.stack([k < 1.0 for k, _ in present]))
-        else:
-            after, clipped = tf.zeros((), tf.float32), tf.zeros((), tf.bool)
-        coef = _after_ratio(after, total)
-        return {"coef": coef, "clipped": clipped, "threshold": c, "apply": [k for k in coefs if k is not None]}
-
-    def apply(self, grads, tvs, apply_args):
-        return _scale_each(grads, apply_args)
-
-
-class _AGC(_Clip):
-    """Unit-wise clipping (Brock et al. 2021): each output unit's gradient to
-    ``clipping * max(||W_unit||, eps)``. Keras kernels are (..., in, out): a unit is a slice of
-    the last axis; 0-d and 1-d variables are one unit. The per-unit factor is the per-tensor
-    norm-clip coefficient applied to unit norms."""
-
-    def _unit_coefs(self, grads, params, opt):
-        out = []
-        for g, p in zip(grads, params):
-            if g is None:
-                out.append(None)
-                continue
-            x = tf.convert_to_tensor(_vals(g))
-            axes = list(range(x.shape.rank - 1)) if x.shape.rank and x.shape.rank > 1 else None
-            gn = ggtf._norm(x, axes, keepdims=True)
-            wn = ggtf._norm(tf.convert_to_tensor(p), axes, keepdims=True)
-            limit = self.cfg["clipping"] * tf.maximum(tf.cast(wn, tf.float32), self.cfg["eps"])
-            k = _per_tensor_coef(tf.cast(gn, tf.float32), limit)
-            if opt.on_nonfinite != "propagate":
-                k = tf.where(tf.math.is_finite(gn), k, tf.ones_like(k))
-            out.append((k, gn))
-        return out
-
-    def decide(self, grads, params, per, total, opt, nonfinite):
-        units = self._unit_coefs(grads, params, opt)
-        present = [u for u in units if u is not None]
-        if present:
-            after = tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(tf.cast(gn, tf.float32) * k)) for k, gn in present]))
-            clipped = tf.reduce_any(tf.stack([tf.reduce_any(k < 1.0) for k, _ in present]))
-        else:
-            after, clipped = tf.zeros((), tf.float32), tf.zeros((), tf.bool)
-        return {"coef": _after_ratio(after, total), "clipped": clipped, "threshold": None,
-                "apply": [k for k, _ in present]}
-
-    def apply(self, grads, tvs, apply_args):
-        return _scale_each(grads, apply_args)
 
 
 def _scale_each(grads, coefs):
@@ -577,32 +516,255 @@ def _scale_each(grads, coefs):
     return out
 
 
-def _global_coef(total, thr):
-    return ggtf._rules().global_coef(total, thr)
+class _ValueClip(_Clip):
+    """``rules.value_clip``: every element into ``[min_value, max_value]``."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.cfg = _rule_cfg(cfg)
+
+    def _clamp(self, grads):
+        from .rules import value_clip
+        return [None if g is None else _map_values(g, lambda x: value_clip.clip(self.cfg, x, TF))
+                for g in grads]
+
+    def decide(self, grads, params, per, total, opt, nonfinite):
+        clamped = self._clamp(grads)
+        _, after = ggtf.norms(clamped)
+        changed = [tf.reduce_any(tf.not_equal(_vals(a), _vals(g))) for a, g in zip(clamped, grads)
+                   if g is not None]
+        clipped = tf.reduce_any(tf.stack(changed)) if changed else tf.zeros((), tf.bool)
+        return {"coef": _after_ratio(after, total), "clipped": clipped, "threshold": None, "apply": []}
+
+    def apply(self, grads, tvs, apply_args):
+        return self._clamp(grads)
 
 
-def _per_tensor_coef(n, c):
-    return ggtf._rules().per_tensor_coef(n, c)
+class _ScalarClip(_Clip):
+    """A global-norm clip: ``rules.norm_clip.coefficient(total, threshold)``; the threshold is
+    fixed (``gg.NormClip``) or comes from a stateful rule (subclasses)."""
+
+    strict = False  # torch's formula bit for bit for the fixed NormClip, as gg.NormClip
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.cfg = _rule_cfg(cfg)
+
+    def threshold(self, total, grads, params, opt):
+        """(threshold, proposed state or None)."""
+        from .rules import norm_clip
+        return norm_clip.threshold(self.cfg, TF, total), None
+
+    def decide(self, grads, params, per, total, opt, nonfinite):
+        from .rules import norm_clip
+        total = tf.cast(total, tf.float32)
+        thr, state = self.threshold(total, grads, params, opt)
+        coef = norm_clip.coefficient(total, thr, TF, nonfinite=nonfinite,
+                                     propagate=opt.on_nonfinite == "propagate", strict=self.strict)
+        return {"coef": coef, "clipped": coef < 1.0, "threshold": thr, "apply": [coef], "state": state}
+
+    def apply(self, grads, tvs, apply_args):
+        return _scale_each(grads, [apply_args[0]] * sum(g is not None for g in grads))
+
+
+class _PerTensorClip(_Clip):
+    """``rules.norm_clip.per_tensor_coefficients``: each variable to its own norm
+    (``gg.NormClip(max_norm, per_tensor=True)``, Keras ``clipnorm``)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.cfg = _rule_cfg(cfg)
+
+    def decide(self, grads, params, per, total, opt, nonfinite):
+        from .rules import norm_clip
+        present = [tf.cast(n, tf.float32) for n in per if n is not None]
+        if not present:
+            return super().decide(grads, params, per, total, opt, nonfinite)
+        norms = tf.stack(present)
+        coefs = norm_clip.per_tensor_coefficients(norms, self.cfg.max_norm, TF, nonfinite=nonfinite,
+                                                  propagate=opt.on_nonfinite == "propagate")
+        after = tf.sqrt(tf.reduce_sum(tf.square(norms * coefs)))
+        return {"coef": _after_ratio(after, total), "clipped": tf.reduce_any(coefs < 1.0),
+                "threshold": tf.constant(self.cfg.max_norm, tf.float32),
+                "apply": tf.unstack(coefs, num=len(present))}
+
+    def apply(self, grads, tvs, apply_args):
+        return _scale_each(grads, apply_args)
+
+
+class _AGC(_Clip):
+    """``rules.agc`` (Brock et al. 2021): each unit's gradient to ``clipping * max(||W_unit||,
+    eps)``. Keras kernels are (..., in, out): a unit is a slice of the last axis (the norm is
+    taken over all other axes); 0-d and 1-d variables are one unit each."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.cfg = _rule_cfg(cfg)
+
+    def _coefs(self, grads, params, opt, nonfinite):
+        from .rules import agc
+        out = []
+        for g, p in zip(grads, params):
+            if g is None:
+                continue
+            x = tf.convert_to_tensor(_vals(g))
+            acc = tf.float64 if x.dtype == tf.float64 else tf.float32
+            x = tf.cast(x, acc)
+            w = tf.cast(tf.convert_to_tensor(p), acc)
+            rank = x.shape.rank or 0
+            axis = tuple(range(rank - 1)) if rank > 1 else None
+            gn, wn = agc.unit_norm(x, axis, TF), agc.unit_norm(w, axis, TF)
+            k = agc.coefficient(self.cfg, gn, wn, TF, nonfinite=nonfinite,
+                                propagate=opt.on_nonfinite == "propagate")
+            out.append((k, gn.norm))
+        return out
+
+    def decide(self, grads, params, per, total, opt, nonfinite):
+        units = self._coefs(grads, params, opt, nonfinite)
+        if not units:
+            return super().decide(grads, params, per, total, opt, nonfinite)
+        after = tf.sqrt(tf.add_n([tf.cast(tf.reduce_sum(tf.square(n * k)), tf.float32) for k, n in units]))
+        clipped = tf.reduce_any(tf.stack([tf.reduce_any(k < 1.0) for k, _ in units]))
+        return {"coef": _after_ratio(after, total), "clipped": clipped, "threshold": None,
+                "apply": [k for k, _ in units]}
+
+    def apply(self, grads, tvs, apply_args):
+        return _scale_each(grads, apply_args)
+
+
+class _StateVars:
+    """A rule's State NamedTuple kept in Keras optimizer variables (saved with the optimizer)."""
+
+    def __init__(self, opt, prefix: str, make_state: Any):
+        with tf.init_scope():  # build may run inside the first traced step: make values eagerly
+            state0 = make_state()
+            inits = [v.numpy() for v in state0]
+        self.type = type(state0)
+        self.vars = []
+        for field, value, init in zip(state0._fields, state0, inits):
+            self.vars.append(opt.add_variable(tuple(value.shape), dtype=value.dtype.name,
+                                              initializer=lambda shape, dtype, v=init: v,
+                                              name=f"gg_{prefix}_{field}"))
+
+    def read(self):
+        return self.type(*[tf.convert_to_tensor(_read(v)) for v in self.vars])
+
+    def assign(self, state) -> None:
+        for v, x in zip(self.vars, state):
+            v.assign(tf.cast(x, v.dtype))
+
+
+class _RuleClip(_ScalarClip):
+    """An adaptive global-norm clip (``rules.autoclip``, ``rules.zclip``, ``rules.overshoot``):
+    the threshold comes from the rule's ``update`` on its state variables; the coefficient
+    is ``norm_clip.coefficient(..., strict=True)`` as in the torch facades."""
+
+    strict = True
+
+    def __init__(self, cfg):
+        _Clip.__init__(self, cfg)
+        from . import rules
+        self.mod = getattr(rules, cfg["rule"])
+        self.cfg = _rule_cfg(cfg)
+        self.mode = getattr(self.cfg, "mode", None)
+
+    def build(self, opt, var_list) -> None:
+        if self.spec["rule"] == "overshoot":
+            self.cfg = _overshoot_cfg(self.spec, opt.inner_optimizer)
+            self.mode = self.cfg.mode
+        self.state = _StateVars(opt, self.spec["rule"], lambda: self.mod.init(self.cfg, TF, None))
+
+    def threshold(self, total, grads, params, opt):
+        st = self.state.read()
+        if self.spec["rule"] != "overshoot":
+            return self.mod.update(self.cfg, st, total, TF)
+        cos = None
+        if self.mode == "momentum":
+            st = st._replace(init_limit=tf.where((st.count == 0) & ~st.started,
+                                                 _initial_limit(self.cfg, params, opt), st.init_limit))
+            cos = _momentum_cosine(grads, opt.inner_optimizer)
+        return self.mod.update(self.cfg, st, self.mod.Observation(total, cos), TF)
+
+    def commit(self, accept, decision, opt) -> None:
+        from . import rules
+        self.state.assign(rules.commit(accept, decision["state"], self.state.read(), TF))
+
+
+def _overshoot_cfg(spec: dict[str, Any], inner) -> Any:
+    """The default's mode from the inner optimizer, as the torch facade picks it: step-size
+    control with SGD + momentum, the optimizer-scale cap with ``optimizer_scale`` and an
+    Adam-like optimizer (``beta_2``), else the geometric spike cap."""
+    if isinstance(inner, keras.optimizers.SGD) and float(inner.momentum) > 0:
+        return _rule_cfg(spec, mode="momentum")
+    if spec.get("optimizer_scale") and hasattr(inner, "beta_2"):
+        return _rule_cfg(spec, mode="adaptive", beta2=float(inner.beta_2))
+    return _rule_cfg(spec, mode="cap")
+
+
+def _initial_limit(cfg, params, opt):
+    from .rules import overshoot
+    floats = [tf.convert_to_tensor(p) for p in params if p.dtype.is_floating]
+    pnorm = ggtf.global_norm(floats)
+    lr = tf.cast(opt.inner_optimizer._get_current_learning_rate(), tf.float32)
+    return overshoot.initial_limit(cfg, tf.cast(pnorm, tf.float32), lr, TF)
+
+
+def _momentum_cosine(grads, inner):
+    """``cos(g_t, u_{t-1})``, ``u`` the direction of the last update: Keras SGD keeps
+    ``m <- momentum * m - lr * g`` and adds ``m``, so torch's buffer (``u``) is ``-m / lr``:
+    the cosine with ``-m``. Over every variable (one extra read of g and m)."""
+    from .rules import overshoot
+    dot, gsq, msq = [], [], []
+    for g, m in zip(grads, inner.momentums):
+        if g is None:
+            continue
+        x = tf.cast(tf.convert_to_tensor(g), tf.float32)  # IndexedSlices densified here
+        u = -tf.cast(tf.convert_to_tensor(_read(m)), tf.float32)
+        dot.append(tf.reduce_sum(x * u))
+        gsq.append(tf.reduce_sum(x * x))
+        msq.append(tf.reduce_sum(u * u))
+    if not dot:
+        return tf.zeros((), tf.float32)
+    return overshoot.cosine(tf.add_n(dot), tf.sqrt(tf.add_n(gsq)), tf.sqrt(tf.add_n(msq)), TF)
+
+
+class _SpikeSkip:
+    """``rules.spike_skip`` on Keras variables: refuse a step whose norm (or loss, when Keras
+    hands it over through ``scale_loss``) spikes."""
+
+    def __init__(self, cfg):
+        from .rules import spike_skip
+        self.spec = cfg
+        self.mod = spike_skip
+        self.cfg = _rule_cfg(cfg)
+
+    def build(self, opt, var_list) -> None:
+        self.state = _StateVars(opt, "skip", lambda: self.mod.init(self.cfg, TF, None))
+
+    def decide(self, total, loss, opt):
+        loss = None if loss is None or not self.cfg.watch_loss else \
+            tf.cast(tf.reshape(loss, []), tf.float32)
+        skip, prop = self.mod.update(self.cfg, self.state.read(),
+                                     self.mod.Observation(tf.cast(total, tf.float32), loss), TF)
+        return skip, prop
+
+    def commit(self, accept, proposed, opt) -> None:
+        from . import rules
+        self.state.assign(rules.commit(accept, proposed, self.state.read(), TF))
 
 
 def _make_clip(cfg: dict[str, Any] | None) -> _Clip:
     if cfg is None:
         return _Clip(None)
-    rule = cfg["rule"]
-    table = {"value": _ValueClip, "norm": _GlobalNormClip, "norm_per_tensor": _PerTensorClip, "agc": _AGC}
-    if rule in table:
-        return table[rule](cfg)
-    return _make_adaptive(cfg)
-
-
-def _make_adaptive(cfg: dict[str, Any]) -> _Clip:
-    raise NotImplementedError(f"clipper rule {cfg['rule']!r} needs gradguard.rules (not yet wired)")
+    table = {"value": _ValueClip, "norm": _ScalarClip, "norm_per_tensor": _PerTensorClip,
+             "agc": _AGC, "autoclip": _RuleClip, "zclip": _RuleClip, "overshoot": _RuleClip}
+    if cfg["rule"] not in table:
+        raise ValueError(f"clipper: {cfg['rule']!r} is not a clipper rule")
+    return table[cfg["rule"]](cfg)
 
 
 def _make_skip(cfg: dict[str, Any] | None):
-    if cfg is None:
-        return None
-    raise NotImplementedError("skip rules need gradguard.rules (not yet wired)")
+    return None if cfg is None else _SpikeSkip(cfg)
 
 
 class Monitor:  # placeholder until the monitor section below is written

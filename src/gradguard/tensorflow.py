@@ -20,9 +20,10 @@ Everything is graph ops: the functions run eagerly, inside ``tf.function`` and w
 ``jit_compile=True`` (XLA), with no host read. Units: norms are Euclidean (L2) norms in the
 gradients' units; ``clip_norm`` is in the same units.
 
-The global clip coefficient ``min(1, clip_norm / norm)`` (TensorFlow's formula, no epsilon) and
-the per-tensor one ``clip_norm / max(norm, clip_norm)`` come from the shared rule
-``gradguard.rules.norm_clip`` through the TensorFlow array namespace.
+The global clip coefficient ``min(1, clip_norm / norm)`` (TensorFlow's formula: the shared rule
+``gradguard.rules.norm_clip.coefficient`` with ``eps=0``) and the per-tensor one ``clip_norm /
+max(norm, clip_norm)`` (``norm_clip.per_tensor_coefficients``) come from the shared rule through
+the TensorFlow array namespace ``gradguard.rules.xp_tf``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ import math
 from typing import Any
 
 import tensorflow as tf
+
+from .rules import norm_clip
+from .rules.xp_tf import TF
 
 __all__ = ["clip_by_global_norm", "clip_by_norm", "clip_by_value", "global_norm", "norms"]
 
@@ -259,11 +263,10 @@ def clip_by_norm(tensor: Any, clip_norm: Any, axes: Any = None, *,
         if on_nonfinite == "zero":
             x = _zero_nonfinite(x)
         n = _norm(x, axes, keepdims=True)
-        coef = _rules().per_tensor_coef(n, tf.cast(c, n.dtype))
-        if on_nonfinite == "keep":
-            coef = tf.where(tf.math.is_finite(n), coef, tf.ones_like(coef))
-        elif on_nonfinite == "propagate":
-            coef = tf.where(tf.math.is_finite(n), coef, tf.fill(tf.shape(coef), tf.constant(math.nan, coef.dtype)))
+        bad = ~tf.math.is_finite(n)
+        coef = _per_tensor_coef(n, c, nonfinite=bad, propagate=on_nonfinite == "propagate")
+        if on_nonfinite == "propagate":  # TensorFlow's result for a NaN/Inf norm: NaN
+            coef = tf.where(bad, tf.constant(math.nan, coef.dtype), coef)
         out.append(_rewrap(t, _scale(x, coef)))
     return out[0] if single else out
 
@@ -297,30 +300,24 @@ def clip_by_global_norm(tensors: Any, clip_norm: Any, use_norm: Any = None, *,
     if on_nonfinite == "zero":
         cleaned = [None if t is None else _rewrap(t, _zero_nonfinite(_values(t))) for t in items]
         used = global_norm(cleaned) if use_norm is None else norm
-        coef = _rules().global_coef(used, tf.cast(c, used.dtype))
+        coef = _global_coef(used, c, nonfinite=None, propagate=False)
         items = cleaned
     else:
-        coef = _rules().global_coef(norm, tf.cast(c, norm.dtype))
-        finite = tf.math.is_finite(norm)
-        if on_nonfinite == "keep":
-            coef = tf.where(finite, coef, tf.ones_like(coef))
-        else:
-            coef = tf.where(finite, coef, tf.constant(math.nan, coef.dtype))
+        bad = ~tf.math.is_finite(norm)
+        coef = _global_coef(norm, c, nonfinite=bad, propagate=on_nonfinite == "propagate")
+        if on_nonfinite == "propagate":  # TensorFlow's all-NaN, also for a NaN norm
+            coef = tf.where(bad, tf.constant(math.nan, coef.dtype), coef)
     out = [None if t is None else _rewrap(t, _scale(_values(t), coef)) for t in items]
     return out, norm
 
 
-class _Coefs:
-    """TEMPORARY until gradguard.rules.norm_clip lands: the two coefficients."""
-
-    @staticmethod
-    def global_coef(norm: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
-        return tf.minimum(tf.ones_like(norm), c / norm)
-
-    @staticmethod
-    def per_tensor_coef(n: tf.Tensor, c: tf.Tensor) -> tf.Tensor:
-        return tf.where(n > c, c / n, tf.ones_like(n))
+def _global_coef(norm: tf.Tensor, clip_norm: Any, *, nonfinite: Any, propagate: bool) -> tf.Tensor:
+    """The shared rule's global coefficient with TensorFlow's formula (no epsilon)."""
+    return norm_clip.coefficient(norm, tf.cast(clip_norm, norm.dtype), TF, nonfinite=nonfinite,
+                                 propagate=propagate, eps=0.0)
 
 
-def _rules() -> Any:
-    return _Coefs
+def _per_tensor_coef(n: tf.Tensor, clip_norm: Any, *, nonfinite: Any, propagate: bool) -> tf.Tensor:
+    """The shared rule's per-tensor coefficient ``c / max(n, c)`` (exactly 1 when unclipped)."""
+    return norm_clip.per_tensor_coefficients(n, tf.cast(clip_norm, n.dtype), TF,
+                                             nonfinite=nonfinite, propagate=propagate)
