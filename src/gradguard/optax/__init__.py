@@ -12,6 +12,7 @@ Norms are float32 L2 norms accumulated in float32 whatever the update dtype. See
 
 from __future__ import annotations
 
+from ._adaptive import AutoState, auto, autoclip, spike_skip, zclip
 from ._clip import (
     AGCState,
     ClipState,
@@ -27,6 +28,11 @@ from ._tree import TreeNorms, leaf_names, tree_norms
 
 __all__ = [
     "AGCState",
+    "AutoState",
+    "auto",
+    "autoclip",
+    "spike_skip",
+    "zclip",
     "ClipState",
     "PerLeafClipState",
     "SkipState",
