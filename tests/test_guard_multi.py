@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import gradguard as gg
 
@@ -103,3 +105,35 @@ def test_one_optimizer_per_call_would_count_twice():
         twice.step(o1)
         twice.step(o2)
     assert twice.step_count == 10
+
+
+@settings(max_examples=30, deadline=None)
+@given(scale=st.floats(min_value=1e-3, max_value=1e3), max_norm=st.floats(min_value=1e-2, max_value=10.0),
+       split=st.integers(min_value=1, max_value=3), bad=st.sampled_from([None, 0, 1, 2, 3]))
+def test_several_optimizers_match_torch_on_all_parameters(scale, max_norm, split, bad):
+    """Property: stepping k optimizers over a split of the parameters is torch's global clip over
+    all of them then each step; a non-finite gradient in any part refuses every part."""
+    m1, m2 = make_model(), make_model()
+    p1, p2 = list(m1.parameters()), list(m2.parameters())
+    opts1 = [torch.optim.SGD(p1[:split], lr=0.1), torch.optim.SGD(p1[split:], lr=0.1)]
+    opts2 = [torch.optim.SGD(p2[:split], lr=0.1), torch.optim.SGD(p2[split:], lr=0.1)]
+    guard = gg.Guard(m1, gg.NormClip(max_norm))
+    for m in (m1, m2):
+        backward(m, 0)
+        for p in m.parameters():
+            p.grad.mul_(scale)
+    if bad is not None:
+        p1[bad].grad.view(-1)[0] = float("nan")
+    stats = guard.step(opts1)
+    if bad is not None:
+        assert bool(stats.skipped)
+        for a, b in zip(p1, p2):  # m2 never stepped: same initial parameters
+            assert torch.equal(a, b)
+        return
+    want = torch.nn.utils.clip_grad_norm_(p2, max_norm)
+    for o in opts2:
+        o.step()
+    assert not bool(stats.skipped)
+    torch.testing.assert_close(stats.total_norm, want, rtol=1e-5, atol=0)
+    for a, b in zip(p1, p2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

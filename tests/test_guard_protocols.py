@@ -173,4 +173,7 @@ def test_objects_of_the_wrong_shape_are_refused_by_name():
 
     with pytest.raises(TypeError, match="clipper.scalar must be True or False"):
         gg.Guard(model, clipper=NotABool(1.0))
+    for arg, cls in (("clipper", gg.NormClip), ("skip", gg.SpikeSkip), ("monitor", gg.Monitor)):
+        with pytest.raises(TypeError, match=rf"{arg} is the class {cls.__name__}, not an object"):
+            gg.Guard(model, **{arg: cls})
     assert P.missing(object(), P.SkipRule) == ["check", "load_state_dict", "observe", "state_dict"]

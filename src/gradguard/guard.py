@@ -260,6 +260,10 @@ class Guard:
                 or isinstance(max_consecutive_skips, (bool, np.bool_)) or max_consecutive_skips < 1):
             raise ValueError(f"max_consecutive_skips must be a positive int or None, got {max_consecutive_skips!r}")
         norm_type = _validate.norm_type(norm_type)
+        for arg, value in (("clipper", clipper), ("skip", skip), ("monitor", monitor)):
+            if isinstance(value, type):
+                raise TypeError(f"{arg} is the class {value.__name__}, not an object: pass an "
+                                f"instance, e.g. {arg}={value.__name__}(...)")
         self.clipper = _check_clipper(clipper)
         if skip is not None and not isinstance(skip, SkipRule):
             hint = "; a clipper goes in clipper=" if isinstance(skip, Clipper) else ""
@@ -300,7 +304,7 @@ class Guard:
 
     def step(self, optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer] |
              tuple[torch.optim.Optimizer, ...], loss: Tensor | float | None = None,
-             scaler: Any = None) -> ClipStats:
+             scaler: LossScaler | None = None) -> ClipStats:
         """Clip, decide, then ``optimizer.step()`` or skip, and record. Returns ``ClipStats``
         with ``skipped`` set (device tensors: nothing here waits on the device).
 
