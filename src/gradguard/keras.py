@@ -235,20 +235,31 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         if self._skip_rule is not None:
             self._skip_rule.build(self, var_list)
         self._layer_names, self._layer_index = _layers(var_list)
+        self._var_list = var_list
+        self._ring = None
         if self.monitor is not None:
-            rows = self.monitor.flush_every
-            lrows = -(-rows // self.monitor.layer_every) + 1
-            self.gg_step_rows = self.add_variable((rows, len(STEP_FIELDS)), initializer="zeros",
-                                                  dtype=f32, name="gg_step_rows")
-            self.gg_layer_rows = self.add_variable((lrows, len(self._layer_names), len(LAYER_FIELDS)),
-                                                   initializer="zeros", dtype=f32, name="gg_layer_rows")
-            self.monitor._attach(self, var_list, self._layer_names, self._layer_index)
+            self._attach_monitor(self.monitor)
         self.inner_optimizer.build(var_list)
         # The wrapper sums the gradients across replicas itself (before clipping); the inner
         # optimizer must not sum them a second time.
         self.inner_optimizer._all_reduce_sum_gradients = _no_reduce
         super().build(var_list)
         self._n_vars = n
+
+    def attach_monitor(self, monitor: Monitor) -> None:
+        """Record into ``monitor`` from now on (e.g. for an optimizer restored by
+        ``keras.saving.load_model``; call it before the next ``fit``, which retraces)."""
+        if not isinstance(monitor, Monitor):
+            raise TypeError(f"monitor must be a gradguard.keras.Monitor, got {type(monitor).__name__}")
+        self.monitor = monitor
+        if self.built:
+            self._attach_monitor(monitor)
+
+    def _attach_monitor(self, monitor: Monitor) -> None:
+        # The statistics ring is transient: kept out of the optimizer's variables (so a model
+        # saves and loads the same with or without a monitor) and out of checkpoints.
+        self._ring = _Ring(monitor.ring_rows, monitor.layer_every, len(self._layer_names))
+        monitor._attach(self, self._var_list, self._layer_names, self._layer_index)
 
     def scale_loss(self, loss):
         # Keras's train_step hands the loss over here; keep it for this step's statistics
@@ -343,7 +354,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         self.last_total_norm.assign(tf.cast(d["total"], tf.float32))
         coef = d["clip"]["coef"]
         self.last_clip_coef.assign(coef)
-        if self.monitor is not None:
+        if self._ring is not None:
             self._record(d)
         self._iterations.assign_add(1)
 
@@ -353,8 +364,6 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         c = d["clip"]
         f32 = tf.float32
         loss = tf.constant(math.nan, f32) if d["loss"] is None else tf.cast(tf.reshape(d["loss"], []), f32)
-        if self.loss_scale_factor is not None and d["loss"] is not None:
-            loss = loss / self.loss_scale_factor
         lr = tf.cast(self.inner_optimizer._get_current_learning_rate(), f32) \
             if hasattr(self.inner_optimizer, "_get_current_learning_rate") else tf.constant(math.nan, f32)
         total = tf.cast(d["total"], f32)
@@ -363,7 +372,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
                         nan if c.get("threshold") is None else tf.cast(c["threshold"], f32),
                         tf.cast(c["clipped"], f32), tf.cast(~d["accept"], f32),
                         tf.cast(d["nonfinite"], f32), nan])
-        rows = self.gg_step_rows
+        rows = self._ring.steps
         slot = tf.math.floormod(step, rows.shape[0])
         rows.assign(tf.tensor_scatter_nd_update(rows.value if hasattr(rows, "value") else rows,
                                                 tf.reshape(slot, [1, 1]), row[None]))
@@ -371,7 +380,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
 
         def layer_row():
             lay = _layer_stats(d["per"], d["grads"], d["params"], self._layer_index, len(self._layer_names))
-            lrows = self.gg_layer_rows
+            lrows = self._ring.layers
             lslot = tf.math.floormod((step + 1) // every, lrows.shape[0])
             lrows.assign(tf.tensor_scatter_nd_update(lrows.value, tf.reshape(lslot, [1, 1]), lay[None]))
 
@@ -392,6 +401,17 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
 
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)
+
+
+class _Ring:
+    """The statistics ring of a monitored optimizer (a plain holder: not tracked, not saved)."""
+
+    def __init__(self, rows: int, layer_every: int, n_layers: int):
+        lrows = -(-rows // layer_every) + 1
+        self.steps = keras.Variable(tf.zeros([rows, len(STEP_FIELDS)]), trainable=False,
+                                    name="gg_step_rows")
+        self.layers = keras.Variable(tf.zeros([lrows, n_layers, len(LAYER_FIELDS)]),
+                                     trainable=False, name="gg_layer_rows")
 
 
 def _no_reduce(grads_and_vars):
@@ -457,7 +477,7 @@ def _layer_stats(per, grads, params, index, n_layers):
                 continue
             x = tf.reshape(tf.cast(_vals(grads[i]), f32), [-1])
             sq.append(tf.square(tf.cast(per[i], f32)))
-            mx.append(tf.reduce_max(tf.concat([tf.abs(x), tf.zeros([1], f32)], 0)))
+            mx.append(TF.amax(tf.concat([tf.abs(x), tf.zeros([1], f32)], 0)))  # NaN stays NaN
             bad.append(tf.reduce_sum(tf.cast(~tf.math.is_finite(x), f32)))
         z = tf.zeros((), f32)
         rows.append(tf.stack([tf.sqrt(tf.add_n(sq)) if sq else z,
@@ -767,9 +787,194 @@ def _make_skip(cfg: dict[str, Any] | None):
     return None if cfg is None else _SpikeSkip(cfg)
 
 
-class Monitor:  # placeholder until the monitor section below is written
-    flush_every = 100
-    layer_every = 10
+# -- monitoring -----------------------------------------------------------------------------------
+class Monitor(keras.callbacks.Callback):
+    """The gradguard run store for a Keras run: pass it to ``GuardedOptimizer(monitor=...)``
+    **and** to ``fit(callbacks=[...])``.
 
-    def _attach(self, opt, var_list, names, index):
-        pass
+    The optimizer writes each step's statistics (STEP_FIELDS: loss, lr, norm before and after
+    clipping, clip coefficient, threshold, clipped / skipped / non-finite flags) into a ring of
+    ``2 * flush_every`` rows held in optimizer variables, and every ``layer_every`` steps the
+    per-layer gradient norm, max |g|, non-finite count and parameter norm (layers from the
+    Keras variable paths: ``dense_1/kernel`` belongs to layer ``dense_1``). This callback copies
+    the ring to the host every ``flush_every`` batches (one read of two variables, never per
+    step) and appends the rows to the run folder through ``gradguard.store.RunWriter``, so
+    ``gradguard report`` and ``gg.load_run`` read a Keras run as they read a torch one. In a
+    custom loop call ``monitor.after_step()`` once per step (it reads nothing except at a
+    flush) and ``monitor.close()`` at the end.
+
+    ``time`` is the wall time of the flush that wrote the row; ``update_ratio`` is not measured
+    (NaN); ``loss`` is the loss Keras hands to ``optimizer.scale_loss`` (NaN in a custom loop
+    that does not call it). Monitoring never raises into training: a failing store warns once
+    and is noted in ``meta.json``. ``mode`` is the store's folder policy (``"new"``,
+    ``"resume"``, ``"overwrite"``).
+    """
+
+    def __init__(self, run_dir, *, flush_every: int = 100, layer_every: int = 10,
+                 name: str | None = None, config: dict[str, Any] | None = None, mode: str = "new"):
+        super().__init__()
+        for arg, v in (("flush_every", flush_every), ("layer_every", layer_every)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{arg} must be a positive int, got {v!r}")
+        from pathlib import Path
+
+        self.run_dir = Path(run_dir)
+        self.flush_every = flush_every
+        self.layer_every = layer_every
+        self.name = name or self.run_dir.name
+        self.user_config = dict(config or {})
+        self.mode = mode
+        self.notes: list[str] = []
+        self.ring_rows = 2 * flush_every
+        self._opt: GuardedOptimizer | None = None
+        self._writer = None
+        self._written = 0        # steps already in the store
+        self._since = 0          # batches since the last flush (host counter, no read)
+        self._failed = False
+        self._closed = False
+        self._started = _now()
+
+    # -- wiring ---------------------------------------------------------------------------------
+    def _attach(self, opt, var_list, names, index) -> None:
+        self._opt = opt
+        self._paths = _var_paths(var_list)
+        self._layers = names
+        self._index = index
+        with tf.init_scope():  # attach may run inside the first traced step: read eagerly
+            self._written = int(opt.steps_seen.numpy())
+        self._safe(self._open)
+
+    def _open(self) -> None:
+        if self._writer is None:
+            self._writer = _store().RunWriter(self.run_dir, 0, mode=self.mode)
+            if self._written and self.mode == "resume":
+                self._writer.resume_from(self._written)
+        self._writer.write_meta(self._meta())
+
+    def _meta(self) -> dict[str, Any]:
+        import platform
+
+        from . import __version__
+        opt = self._opt
+        return {
+            "name": self.name, "layers": list(getattr(self, "_layers", [])),
+            "parameters": [[p, self._layers[i]] for p, i in zip(getattr(self, "_paths", []),
+                                                                 getattr(self, "_index", []))],
+            "config": {"framework": "keras", "layer_every": self.layer_every,
+                       "flush_every": self.flush_every,
+                       "clipper": None if opt is None else opt.clipper_config,
+                       "skip": None if opt is None else opt.skip_config,
+                       "on_nonfinite": None if opt is None else opt.on_nonfinite,
+                       "inner": None if opt is None else type(opt.inner_optimizer).__name__,
+                       **self.user_config},
+            "versions": {"gradguard": __version__, "tensorflow": tf.__version__,
+                         "keras": keras.__version__, "python": platform.python_version()},
+            "started": self._started, "notes": list(self.notes), "ranks": [0],
+            "finished": _now() if self._closed else None,
+        }
+
+    def _safe(self, fn, *args) -> None:
+        """Run a store operation; never raise into training (warn once, note it)."""
+        try:
+            fn(*args)
+        except Exception as exc:  # noqa: BLE001 - principle 4: monitoring never takes training down
+            if not self._failed:
+                import warnings
+
+                self._failed = True
+                msg = f"gradguard keras monitor: {type(exc).__name__}: {exc}; training continues"
+                self.notes.append(msg)
+                warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+    # -- callback hooks -------------------------------------------------------------------------
+    def on_train_batch_end(self, batch, logs=None):
+        self.after_step(getattr(self.model, "steps_per_execution", 1) or 1 if self.model else 1)
+
+    def on_train_end(self, logs=None):
+        self.flush()
+
+    def after_step(self, n: int = 1) -> None:
+        """Count ``n`` finished steps; flush every ``flush_every`` of them (no read otherwise)."""
+        self._since += int(n)
+        if self._since >= self.flush_every:
+            self.flush()
+
+    # -- flushing -------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Copy the steps recorded since the last flush to the run store (one host read)."""
+        self._since = 0
+        if self._opt is not None and self._opt.built and not self._closed:
+            self._safe(self._flush)
+
+    def _flush(self) -> None:
+        import time
+
+        import numpy as np
+        import pyarrow as pa
+
+        st = _store()
+        opt = self._opt
+        seen = int(opt.steps_seen.numpy())
+        if seen <= self._written:
+            return
+        rows = opt._ring.steps.numpy()
+        lrows = opt._ring.layers.numpy()
+        R, LR = rows.shape[0], lrows.shape[0]
+        first = max(self._written + 1, seen - R + 1)
+        if first > self._written + 1:
+            self.notes.append(f"steps {self._written + 1}..{first - 1} were overwritten in the ring "
+                              f"before a flush (flush more often than every {R} steps)")
+        steps = np.arange(first, seen + 1, dtype=np.int64)
+        vals = rows[(steps - 1) % R]
+        now = time.time()
+        cols: dict[str, Any] = {"step": steps, "time": np.full(len(steps), now)}
+        for j, name in enumerate(STEP_FIELDS):
+            v = vals[:, j].astype(np.float64)
+            cols[name] = v > 0.5 if name in ("clipped", "skipped", "nonfinite") else v
+        cols["rank"] = np.zeros(len(steps), np.int32)
+        self._writer.write_shard("steps", pa.table(cols, schema=st.STEPS_SCHEMA))
+        every = self.layer_every
+        lsteps = steps[steps % every == 0]
+        lsteps = lsteps[lsteps > seen - (LR - 1) * every]  # still in the layer ring
+        L = len(self._layers)
+        if len(lsteps) and L:
+            lay = lrows[(lsteps // every) % LR]  # [n, L, 4]
+            n = len(lsteps)
+            lcols = {"step": np.repeat(lsteps, L),
+                     "layer": st.layer_column(self._layers, n),
+                     "grad_norm": lay[:, :, 0].reshape(-1).astype(np.float32),
+                     "grad_max_abs": lay[:, :, 1].reshape(-1).astype(np.float32),
+                     "nonfinite_count": lay[:, :, 2].reshape(-1).astype(np.int64),
+                     "param_norm": lay[:, :, 3].reshape(-1).astype(np.float32),
+                     "update_ratio": np.full(n * L, np.nan, np.float32),
+                     "rank": np.zeros(n * L, np.int32)}
+            self._writer.write_shard("layers", pa.table(lcols, schema=st.LAYERS_SCHEMA))
+        self._writer.next_seq()
+        self._written = seen
+        self._writer.write_meta(self._meta())
+
+    def close(self) -> None:
+        """Flush, finish ``meta.json`` and release the run folder."""
+        if self._closed:
+            return
+        self.flush()
+        self._closed = True
+        if self._writer is not None:
+            self._safe(self._writer.write_meta, self._meta())
+            self._safe(self._writer.close)
+
+    def __repr__(self) -> str:
+        return f"Monitor({str(self.run_dir)!r}, flush_every={self.flush_every}, layer_every={self.layer_every})"
+
+
+def _store():
+    try:
+        from . import store
+    except ImportError:  # pragma: no cover - before the store package existed
+        from .monitor import store
+    return store
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+    return datetime.now(timezone.utc).isoformat()
