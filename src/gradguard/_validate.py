@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .protocols import Clipper, SkipRule, missing
 
 #: The largest finite float32: thresholds live in float32 device tensors.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -141,3 +143,118 @@ def check_grads(grads: list[Tensor], names: list[str] | None = None) -> None:
                 f"gradients live on more than one device ({device} and {g.device} for {label}); "
                 f"call gradguard once per device group, or reduce the norms yourself"
             )
+
+
+# -- the Guard's arguments ----------------------------------------------------------------------
+#: Name segments torch's own wrappers insert (``torch.compile``: ``_orig_mod``; activation
+#: checkpointing: ``_checkpoint_wrapped_module``); no user module is called that.
+_WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_checkpoint_wrapped_module"})
+#: The attribute DDP, DataParallel, FSDP-style and DeepSpeed-style wrappers keep the model in;
+#: stripped when every parameter name starts with it.
+_WRAPPER_ATTR = "module."
+
+
+def user_names(names: list[str]) -> list[str]:
+    """Parameter names as the user's model spells them: without ``_orig_mod.`` (torch.compile)
+    and ``_checkpoint_wrapped_module.`` anywhere, and without a ``module.`` prefix shared by
+    every name (DDP / DataParallel). Unchanged if stripping would make two names equal."""
+    out = [".".join(s for s in n.split(".") if s not in _WRAPPER_SEGMENTS) or n for n in names]
+    while out and all(n.startswith(_WRAPPER_ATTR) for n in out):
+        out = [n[len(_WRAPPER_ATTR):] for n in out]
+    return out if len(set(out)) == len(out) else list(names)
+
+
+def guard_parameters(model_or_parameters: Any) -> tuple[list[str], list[Tensor]]:
+    arg = "model_or_parameters"
+    obj = model_or_parameters
+    if isinstance(obj, torch.optim.Optimizer):
+        raise TypeError(f"{arg} is an optimizer ({type(obj).__name__}): build the Guard with the "
+                        f"model, gg.Guard(model), and pass the optimizer to guard.step(optimizer)")
+    if isinstance(obj, torch.nn.Module):
+        pairs = [(n, p) for n, p in obj.named_parameters() if p.requires_grad]
+    elif isinstance(obj, Tensor):
+        pairs = [("param0", obj)]
+    elif isinstance(obj, Mapping):
+        pairs = [(str(n), p) for n, p in obj.items()]
+    elif isinstance(obj, (str, bytes)) or not isinstance(obj, Iterable):
+        raise TypeError(f"{arg} must be an nn.Module, a tensor, or an iterable of parameters or "
+                        f"of (name, parameter) pairs, got {type(obj).__name__} {obj!r}")
+    else:
+        items = list(obj)
+        is_pair = [isinstance(x, tuple) for x in items]
+        if any(is_pair) and not all(is_pair):
+            i = is_pair.index(not is_pair[0])
+            raise TypeError(f"{arg} mixes (name, parameter) pairs and bare parameters (item 0 is "
+                            f"a {type(items[0]).__name__}, item {i} a {type(items[i]).__name__}): "
+                            f"give every item as a pair, or none")
+        if items and is_pair[0]:
+            for i, it in enumerate(items):
+                if len(it) != 2 or not isinstance(it[0], str):
+                    raise TypeError(f"{arg}[{i}] must be a (name, parameter) pair with a str "
+                                    f"name, got {it!r}")
+            pairs = list(items)
+        else:
+            pairs = [(f"param{i}", p) for i, p in enumerate(items)]
+    for name, p in pairs:
+        if not isinstance(p, Tensor):
+            raise TypeError(f"{arg}: {name} is a {type(p).__name__}, not a tensor")
+    if not pairs:
+        raise ValueError(f"{arg} holds no parameters that require grad")
+    return user_names([n for n, _ in pairs]), [p for _, p in pairs]
+
+
+def check_optimizer(opt: Any, name: str) -> None:
+    if isinstance(opt, torch.optim.Optimizer):
+        return
+    if isinstance(opt, torch.nn.Module):
+        raise TypeError(f"{name} is a model ({type(opt).__name__}), not an optimizer: the model "
+                        f"goes to gg.Guard(model), the optimizer to guard.step(optimizer)")
+    if opt is None:
+        raise TypeError(f"{name} is None: guard.step needs the optimizer to step (to clip and "
+                        f"record only, call guard.clip())")
+    # optimizer wrappers (Lightning, Accelerate, ...) that are not Optimizer subclasses
+    if callable(getattr(opt, "step", None)) and isinstance(getattr(opt, "param_groups", None), list):
+        return
+    raise TypeError(f"{name} must be a torch.optim.Optimizer (or a list of them), got "
+                    f"{type(opt).__name__} {opt!r}")
+
+
+def guard_clipper(clipper: Any) -> Clipper | None:
+    if clipper is None:
+        return None
+    if isinstance(clipper, str):
+        if clipper != "auto":
+            raise ValueError(f"clipper must be a clipper, 'auto' or None, got {clipper!r}")
+        from .adaptive import default_clipper  # the threshold-free default rule
+        return default_clipper()
+    if not isinstance(clipper, Clipper):
+        hint = "; a skip rule goes in skip=" if isinstance(clipper, SkipRule) else ""
+        raise TypeError(f"clipper must be a clipper (gg.NormClip(1.0), ..., or an object with "
+                        f"norm_type, scalar, clip_(), observe(), state_dict(), "
+                        f"load_state_dict()), 'auto' or None, got {type(clipper).__name__} "
+                        f"{clipper!r}, which lacks {', '.join(missing(clipper, Clipper))}{hint}")
+    flag(clipper.scalar, "clipper.scalar")
+    return clipper
+
+
+def guard_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return [optimizer]
+    if isinstance(optimizer, (list, tuple)):
+        if not optimizer:
+            raise ValueError("optimizer: an empty list; pass one optimizer or several")
+        for i, o in enumerate(optimizer):
+            check_optimizer(o, f"optimizer[{i}]")
+        if len({id(o) for o in optimizer}) != len(optimizer):
+            raise ValueError("optimizer: the same optimizer is listed twice (it would step twice)")
+        return list(optimizer)
+    check_optimizer(optimizer, "optimizer")
+    return [optimizer]
+
+
+def guard_loss(loss: Any) -> None:
+    if loss is None or isinstance(loss, Tensor):
+        return
+    if isinstance(loss, numbers.Real) and not isinstance(loss, (bool, np.bool_)):
+        return
+    raise TypeError(f"loss must be a tensor, a number or None, got {type(loss).__name__} {loss!r}")

@@ -42,14 +42,14 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from . import _validate
+from . import _apply, _validate
 from ._validate import check_grads
 from .clippers import ClipStats
 from .errors import GradientExplosionError, NonFiniteGradientError, warn
@@ -57,170 +57,6 @@ from .norms import GradNorms, compute_norms
 from .protocols import Clipper, LossScaler, OptimizerAware, Recorder, SkipRule, as_recorder, missing
 
 POLICIES = ("skip", "raise", "zero", "propagate")
-
-#: Name segments torch's own wrappers insert (``torch.compile``: ``_orig_mod``; activation
-#: checkpointing: ``_checkpoint_wrapped_module``); no user module is called that.
-_WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_checkpoint_wrapped_module"})
-#: The attribute DDP, DataParallel, FSDP-style and DeepSpeed-style wrappers keep the model in;
-#: stripped when every parameter name starts with it.
-_WRAPPER_ATTR = "module."
-
-
-def _user_names(names: list[str]) -> list[str]:
-    """Parameter names as the user's model spells them: without ``_orig_mod.`` (torch.compile)
-    and ``_checkpoint_wrapped_module.`` anywhere, and without a ``module.`` prefix shared by
-    every name (DDP / DataParallel). Unchanged if stripping would make two names equal."""
-    out = [".".join(s for s in n.split(".") if s not in _WRAPPER_SEGMENTS) or n for n in names]
-    while out and all(n.startswith(_WRAPPER_ATTR) for n in out):
-        out = [n[len(_WRAPPER_ATTR):] for n in out]
-    return out if len(set(out)) == len(out) else list(names)
-
-
-def _named_params(model_or_parameters: Any) -> tuple[list[str], list[Tensor]]:
-    arg = "model_or_parameters"
-    obj = model_or_parameters
-    if isinstance(obj, torch.optim.Optimizer):
-        raise TypeError(f"{arg} is an optimizer ({type(obj).__name__}): build the Guard with the "
-                        f"model, gg.Guard(model), and pass the optimizer to guard.step(optimizer)")
-    if isinstance(obj, torch.nn.Module):
-        pairs = [(n, p) for n, p in obj.named_parameters() if p.requires_grad]
-    elif isinstance(obj, Tensor):
-        pairs = [("param0", obj)]
-    elif isinstance(obj, Mapping):
-        pairs = [(str(n), p) for n, p in obj.items()]
-    elif isinstance(obj, (str, bytes)) or not isinstance(obj, Iterable):
-        raise TypeError(f"{arg} must be an nn.Module, a tensor, or an iterable of parameters or "
-                        f"of (name, parameter) pairs, got {type(obj).__name__} {obj!r}")
-    else:
-        items = list(obj)
-        is_pair = [isinstance(x, tuple) for x in items]
-        if any(is_pair) and not all(is_pair):
-            i = is_pair.index(not is_pair[0])
-            raise TypeError(f"{arg} mixes (name, parameter) pairs and bare parameters (item 0 is "
-                            f"a {type(items[0]).__name__}, item {i} a {type(items[i]).__name__}): "
-                            f"give every item as a pair, or none")
-        if items and is_pair[0]:
-            for i, it in enumerate(items):
-                if len(it) != 2 or not isinstance(it[0], str):
-                    raise TypeError(f"{arg}[{i}] must be a (name, parameter) pair with a str "
-                                    f"name, got {it!r}")
-            pairs = list(items)
-        else:
-            pairs = [(f"param{i}", p) for i, p in enumerate(items)]
-    for name, p in pairs:
-        if not isinstance(p, Tensor):
-            raise TypeError(f"{arg}: {name} is a {type(p).__name__}, not a tensor")
-    if not pairs:
-        raise ValueError(f"{arg} holds no parameters that require grad")
-    return _user_names([n for n, _ in pairs]), [p for _, p in pairs]
-
-
-def _check_optimizer(opt: Any, name: str) -> None:
-    if isinstance(opt, torch.optim.Optimizer):
-        return
-    if isinstance(opt, torch.nn.Module):
-        raise TypeError(f"{name} is a model ({type(opt).__name__}), not an optimizer: the model "
-                        f"goes to gg.Guard(model), the optimizer to guard.step(optimizer)")
-    if opt is None:
-        raise TypeError(f"{name} is None: guard.step needs the optimizer to step (to clip and "
-                        f"record only, call guard.clip())")
-    # optimizer wrappers (Lightning, Accelerate, ...) that are not Optimizer subclasses
-    if callable(getattr(opt, "step", None)) and isinstance(getattr(opt, "param_groups", None), list):
-        return
-    raise TypeError(f"{name} must be a torch.optim.Optimizer (or a list of them), got "
-                    f"{type(opt).__name__} {opt!r}")
-
-
-def _supports_device_scaling(optimizer: torch.optim.Optimizer) -> bool:
-    """True for optimizers whose step reads ``grad_scale`` / ``found_inf`` device tensors."""
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
-
-
-def _has_state(optimizer: torch.optim.Optimizer) -> bool:
-    """True when every parameter with a gradient already has optimizer state."""
-    state = optimizer.state
-    return all(p in state and state[p] for g in optimizer.param_groups for p in g["params"]
-               if p.grad is not None)
-
-
-def _fused_step(optimizer: torch.optim.Optimizer, grad_scale: Tensor | None,
-                found_inf: Tensor) -> None:
-    """``optimizer.step()`` with the fused kernel's ``grad_scale`` / ``found_inf`` set."""
-    optimizer.grad_scale = grad_scale  # type: ignore[attr-defined]
-    optimizer.found_inf = found_inf  # type: ignore[attr-defined]
-    try:
-        optimizer.step()
-    finally:
-        optimizer.grad_scale = None  # type: ignore[attr-defined]
-        optimizer.found_inf = None  # type: ignore[attr-defined]
-        del optimizer.grad_scale, optimizer.found_inf
-
-
-class _SkipCounter:
-    """Refused updates: how many in all, and how many in a row (for ``max_consecutive_skips``).
-
-    Where the skip flag stays on the device (fused optimizers, a GradScaler's own skip) the
-    counts are kept as device tensors; on CUDA the run length is copied to pinned host memory
-    without waiting and read once that copy has completed (one or two steps later); on the CPU
-    it is read at once (reading a CPU tensor waits for nothing). Where the Guard read the flag
-    on the host anyway, the counts are plain ints.
-    """
-
-    def __init__(self) -> None:
-        self.total = 0          # host part of the total
-        self.host_count = 0     # consecutive skips as last known on the host
-        self._total_dev: Tensor | None = None   # skips counted on the device, not yet in total
-        self._run_dev: Tensor | None = None     # consecutive skips, on the device
-        self._pinned: Tensor | None = None
-        self._event: Any = None
-
-    def update_device(self, skip: Tensor) -> None:
-        skip = skip.detach()
-        if self._run_dev is None:
-            self._run_dev = torch.full((), self.host_count, dtype=torch.int64, device=skip.device)
-            self._total_dev = torch.zeros((), dtype=torch.int64, device=skip.device)
-        self._run_dev = torch.where(skip, self._run_dev + 1, torch.zeros_like(self._run_dev))
-        self._total_dev = self._total_dev + skip  # type: ignore[operator]
-        if skip.device.type == "cuda":
-            if self._event is None or self._event.query():
-                if self._event is not None:
-                    self.host_count = int(self._pinned.numpy())  # type: ignore[union-attr]
-                if self._pinned is None:
-                    self._pinned = torch.zeros((), dtype=torch.int64).pin_memory()
-                self._pinned.copy_(self._run_dev, non_blocking=True)
-                self._event = torch.cuda.Event()
-                self._event.record()
-        else:
-            self.host_count = int(self._run_dev.numpy())
-
-    def update_host(self, skipped: bool) -> None:
-        self._settle()
-        self.host_count = self.host_count + 1 if skipped else 0
-        self.total += int(skipped)
-
-    def _settle(self) -> None:
-        """Fold the device counts into the host ones (waits for the device once)."""
-        if self._run_dev is not None:
-            self.host_count = int(self._run_dev.cpu())
-            self.total += int(self._total_dev.cpu())  # type: ignore[union-attr]
-            self._run_dev = self._total_dev = None
-            self._event = None
-
-    @property
-    def skipped_steps(self) -> int:
-        pending = 0 if self._total_dev is None else int(self._total_dev.cpu())
-        return self.total + pending
-
-    def state_dict(self) -> dict[str, Any]:
-        self._settle()
-        return {"skipped_steps": self.total, "consecutive_skips": self.host_count}
-
-    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
-        self.total = _validate.int_at_least(sd.get("skipped_steps", 0), "state_dict['skipped_steps']", 0)
-        self.host_count = _validate.int_at_least(sd.get("consecutive_skips", 0),
-                                                 "state_dict['consecutive_skips']", 0)
-        self._run_dev = self._total_dev = None
-        self._event = None
 
 
 class Guard:
@@ -264,14 +100,14 @@ class Guard:
             if isinstance(value, type):
                 raise TypeError(f"{arg} is the class {value.__name__}, not an object: pass an "
                                 f"instance, e.g. {arg}={value.__name__}(...)")
-        self.clipper = _check_clipper(clipper)
+        self.clipper = _validate.guard_clipper(clipper)
         if skip is not None and not isinstance(skip, SkipRule):
             hint = "; a clipper goes in clipper=" if isinstance(skip, Clipper) else ""
             raise TypeError(f"skip must be a skip rule (e.g. gg.SpikeSkip()) with "
                             f"check(total_norm, loss), observe(total_norm, loss, accept), "
                             f"state_dict() and load_state_dict(), got {type(skip).__name__} "
                             f"{skip!r}, which lacks {', '.join(missing(skip, SkipRule))}{hint}")
-        self.names, self.params = _named_params(model_or_parameters)
+        self.names, self.params = _validate.guard_parameters(model_or_parameters)
         self.skip_rule = skip
         self.monitor = monitor
         self._recorder: Recorder | None = None if monitor is None else as_recorder(monitor)
@@ -282,7 +118,7 @@ class Guard:
                           if self.clipper is not None else norm_type)
         self._binds_optimizer = isinstance(self.clipper, OptimizerAware)
         self.step_count = 0
-        self._skips = _SkipCounter()
+        self._skips = _apply.SkipCounter()
         self._scaler_ok: Any = None  # the last scaler checked against LossScaler
         self._warned_no_grads = False
         self._monitor_failed = False
@@ -296,7 +132,7 @@ class Guard:
         The returned ``ClipStats.skipped`` (device tensor) says whether the update should be
         refused; reading it is the caller's host synchronisation.
         """
-        _check_loss(loss)
+        _validate.guard_loss(loss)
         self.step_count += 1
         stats = self._decide(loss, fold=False)
         self._record(stats, loss, (), None)
@@ -311,8 +147,8 @@ class Guard:
         ``optimizer`` may be a list or tuple of optimizers: they are stepped (or all skipped)
         together on one global norm, one clip and one decision, recorded as one step. An
         optimizer-aware clipper (the default ``OvershootClip``) reads the first one."""
-        optimizers = _optimizers(optimizer)
-        _check_loss(loss)
+        optimizers = _validate.guard_optimizers(optimizer)
+        _validate.guard_loss(loss)
         scaler = self._check_scaler(scaler)
         self.step_count += 1
         if self._binds_optimizer:
@@ -321,12 +157,12 @@ class Guard:
         scaler_skip = None
         if scaler is not None:
             for o in optimizers:
-                _unscale_once(scaler, o)
-            scaler_skip = _scaler_found_inf(scaler, optimizers)
+                _apply.unscale_once(scaler, o)
+            scaler_skip = _apply.scaler_found_inf(scaler, optimizers)
         # Before the optimizer has state for every parameter, a fused step skipped through
         # found_inf can leave state behind (fused SGD keeps an uninitialised momentum buffer),
         # so those first steps take the host-read path.
-        fused = scaler is None and all(_supports_device_scaling(o) and _has_state(o)
+        fused = scaler is None and all(_apply.supports_device_scaling(o) and _apply.has_state(o)
                                        for o in optimizers)
         fold = fused and self.clipper is not None and self.clipper.scalar
         stats = self._decide(loss, fold=fold, scaler=scaler is not None, scaler_skip=scaler_skip)
@@ -339,7 +175,7 @@ class Guard:
             grad_scale = 1.0 / stats.clip_coef if fold else None
             found_inf = skip.float()
             for o in optimizers:
-                _fused_step(o, grad_scale, found_inf)
+                _apply.fused_step(o, grad_scale, found_inf)
             self._skips.update_device(skip)
         elif scaler is not None and not rules:
             # the scaler skips on its own found_inf (made one verdict for all optimizers), so
@@ -568,47 +404,6 @@ class Guard:
         self.close()
 
 
-def _check_clipper(clipper: Any) -> Clipper | None:
-    if clipper is None:
-        return None
-    if isinstance(clipper, str):
-        if clipper != "auto":
-            raise ValueError(f"clipper must be a clipper, 'auto' or None, got {clipper!r}")
-        from .adaptive import default_clipper  # the threshold-free default rule
-        return default_clipper()
-    if not isinstance(clipper, Clipper):
-        hint = "; a skip rule goes in skip=" if isinstance(clipper, SkipRule) else ""
-        raise TypeError(f"clipper must be a clipper (gg.NormClip(1.0), ..., or an object with "
-                        f"norm_type, scalar, clip_(), observe(), state_dict(), "
-                        f"load_state_dict()), 'auto' or None, got {type(clipper).__name__} "
-                        f"{clipper!r}, which lacks {', '.join(missing(clipper, Clipper))}{hint}")
-    _validate.flag(clipper.scalar, "clipper.scalar")
-    return clipper
-
-
-def _optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
-    if isinstance(optimizer, torch.optim.Optimizer):
-        return [optimizer]
-    if isinstance(optimizer, (list, tuple)):
-        if not optimizer:
-            raise ValueError("optimizer: an empty list; pass one optimizer or several")
-        for i, o in enumerate(optimizer):
-            _check_optimizer(o, f"optimizer[{i}]")
-        if len({id(o) for o in optimizer}) != len(optimizer):
-            raise ValueError("optimizer: the same optimizer is listed twice (it would step twice)")
-        return list(optimizer)
-    _check_optimizer(optimizer, "optimizer")
-    return [optimizer]
-
-
-def _check_loss(loss: Any) -> None:
-    if loss is None or isinstance(loss, Tensor):
-        return
-    if isinstance(loss, numbers.Real) and not isinstance(loss, (bool, np.bool_)):
-        return
-    raise TypeError(f"loss must be a tensor, a number or None, got {type(loss).__name__} {loss!r}")
-
-
 def _accepts(fn: Any, name: str) -> bool:
     """True when ``fn`` takes a keyword argument ``name`` (or ``**kwargs``)."""
     try:
@@ -616,45 +411,3 @@ def _accepts(fn: Any, name: str) -> bool:
     except (TypeError, ValueError):
         return False
     return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-
-
-def _scaler_found_inf(scaler: Any, optimizers: list[torch.optim.Optimizer]) -> Tensor | None:
-    """The scaler's verdict on this step as a 0-d bool device tensor (no host read): True when
-    ``unscale_`` found an inf or NaN in any of the optimizers' gradients.
-
-    Read from ``torch.amp.GradScaler``'s per-optimizer state (``found_inf_per_device``, float
-    tensors of shape (1,) that ``scaler.step`` and ``scaler.update`` read). With several
-    optimizers every optimizer's entries are set to the combined verdict, so that
-    ``scaler.step`` skips all of them or none (``update`` sums them: the scale backs off
-    exactly as before). None when the scaler keeps no such state.
-    """
-    try:
-        per = [scaler._per_optimizer_states[id(o)]["found_inf_per_device"] for o in optimizers]
-    except (AttributeError, KeyError, TypeError):
-        return None
-    flags = [t for d in per for t in d.values()]
-    if not flags:
-        return None
-    dev = flags[0].device
-    total = flags[0].reshape(())
-    for t in flags[1:]:
-        total = total + t.to(dev, non_blocking=True).reshape(())
-    found = total > 0
-    if len(optimizers) > 1:
-        combined = found.float().reshape(1)
-        for d in per:
-            for k, t in list(d.items()):
-                d[k] = combined.to(t.device, non_blocking=True)
-    return found
-
-
-def _unscale_once(scaler: Any, optimizer: torch.optim.Optimizer) -> None:
-    """``scaler.unscale_(optimizer)`` unless already done for this step (it raises if twice)."""
-    try:
-        from torch.amp.grad_scaler import OptState
-        state = scaler._per_optimizer_states[id(optimizer)]["stage"]
-        if state is OptState.UNSCALED:
-            return
-    except (ImportError, AttributeError, KeyError):
-        pass
-    scaler.unscale_(optimizer)
