@@ -390,8 +390,12 @@ class OvershootClip(_RuleClipper):
             with_grad = [p for p in params if p.grad is not None]
             params = with_grad or params
             if params:
-                pnorm = torch.linalg.vector_norm(torch.stack(
-                    torch._foreach_norm([p.detach() for p in params]))).to(torch.float32)
+                if any(type(p).__name__ == "DTensor" for p in params):
+                    from .norms import compute_norms  # FSDP2 / TP: the global norm (issue 16)
+                    pnorm = compute_norms([p.detach() for p in params]).total
+                else:
+                    pnorm = torch.linalg.vector_norm(torch.stack(
+                        torch._foreach_norm([p.detach() for p in params]))).to(torch.float32)
                 st = self._ensure(pnorm)
                 s0 = _overshoot.initial_limit(self.cfg, pnorm, self._lr, TORCH)
                 self._state = st._replace(init_limit=s0)  # a constant of the run
@@ -433,15 +437,27 @@ class OvershootClip(_RuleClipper):
         parts = [t.detach().reshape(-1)[::stride] for t in tensors]
         return torch.cat(parts).to(torch.float32) if parts else torch.zeros(0)
 
-    def _direction(self, like: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _direction(self, like: Tensor, plan: Any = None) -> tuple[Tensor, Tensor | None]:
         """``(cos(g_t, u_{t-1}), sample of g_t)`` from the bound optimizer's parameters (the
-        sample only in mode "sgd", where it becomes the next step's direction)."""
+        sample only in mode "sgd", where it becomes the next step's direction). ``plan``: the
+        norms' ``gradguard.distributed`` plan (FSDP2, TP, pipeline): the cosine's sums come
+        from every rank's shards, reduced over the same groups, so every rank gets the same."""
         opt = self._optimizer
         params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None] \
             if opt is not None else []
         if not params:
             return torch.zeros((), dtype=torch.float32, device=like.device), None
         grads = [p.grad for p in params]
+        if plan is not None and (plan.roots or plan.pp_group is not None):
+            if self.mode != _SGD_MOMENTUM:
+                raise NotImplementedError("OvershootClip(use_last_gradient=True) does not support "
+                                          "sharded or pipelined gradients; use SGD with momentum")
+            from . import distributed
+            bufs = [opt.state.get(p, {}).get("momentum_buffer") for p in params]  # type: ignore[union-attr]
+            if any(b is None for b in bufs):
+                return torch.zeros((), dtype=torch.float32, device=like.device), None
+            dot, gn, un = distributed.sample_dot_norms(grads, bufs, self.sample, plan)
+            return _overshoot.cosine(dot, gn, un, TORCH), None
         layout = (len(grads), tuple(g.numel() for g in grads))
         g_s = self._flat_sample(grads)
         new_prev = None
@@ -465,7 +481,7 @@ class OvershootClip(_RuleClipper):
         st = self._ensure(total)
         cos, new_prev = None, None
         if self.mode in _overshoot.STEP_CONTROL:
-            cos, new_prev = self._direction(total)
+            cos, new_prev = self._direction(total, getattr(norms, "plan", None))
         _, proposed = _overshoot.update(self.cfg, st, _overshoot.Observation(total, cos), TORCH)
         self._state = rules.commit(accept, proposed, st, TORCH)
         if new_prev is not None:
