@@ -628,7 +628,7 @@
     el("span", "runname", run.name, sum);
     var s = run.summary, flag = flagOf(run);
     el("span", "sub", " \u00b7 " + fmt(s.steps) + " steps, clip rate " + pct(s.clip_rate) + ", max norm " + fmt(s.max_norm) +
-      (run.result ? ", " + run.result.metric + " " + run.result.seed0 : ""), sum);
+      (run.result ? ", " + (run.result.metric === "solved" ? run.result.seed0 : run.result.metric + " " + run.result.seed0) : ""), sum);
     if (flag) el("span", "flag", flag, sum);
     var inner = el("div", "runbody", null, det);
     det.addEventListener("toggle", function () {
