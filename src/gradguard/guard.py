@@ -41,11 +41,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import numbers
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -91,10 +89,9 @@ class Guard:
                  norm_type: float = 2.0):
         if not isinstance(on_nonfinite, str) or on_nonfinite not in POLICIES:
             raise ValueError(f"on_nonfinite must be one of {POLICIES}, got {on_nonfinite!r}")
-        if max_consecutive_skips is not None and (
-                not isinstance(max_consecutive_skips, numbers.Integral)
-                or isinstance(max_consecutive_skips, (bool, np.bool_)) or max_consecutive_skips < 1):
-            raise ValueError(f"max_consecutive_skips must be a positive int or None, got {max_consecutive_skips!r}")
+        if max_consecutive_skips is not None:
+            max_consecutive_skips = _validate.int_at_least(max_consecutive_skips,
+                                                           "max_consecutive_skips", 1)
         norm_type = _validate.norm_type(norm_type)
         for arg, value in (("clipper", clipper), ("skip", skip), ("monitor", monitor)):
             if isinstance(value, type):
@@ -113,7 +110,7 @@ class Guard:
         self._recorder: Recorder | None = None if monitor is None else as_recorder(monitor)
         self._record_takes_lrs = self._recorder is not None and _accepts(self._recorder.record, "lrs")
         self.on_nonfinite = on_nonfinite
-        self.max_consecutive_skips = None if max_consecutive_skips is None else int(max_consecutive_skips)
+        self.max_consecutive_skips = max_consecutive_skips
         self.norm_type = (_validate.norm_type(self.clipper.norm_type, "clipper.norm_type")
                           if self.clipper is not None else norm_type)
         self._binds_optimizer = isinstance(self.clipper, OptimizerAware)
