@@ -70,6 +70,10 @@ def test_report_on_a_folder_of_runs_finds_the_runs_below_it(run_tree, tmp_path, 
     text = out.read_text()
     for name in ("mlp/none", "mlp/clip", "lstm/clip"):
         assert name in text
+    # inspect takes one run: on a folder of runs it names them
+    assert main(["inspect", str(run_tree)]) == 2
+    err = capsys.readouterr().err
+    assert "holds 3 runs" in err and "mlp/none" in err and "gradguard report" in err
     # an empty folder is still "no run data", as before
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty"), "-o", str(tmp_path / "e.html")]) == 2

@@ -134,3 +134,28 @@ def test_parallel_jobs_give_the_same_rows():
 def test_demo_rejects_unknown_experiment(capsys):
     assert main(["demo", "--only", "gan", "--no-progress", "--no-runs"]) == 2
     assert "unknown experiment" in capsys.readouterr().err
+
+
+def test_demo_and_its_report_need_only_the_core_and_scikit_learn(tmp_path):
+    """`make demo` installs `.[demo]` only: the demo and its HTML report must not import
+    matplotlib or any test-only extra (blocked here: importing them raises ImportError)."""
+    import subprocess
+    import sys
+
+    blocked = ["matplotlib", "tensorboard", "wandb", "mlflow", "neptune", "selenium",
+               "hypothesis", "pytest", "tensorflow", "keras", "jax", "optax", "triton",
+               "pytorch_lightning", "lightning", "transformers", "accelerate"]
+    code = ("import sys\n"
+            f"for m in {blocked!r}: sys.modules[m] = None\n"
+            "from gradguard.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    runs = tmp_path / "runs"
+    p = subprocess.run(
+        [sys.executable, "-c", code, "demo", "--tiny", "--seeds", "1", "--only", "mlp",
+         "--strategies", "none", "global norm", "--jobs", "1", "--runs-dir", str(runs),
+         "--report", str(runs / "report.html")],
+        capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "report not written" not in p.stdout and "report:" in p.stdout
+    assert (runs / "report.html").stat().st_size > 50_000
+    assert (runs / "demo-results.json").exists()

@@ -176,9 +176,17 @@ def _report(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     """``gradguard inspect``: a terminal summary of one run."""
+    from pathlib import Path
+
     from .report import open_run
+    from .report.discover import find_runs
     from .report.inspect import inspect_run
 
+    below = [p for p in find_runs(args.run) if p != Path(args.run)]
+    if below:  # a folder of runs: name them rather than say "no run data"
+        names = ", ".join(str(p) for p in below[:3]) + (", ..." if len(below) > 3 else "")
+        return _err("inspect", f"{args.run} holds {len(below)} runs, not one; inspect one of them "
+                               f"({names}) or report them all: gradguard report {args.run}")
     inspect_run(open_run(args.run), top=args.top)
     return 0
 
