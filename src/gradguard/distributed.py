@@ -63,7 +63,8 @@ except ImportError:  # pragma: no cover - torch 2.4
     except ImportError:
         DTensor = None  # type: ignore[assignment,misc]
 
-__all__ = ["DistPlan", "Reduced", "is_dtensor", "plan", "reduce_partials", "all_reduce_loss"]
+__all__ = ["DistPlan", "Reduced", "all_reduce_loss", "is_dtensor", "plan", "reduce_partials",
+           "sample_dot_norms", "sums_over_job"]
 
 
 def is_dtensor(t: Any) -> bool:
@@ -364,3 +365,48 @@ def all_reduce_loss(loss: Any, group: Any = None) -> Tensor:
     vec = _loss_pair(loss, dev)
     dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=grp)
     return (vec[0] / vec[1]).to(torch.float32)
+
+
+def sums_over_job(parts: Tensor, p: DistPlan) -> Tensor:
+    """``[k]``: per-tensor partial sums ``parts`` (``[n, k]``, this rank's local elements of
+    the plan's tensors, in its order) added over the job, each distinct element once.
+
+    The same counting as the norms (masked replicas, one SUM all-reduce per root mesh, then
+    ``pp_group``); for rules that need more than norms, e.g. the default clipper's cosine
+    between the gradient and the momentum (``sample_dot_norms``).
+    """
+    parts = parts.to(torch.float64)
+    rows = torch.ones(parts.shape[0], dtype=torch.bool, device=parts.device)
+    out = torch.zeros(parts.shape[1], dtype=torch.float64, device=parts.device)
+    for r in p.roots:
+        rows = rows.index_fill(0, r.idx, False)
+        mine = parts.index_select(0, r.idx)
+        mine = torch.where(r.mask.unsqueeze(1), mine, torch.zeros_like(mine))
+        out = out + _sum(mine.sum(0), r.groups)
+    out = out + torch.where(rows.unsqueeze(1), parts, torch.zeros_like(parts)).sum(0)  # plain
+    if p.pp_group is not None:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=p.pp_group)
+    return out
+
+
+def sample_dot_norms(a: list[Tensor], b: list[Tensor], sample: int,
+                     like: DistPlan) -> tuple[Tensor, Tensor, Tensor]:
+    """``(a . b, ||a||_2, ||b||_2)`` (float32, global) over a strided sample of at most about
+    ``sample`` elements of the tensors ``a`` and ``b`` (same shapes and placements, e.g.
+    gradients and momentum buffers), from each rank's local shards: the stride is
+    ``ceil(sum of global sizes / sample)``, the same on every rank, applied to every local
+    shard (all elements when the model has at most ``sample``). Reduced with
+    ``sums_over_job`` over the groups of ``like`` (the gradients' plan)."""
+    p = plan(a, process_group=like.process_group, pp_group=like.pp_group) or like
+    total = sum(t.numel() for t in a)  # a DTensor's numel is its global size
+    stride = max(1, -(-total // sample))
+    la, lb = p.localize(a), p.localize(b)
+    rows = []
+    for x, y in zip(la, lb):
+        xs = x.detach().reshape(-1)[::stride].to(torch.float32)
+        ys = y.detach().reshape(-1)[::stride].to(torch.float32)
+        rows.append(torch.stack([torch.dot(xs, ys), torch.dot(xs, xs), torch.dot(ys, ys)]))
+    dev = la[0].device if la else torch.device("cpu")
+    parts = torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.float32, device=dev)
+    s = sums_over_job(parts, p)
+    return s[0].float(), s[1].sqrt().float(), s[2].sqrt().float()

@@ -59,6 +59,9 @@ class GradNorms:
     max_abs: Tensor | None = None
     reduced_nonfinite: Tensor | None = None
     loss: Tensor | None = None
+    #: ``gradguard.distributed.DistPlan`` of a distributed call (the groups the norms were
+    #: reduced over, for rules that reduce more, e.g. the default clipper's cosine), else None
+    plan: Any = None
 
     @property
     def nonfinite(self) -> Tensor:
@@ -362,7 +365,7 @@ def compute_norms(grads: list[Tensor], norm_type: float = 2.0, *,
                                               local_max_abs=local.max_abs, loss=loss)
             return GradNorms(total=red.total, per_tensor=red.per_tensor, norm_type=norm_type,
                              max_abs=red.max_abs, reduced_nonfinite=red.nonfinite,
-                             loss=red.loss)
+                             loss=red.loss, plan=plan)
     if grads and grads[0].device.type == "cuda" and all(g.dtype == grads[0].dtype for g in grads):
         from . import kernels
         res = kernels.multi_tensor_norms(grads, norm_type)

@@ -202,9 +202,12 @@ def case_fsdp2() -> None:
     write_ok()
 
 
-def train_fsdp2_or_ddp(kind: str) -> None:
+def train_fsdp2_or_ddp(kind: str, sgd: bool = False) -> None:
     """Guard(model) with the default clipper: K steps on the global batch match a
-    single-process run; NaN on one rank/shard skips on every rank, state bit-identical."""
+    single-process run; NaN on one rank/shard skips on every rank, state bit-identical.
+    ``sgd``: SGD with momentum, where the default clipper's step-size control reads the
+    cosine between gradient and momentum (reduced over the shards), else AdamW (fused on
+    FSDP2: the sync-free grad_scale / found_inf path)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     K = 6
@@ -224,10 +227,14 @@ def train_fsdp2_or_ddp(kind: str) -> None:
                 fully_shard(m, mesh=mesh)
         fully_shard(model, mesh=mesh)
         wrapped = inner = model
-    fused = kind == "fsdp2"  # fused AdamW: the sync-free grad_scale / found_inf path
-    opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-2, fused=fused or None,
-                            foreach=None if fused else False)
-    ropt = torch.optim.AdamW(ref.parameters(), lr=1e-2, foreach=False)
+    fused = kind == "fsdp2" and not sgd  # fused AdamW: the sync-free grad_scale / found_inf path
+    if sgd:
+        opt = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9, foreach=False)
+        ropt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, foreach=False)
+    else:
+        opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-2, fused=fused or None,
+                                foreach=None if fused else False)
+        ropt = torch.optim.AdamW(ref.parameters(), lr=1e-2, foreach=False)
     guard = gg.Guard(wrapped, clipper="auto", skip=gg.SpikeSkip(threshold=50.0, window=4),
                      **({"process_group": dist.group.WORLD} if kind == "ddp" else {}))
     rguard = gg.Guard(ref, clipper="auto", skip=gg.SpikeSkip(threshold=50.0, window=4))
@@ -251,12 +258,19 @@ def train_fsdp2_or_ddp(kind: str) -> None:
         check_close(f"{kind} step {step} total norm", totals[0], totals[1], 1e-6)
     # parameters after K steps: same as the single-process run of the same global batch
     # (float64; what differs is only the order of the float additions)
+    # (float64 models. With AdamW the clip threshold is the default's spike cap and the
+    # parameters agree to 1e-9. With SGD the step-size control also reads a float32 cosine
+    # whose sums are added per shard, in another order: ~1e-7 in the threshold, 1e-8 here.)
     got = [full(p.detach()) for p in inner.parameters()]
     want = [p.detach() for p in ref.parameters()]
+    tol = 1e-6 if sgd else 1e-9
     for i, (a, b) in enumerate(zip(got, want)):
         err = float((a - b).abs().max() / b.abs().max())
-        assert err < 1e-9, f"{kind}: parameter {i} differs from the single-process run by {err:.3g}"
+        assert err < tol, f"{kind}: parameter {i} differs from the single-process run by {err:.3g}"
     assert guard.skipped_steps == 0 and rguard.skipped_steps == 0
+    assert guard.clipper.mode == ("momentum" if sgd else "cap"), guard.clipper.mode
+    if sgd:  # the step-size control acted: thresholds were finite and some steps clipped
+        assert math.isfinite(float(guard.clipper.threshold(torch.zeros(()))))
     assert identical_across_ranks(clipper_state(guard)), "clipper state differs across ranks"
 
     # NaN on one rank only -> every rank skips; params, optimizer and clipper state unchanged
@@ -304,6 +318,7 @@ def case_ddp() -> None:
 
 def case_fsdp2_train() -> None:
     train_fsdp2_or_ddp("fsdp2")
+    train_fsdp2_or_ddp("fsdp2", sgd=True)
 
 
 def case_tp2d() -> None:
