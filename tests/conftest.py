@@ -4,6 +4,11 @@ import sys
 import pytest
 import torch
 
+try:  # triton's LLVM must load before TensorFlow's: the other order aborts the process
+    import triton  # noqa: F401  (LLVM "registered more than once" when torch.optim loads it later)
+except ImportError:
+    pass
+
 sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
