@@ -217,6 +217,11 @@ def read_kind(folder: Path, kind: str, *, ranks: Iterable[int] | None = None,
     return _newest_copy(table, kind, problems)
 
 
+#: Schema metadata key set on a table already sorted by (step, rank[, layer]): one rank's rows
+#: written in order are not checked or sorted again.
+_SORTED = b"gradguard.sorted"
+
+
 def _newest_copy(table: pa.Table, kind: str, problems: list[str]) -> pa.Table:
     """``table`` (rows by rank, then in the order written) with each step of a rank once: the
     last copy written. A rank's rows written once have increasing steps (and, for layers, at
@@ -238,7 +243,11 @@ def _newest_copy(table: pa.Table, kind: str, problems: list[str]) -> pa.Table:
             starts = np.flatnonzero(np.r_[True, ~same_rank | (d != 0), True])
             clean = int(np.diff(starts).max()) <= max(1, len(col.dictionary))
     if clean:
-        return table
+        if len(step) < 2 or not same_rank.all():
+            return table
+        ordered = bool(np.all(d > 0)) if layer is None else (
+            layer is not None and bool(np.all(np.diff(layer)[d == 0] > 0)))
+        return table.replace_schema_metadata({_SORTED: b"1"}) if ordered else table
     import pandas as pd
 
     keys = {"rank": rank, "step": step}
@@ -453,16 +462,18 @@ def _frame(table: pa.Table, kind: str, layer_order: list[str] | None):
     ranks, rows of a resume) are sorted (stable, on integer keys)."""
     import pandas as pd
 
+    ordered = (table.schema.metadata or {}).get(_SORTED) == b"1"
     df = table.to_pandas(split_blocks=True, self_destruct=True)
     if "layer" in df.columns and layer_order is not None:
         cats = list(df["layer"].cat.categories)
         order = list(layer_order) + [c for c in cats if c not in set(layer_order)]
         if cats != order:
             df["layer"] = df["layer"].cat.set_categories(order)
+            ordered = False  # the codes changed: check again
     elif "layer" in df.columns and not isinstance(df["layer"].dtype, pd.CategoricalDtype):
         df["layer"] = df["layer"].astype("category")
     keys = ["step", "rank"] + (["layer"] if kind == "layers" and "layer" in df.columns else [])
-    if not _ordered(df, keys):
+    if not ordered and not _ordered(df, keys):
         df = df.take(np.lexsort([_sort_key(df, k) for k in reversed(keys)]))
     return df.reset_index(drop=True)
 
