@@ -33,7 +33,7 @@ Norms are float32 gradient norms (the units of the gradients, p-norm of the clip
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -296,6 +296,14 @@ def _second_moment_decay(optimizer: torch.optim.Optimizer) -> float:
     return b if 0.0 < b < 1.0 else 0.999
 
 
+class _Direction(NamedTuple):
+    """What ``OvershootClip.clip_`` measures for the ``observe`` of the same step:
+    ``cos(g_t, u_{t-1})`` (0-d) and, in mode "sgd", the strided sample of ``g_t`` (else None)."""
+
+    cos: Tensor
+    sample: Tensor | None
+
+
 class OvershootClip(_RuleClipper):
     """The threshold-free default: clip the global norm to ``min(S, spike_factor * level)``
     (``rules.overshoot`` has the math).
@@ -316,8 +324,10 @@ class OvershootClip(_RuleClipper):
     ``init_step`` (1 %) of their norm, and finds the edge of stability from below. The floor
     keeps S from collapsing to 0 in the noise-dominated end of training. The S in force at a
     step comes from the evidence of the step before, so the threshold of a step depends on
-    the state alone; ``c_t`` is measured in ``observe`` (from the bound optimizer's gradients
-    and momentum buffers, before it steps) and only moves the S of the next step.
+    the state alone (``coefficient()`` and ``clip_(apply=False)`` agree from the first step).
+    ``c_t`` only moves the S of the next step: ``clip_`` measures it from the gradients before
+    it scales them (the measurement of the step in progress), and the ``observe`` that follows
+    feeds it to the rule and commits the state.
 
     **Spike cap** (every optimizer): ``level`` is the EMA (``ema``) of the log of accepted,
     clipped norms, so a norm above ``spike_factor * exp(level)`` is clipped; feeding the
@@ -357,6 +367,9 @@ class OvershootClip(_RuleClipper):
         self._prev_sample: Tensor | None = None   # mode "sgd": sample of the last gradient
         self._layout: tuple[int, tuple[int, ...]] | None = None
         self._have_init = False
+        # the direction of the step in progress: measured by clip_ from the gradients before
+        # they are scaled, consumed by the observe that follows (one step; never saved)
+        self._measured: _Direction | None = None
 
     def __repr__(self) -> str:
         return (f"OvershootClip(beta={self.beta}, init_step={self.init_step}, floor={self.floor}, "
@@ -437,33 +450,30 @@ class OvershootClip(_RuleClipper):
         parts = [t.detach().reshape(-1)[::stride] for t in tensors]
         return torch.cat(parts).to(torch.float32) if parts else torch.zeros(0)
 
-    def _direction(self, like: Tensor, plan: Any = None) -> tuple[Tensor, Tensor | None]:
-        """``(cos(g_t, u_{t-1}), sample of g_t)`` from the bound optimizer's parameters (the
-        sample only in mode "sgd", where it becomes the next step's direction). ``plan``: the
-        norms' ``gradguard.distributed`` plan (FSDP2, TP, pipeline): the cosine's sums come
-        from every rank's shards, reduced over the same groups, so every rank gets the same."""
-        opt = self._optimizer
-        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None] \
-            if opt is not None else []
-        if not params:
-            return torch.zeros((), dtype=torch.float32, device=like.device), None
-        grads = [p.grad for p in params]
+    def _direction(self, like: Tensor, params: list[Tensor], grads: list[Tensor],
+                   plan: Any = None) -> _Direction:
+        """Measure ``cos(g_t, u_{t-1})`` from these gradients (and, in mode "sgd", the sample
+        of ``g_t`` that becomes the next step's direction). ``plan``: the norms'
+        ``gradguard.distributed`` plan (FSDP2, TP, pipeline): the cosine's sums come from every
+        rank's shards, reduced over the same groups, so every rank gets the same."""
+        if not grads:
+            return _Direction(torch.zeros((), dtype=torch.float32, device=like.device), None)
+        opt_state = self._optimizer.state if self._optimizer is not None else {}
         if plan is not None and (plan.roots or plan.pp_group is not None):
             if self.mode != _SGD_MOMENTUM:
                 raise NotImplementedError("OvershootClip(use_last_gradient=True) does not support "
                                           "sharded or pipelined gradients; use SGD with momentum")
             from . import distributed
-            bufs = [opt.state.get(p, {}).get("momentum_buffer") for p in params]  # type: ignore[union-attr]
+            bufs = [opt_state.get(p, {}).get("momentum_buffer") for p in params]
             if any(b is None for b in bufs):
-                return torch.zeros((), dtype=torch.float32, device=like.device), None
+                return _Direction(torch.zeros((), dtype=torch.float32, device=like.device), None)
             dot, gn, un = distributed.sample_dot_norms(grads, bufs, self.sample, plan)
-            return _overshoot.cosine(dot, gn, un, TORCH), None
+            return _Direction(_overshoot.cosine(dot, gn, un, TORCH), None)
         layout = (len(grads), tuple(g.numel() for g in grads))
         g_s = self._flat_sample(grads)
         new_prev = None
         if self.mode == _SGD_MOMENTUM:
-            state = opt.state
-            bufs = [state.get(p, {}).get("momentum_buffer") for p in params]
+            bufs = [opt_state.get(p, {}).get("momentum_buffer") for p in params]
             u_s = torch.zeros_like(g_s) if any(b is None for b in bufs) else \
                 self._flat_sample(bufs)  # type: ignore[arg-type]
         else:
@@ -474,16 +484,34 @@ class OvershootClip(_RuleClipper):
         self._layout = layout
         cos = _overshoot.cosine(torch.dot(g_s, u_s), torch.linalg.vector_norm(g_s),
                                 torch.linalg.vector_norm(u_s), TORCH)
-        return cos, new_prev
+        return _Direction(cos, new_prev)
+
+    def clip_(self, params, grads, norms, *, apply=True, propagate_nonfinite=False):
+        """Clip with the threshold in force (from the committed state alone), after measuring
+        the step's direction from the gradients as they are, before they are scaled."""
+        self._measured = (self._direction(norms.total, params, grads,
+                                          getattr(norms, "plan", None))
+                          if self.mode in _overshoot.STEP_CONTROL else None)
+        return super().clip_(params, grads, norms, apply=apply,
+                             propagate_nonfinite=propagate_nonfinite)
 
     def observe(self, norms: GradNorms, accept: Tensor) -> None:
+        """Commit this step: the rule's update with the direction ``clip_`` measured (an
+        ``observe`` without a ``clip_`` before it measures from the bound optimizer's
+        parameters now)."""
         total = norms.total.detach()
         st = self._ensure(total)
-        cos, new_prev = None, None
-        if self.mode in _overshoot.STEP_CONTROL:
-            cos, new_prev = self._direction(total, getattr(norms, "plan", None))
+        measured, self._measured = self._measured, None
+        if self.mode in _overshoot.STEP_CONTROL and measured is None:
+            opt = self._optimizer
+            params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None] \
+                if opt is not None else []
+            measured = self._direction(total, params, [p.grad for p in params],
+                                       getattr(norms, "plan", None))
+        cos = None if measured is None else measured.cos
         _, proposed = _overshoot.update(self.cfg, st, _overshoot.Observation(total, cos), TORCH)
         self._state = rules.commit(accept, proposed, st, TORCH)
+        new_prev = None if measured is None else measured.sample
         if new_prev is not None:
             ok = accept & torch.isfinite(total) & (total > 0)
             old = self._prev_sample
