@@ -33,7 +33,7 @@ def has_state(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def fused_step(optimizer: torch.optim.Optimizer, grad_scale: Tensor | None,
-                found_inf: Tensor) -> None:
+               found_inf: Tensor) -> None:
     """``optimizer.step()`` with the fused kernel's ``grad_scale`` / ``found_inf`` set."""
     optimizer.grad_scale = grad_scale  # type: ignore[attr-defined]
     optimizer.found_inf = found_inf  # type: ignore[attr-defined]
