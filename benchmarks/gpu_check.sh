@@ -11,7 +11,9 @@
 #    docs/performance.md);
 # 3. whether Guard.step itself can be captured in a CUDA graph (printed, not asserted);
 # 4. if time is left, alternative kernel shapes;
-# 5. the Monitor's overhead on the GPU (benchmarks/monitor_bench.py --device cuda).
+# 5. the Monitor's overhead on the GPU (benchmarks/monitor_bench.py --device cuda);
+# 6. the distributed (FSDP2 / DTensor) code path on one GPU over NCCL: norm vs float64, no
+#    host sync in a steady-state fused step, a NaN step skipped with parameters unchanged.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -105,4 +107,55 @@ fi
 echo "== 5. Monitor overhead on the GPU ($(elapsed)s)"
 timeout 120 $PY benchmarks/monitor_bench.py --device cuda --overhead-steps 200 --steps 0 2>&1 \
     | tee "$OUTDIR/monitor_gpu.txt"
+echo "== 6. distributed code path on one GPU: FSDP2 over NCCL, world size 1 ($(elapsed)s)"
+# The DTensor path of gradguard.distributed (local shards, the plan, one all-reduce, the fused
+# found_inf / grad_scale skip) on CUDA tensors and NCCL. One GPU cannot test the reduction
+# across ranks (tests/test_distributed.py does, on gloo); this checks the device side: the
+# Triton kernels on the shards, no host sync in a steady-state step, the norm equals torch's.
+GG_DEV=${GG_DEV:-cuda} MASTER_ADDR=127.0.0.1 MASTER_PORT=29531 RANK=0 WORLD_SIZE=1 \
+timeout 120 $PY - <<'PYEOF' 2>&1 | tee "$OUTDIR/distributed_gpu.txt"
+import os, torch, torch.distributed as dist, torch.nn as nn, gradguard as gg
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+dev = os.environ["GG_DEV"]
+dist.init_process_group("nccl" if dev == "cuda" else "gloo")
+torch.manual_seed(0)
+mesh = init_device_mesh(dev, (1,))
+model = nn.Sequential(nn.Linear(1024, 4096), nn.GELU(), nn.LayerNorm(4096), nn.Linear(4096, 1024)).to(dev)
+fully_shard(model[0], mesh=mesh); fully_shard(model[3], mesh=mesh); fully_shard(model, mesh=mesh)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+guard = gg.Guard(model, max_consecutive_skips=None)
+x = torch.randn(256, 1024, device=dev)
+def step(nan=False):
+    opt.zero_grad(set_to_none=False)
+    loss = model(x).square().mean()
+    loss.backward()
+    if nan:
+        next(model.parameters()).grad.to_local().view(-1)[7] = float("nan")
+    return guard.step(opt, loss=loss)
+for _ in range(3):
+    step()  # the optimizer's state exists from here on: the fused, sync-free path
+norms = gg.grad_norm(model.parameters())
+want = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.full_tensor().double())
+                                             for p in model.parameters()]))
+print("global norm", float(norms.total), "float64 reference", float(want),
+      "rel err", abs(float(norms.total) - float(want)) / float(want))
+if dev == "cuda":
+    torch.cuda.synchronize(); torch.cuda.set_sync_debug_mode("error")
+try:
+    st = step()
+    before = [p.to_local().clone() for p in model.parameters()]
+    st2 = step(nan=True)
+    if dev == "cuda":
+        torch.cuda.set_sync_debug_mode(0)
+    print("steady-state FSDP2 Guard.step: no host sync (sync_debug_mode=error passed)")
+    print("NaN step skipped:", bool(st2.skipped), "params unchanged:",
+          all(torch.equal(a, p.to_local()) for a, p in zip(before, model.parameters())))
+except Exception as e:  # noqa: BLE001
+    if dev == "cuda":
+        torch.cuda.set_sync_debug_mode(0)
+    import traceback; traceback.print_exc(limit=8)
+    print("FSDP2 Guard.step on one GPU FAILED:", type(e).__name__, str(e)[:300])
+dist.destroy_process_group()
+PYEOF
 echo "== done in $(elapsed)s; files in $OUTDIR"
