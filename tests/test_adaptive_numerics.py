@@ -132,3 +132,29 @@ def test_overshoot_coefficient_agrees_with_clip_before_the_first_step():
             assert float(coef) == pytest.approx(s0 / (20.0 + 1e-6), rel=1e-6)
         c.observe(n, torch.tensor(True))
         opt.step()
+
+
+def test_overshoot_direction_is_measured_before_the_gradients_are_scaled():
+    """Applying the clip in place (the non-fused Guard) or not (the fused fold) gives the same
+    next state bit for bit: the cosine comes from the gradients as clip_ found them."""
+    def run(apply):
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(300))
+        opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+        c = gg.OvershootClip()
+        out = []
+        for step in range(6):
+            p.grad = torch.randn(300, generator=torch.Generator().manual_seed(step)) * 7.3
+            c.bind_optimizer(opt)
+            n = compute_norms([p.grad])
+            stats = c.clip_([p], [p.grad], n, apply=apply)
+            c.observe(n, torch.tensor(True))
+            out.append(c.state_dict()["step_limit"].clone())
+            if not apply:
+                p.grad.mul_(stats.clip_coef)
+            opt.step()
+        return out
+
+    a, b = run(True), run(False)
+    assert all(torch.equal(x, y) for x, y in zip(a, b)), (a, b)
+    assert len({float(x) for x in a}) > 2  # S moved
