@@ -139,12 +139,14 @@ def test_overshoot_direction_is_measured_before_the_gradients_are_scaled():
     next state bit for bit: the cosine comes from the gradients as clip_ found them."""
     def run(apply):
         torch.manual_seed(0)
-        p = torch.nn.Parameter(torch.randn(300))
+        p = torch.nn.Parameter(torch.randn(5000))
         opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
         c = gg.OvershootClip()
         out = []
-        for step in range(6):
-            p.grad = torch.randn(300, generator=torch.Generator().manual_seed(step)) * 7.3
+        for step in range(40):
+            g = torch.randn(5000, generator=torch.Generator().manual_seed(step))
+            p.grad = g * 7.3 + 0.3 * p.detach()  # (measured on the scaled gradients, 4 of
+            # these 40 S values differ in their last bits)
             c.bind_optimizer(opt)
             n = compute_norms([p.grad])
             stats = c.clip_([p], [p.grad], n, apply=apply)
