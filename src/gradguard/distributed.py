@@ -36,8 +36,9 @@ squares of float32 norms cannot overflow float64. The non-finite flag counts eve
 non-finite norm, masked replica or not, so a NaN on one rank or one shard makes every rank
 skip. All ranks issue the same collectives in the same order with vectors of the same
 length (a stage or rank without a loss sends ``loss_count = 0``), so nobody waits on a
-collective another rank skipped. Nothing here reads a value on the host: the result stays
-on the gradients' device (no synchronisation on CUDA with NCCL).
+collective another rank skipped. Nothing here reads a value on the host on a step (one read
+at the first call under ``pp_group``, see ``reduce_partials``): the result stays on the
+gradients' device (no synchronisation on CUDA with NCCL).
 
 Uses only APIs present since torch 2.4 (``DTensor.to_local``, ``DeviceMesh.mesh``,
 ``get_coordinate``, ``get_group``, ``Placement.is_shard``/``is_replicate``/``is_partial``,
@@ -117,6 +118,8 @@ class DistPlan:
     n: int
     # every mesh and group of the key, held so that their ids in the cache key stay theirs
     keep: tuple = ()
+    # pp_group: whether some stage passes a loss (read on the host once, at the first call)
+    pp_loss: bool | None = None
 
     def localize(self, grads: list[Tensor]) -> list[Tensor]:
         """The tensors whose norms are this rank's partials: DTensors' local shards."""
@@ -221,9 +224,10 @@ def plan(grads: list[Tensor], *, process_group: Any = None, pp_group: Any = None
         # counted once: coordinate 0 on every dimension where the gradient is replicated
         # (a dimension of the big mesh the gradient's mesh lacks is a replicated one);
         # every other placement splits the data (Shard, FSDP2's _StridedShard, which is not
-        # is_shard() in torch 2.13; Partial, redistributed before the norm)
+        # is_shard() in torch 2.13). A Partial dimension is redistributed to Replicate before
+        # the norm (``localize``), so it counts as replicated.
         counted = all(coord[j] == 0 for j in range(r.mesh.ndim)
-                      if j not in on_big or on_big[j].is_replicate())
+                      if j not in on_big or on_big[j].is_replicate() or on_big[j].is_partial())
         r.index.append(i)
         r.counted.append(counted)
     dev = grads[0].device if grads else torch.device("cpu")
@@ -288,8 +292,9 @@ def reduce_partials(local_norms: Tensor, norm_type: float, p: DistPlan, *,
     * with ``local_max_abs`` (the Monitor's layer steps): one MAX all-reduce of it per root.
 
     ``Reduced.loss``: the mean of the losses given on the ranks that gave one, or None when
-    this rank gave none (with ``pp_group`` always a tensor: the stages without the loss get
-    the last stage's; NaN when no rank gave one).
+    this rank gave none; with ``pp_group`` a stage without a loss gets the mean of the
+    stages' that have one (whether any stage has one is read on the host once per layout,
+    at the first call: the only host read here).
     """
     dev = local_norms.device
     inf = math.isinf(norm_type)
@@ -351,8 +356,12 @@ def reduce_partials(local_norms: Tensor, norm_type: float, p: DistPlan, *,
             mx = mx.index_copy(0, idx, vec)
         max_abs = mx
     mean_loss = None
-    if loss is not None or p.pp_group is not None:
-        mean_loss = (lp[0] / lp[1]).to(torch.float32)  # 0 / 0 = NaN: no rank gave a loss
+    if loss is None and p.pp_group is not None and p.pp_loss is None:
+        # once per layout: does any stage pass a loss? (a stage without one then gets the
+        # last stage's; if none does, every stage gets None rather than a NaN "loss")
+        p.pp_loss = bool(lp[1].cpu() > 0)
+    if loss is not None or (p.pp_group is not None and p.pp_loss):
+        mean_loss = (lp[0] / lp[1]).to(torch.float32)
     return Reduced(per.to(torch.float32), total.reshape(()).to(torch.float32),
                    flag.reshape(()) > 0, mean_loss, max_abs)
 

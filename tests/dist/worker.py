@@ -194,11 +194,38 @@ def case_fsdp2() -> None:
         check_close(f"fsdp2 p={p} total", got.total,
                     sum(want) if p == 1 else max(want), 1e-6)
 
+    # bfloat16 gradients: accumulated in float32 before the collective; equal to the float64
+    # norm of the same bfloat16 values
+    gb = [p.grad.to(torch.bfloat16) for p in model.parameters()]
+    nb = gg.norms.compute_norms(gb)
+    check_close("fsdp2 bfloat16 total", nb.total, ref_norms([full(g).double() for g in gb])[0], 1e-6)
+    # mixed DTensor and plain tensors (torch's foreach raises "mixed torch.Tensor and
+    # DTensor"): a plain tensor is replicated, counted once
+    extra = torch.arange(5, dtype=torch.float64)
+    nm = gg.norms.compute_norms([p.grad for p in model.parameters()] + [extra])
+    check_close("fsdp2 mixed DTensor + plain", nm.per_tensor, list(r_per) + [float(extra.norm())], 1e-6)
+    # a Partial DTensor (its value is the sum of the ranks' locals) and a shard that is empty
+    # on the last rank (1 element over WS ranks): no hang, exact
+    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+    loc = torch.full((3,), float(RANK + 1), dtype=torch.float64)
+    part = DTensor.from_local(loc, mesh, [Partial()])
+    tiny = distribute_tensor(torch.tensor([2.5], dtype=torch.float64), mesh, [Shard(0)])
+    assert tiny.to_local().numel() == (1 if RANK == 0 else 0)
+    npt = gg.norms.compute_norms([part, tiny])
+    s = sum(range(1, WS + 1))
+    check_close("fsdp2 Partial + empty shard", npt.per_tensor, [math.sqrt(3) * s, 2.5], 1e-6)
+
     # 2. clip_grad_norm_: returns the global norm, clips every shard by the same factor
     total = gg.clip_grad_norm_(model.parameters(), 0.01)
     check_close("fsdp2 clip_grad_norm_ total", total, r_total, 1e-6)
     post, _ = ref_norms([full(p.grad) for p in model.parameters()])
     check_close("fsdp2 post-clip norm", post, 0.01, 1e-5)
+    # per-tensor clipping (tf.clip_by_norm semantics) reads the global per-tensor norms
+    before = gg.grad_norm(model.parameters()).per_tensor
+    per = gg.clip_grad_norm_per_tensor_(model.parameters(), 0.002)
+    check_close("fsdp2 per-tensor clip returns the global norms", per, before, 1e-6)
+    _, post_per = ref_norms([full(p.grad) for p in model.parameters()])
+    check_close("fsdp2 post per-tensor clip", post_per, np.minimum(before.numpy(), 0.002), 1e-5)
     write_ok()
 
 
