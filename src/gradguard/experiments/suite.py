@@ -407,11 +407,11 @@ def print_table(rows: list[Row], console: Any = None, title: str = "gradguard de
 
     seeds = max((len(r.results) for r in rows), default=0)
     table = Table(title=title, show_lines=False)
-    table.add_column("experiment (metric)")
+    table.add_column("experiment (metric)", min_width=20)
     table.add_column("strategy", no_wrap=True)
-    table.add_column(f"result (mean ± sd, {seeds} seeds)", justify="right", no_wrap=True)
-    table.add_column("flag")
-    table.add_column("non-finite at epoch", justify="right")
+    table.add_column(f"result (mean ± sd,\n{seeds} seeds)", justify="right", no_wrap=True)
+    table.add_column("flag", no_wrap=True)
+    table.add_column("non-finite\nat epoch", justify="right")
     table.add_column("clipped", justify="right")
     table.add_column("skipped", justify="right")
     last = None
