@@ -274,8 +274,13 @@ def _sum(vec: Tensor, groups: list[Any]) -> Tensor:
     return vec
 
 
+#: ``loss`` default of ``reduce_partials``: the caller handles no loss (``grad_norm``), as
+#: opposed to None, "this rank has none" (a pipeline stage before the last)
+NO_LOSS: Any = object()
+
+
 def reduce_partials(local_norms: Tensor, norm_type: float, p: DistPlan, *,
-                    local_max_abs: Tensor | None = None, loss: Any = None) -> Reduced:
+                    local_max_abs: Tensor | None = None, loss: Any = NO_LOSS) -> Reduced:
     """Turn this rank's per-tensor norms (of its local shards, float32, in grads order)
     into the job's per-tensor norms, total norm, non-finite flag and mean loss.
 
@@ -303,6 +308,8 @@ def reduce_partials(local_norms: Tensor, norm_type: float, p: DistPlan, *,
     flag = (~torch.isfinite(norms64)).any().to(f64).reshape(1)
     parts = norms64 if inf else norms64 ** norm_type  # n_i^p; NaN/inf stay so
     glob = parts.clone()  # becomes the global per-tensor partials
+    wants_loss = loss is not NO_LOSS
+    loss = None if loss is NO_LOSS else loss
     lp = _loss_pair(loss, dev)
     loss_done = False
     for k, r in enumerate(p.roots):
@@ -356,11 +363,11 @@ def reduce_partials(local_norms: Tensor, norm_type: float, p: DistPlan, *,
             mx = mx.index_copy(0, idx, vec)
         max_abs = mx
     mean_loss = None
-    if loss is None and p.pp_group is not None and p.pp_loss is None:
+    if wants_loss and loss is None and p.pp_group is not None and p.pp_loss is None:
         # once per layout: does any stage pass a loss? (a stage without one then gets the
         # last stage's; if none does, every stage gets None rather than a NaN "loss")
         p.pp_loss = bool(lp[1].cpu() > 0)
-    if loss is not None or (p.pp_group is not None and p.pp_loss):
+    if loss is not None or (wants_loss and p.pp_group is not None and p.pp_loss):
         mean_loss = (lp[0] / lp[1]).to(torch.float32)
     return Reduced(per.to(torch.float32), total.reshape(()).to(torch.float32),
                    flag.reshape(()) > 0, mean_loss, max_abs)

@@ -338,9 +338,12 @@ def total_from_per_tensor(per_tensor: Tensor, norm_type: float = 2.0) -> Tensor:
     return torch.linalg.vector_norm(per_tensor / scale, norm_type) * scale
 
 
+_NO_LOSS: Any = object()  # compute_norms(loss=...) not given (gradguard.distributed.NO_LOSS)
+
+
 def compute_norms(grads: list[Tensor], norm_type: float = 2.0, *,
                   with_max_abs: bool = False, process_group: Any = None,
-                  pp_group: Any = None, loss: Any = None) -> GradNorms:
+                  pp_group: Any = None, loss: Any = _NO_LOSS) -> GradNorms:
     """Per-tensor and total norms of ``grads`` from one read of each gradient.
 
     On CUDA, when every gradient has one dtype and the Triton kernels apply, both come from
@@ -354,15 +357,17 @@ def compute_norms(grads: list[Tensor], norm_type: float = 2.0, *,
     over the gradients' meshes; ``process_group``: the data-parallel group over which plain
     gradients are replicated (DDP: the flag and ``loss`` are reduced over it);
     ``pp_group``: the pipeline group (ProcessGroup or 1-D DeviceMesh) whose stages' totals
-    add up. ``loss``: reduced in the same collective, see ``GradNorms.loss``.
+    add up. ``loss``: this rank's loss (None: it has none, e.g. a pipeline stage before the
+    last), reduced in the same collective, see ``GradNorms.loss``; not given: no loss.
     """
     if process_group is not None or pp_group is not None or _any_dtensor(grads):
         from . import distributed
         plan = distributed.plan(grads, process_group=process_group, pp_group=pp_group)
         if plan is not None:
             local = compute_norms(plan.localize(grads), norm_type, with_max_abs=with_max_abs)
-            red = distributed.reduce_partials(local.per_tensor, norm_type, plan,
-                                              local_max_abs=local.max_abs, loss=loss)
+            red = distributed.reduce_partials(
+                local.per_tensor, norm_type, plan, local_max_abs=local.max_abs,
+                loss=distributed.NO_LOSS if loss is _NO_LOSS else loss)
             return GradNorms(total=red.total, per_tensor=red.per_tensor, norm_type=norm_type,
                              max_abs=red.max_abs, reduced_nonfinite=red.nonfinite,
                              loss=red.loss, plan=plan)
