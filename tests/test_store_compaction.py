@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -77,11 +78,12 @@ def test_compaction_killed_before_removing_its_parts(tmp_path):
 def test_a_reader_racing_a_compaction_lists_again(tmp_path, monkeypatch):
     w = write_run(tmp_path / "x", 1, 200, compact="off")
     before = quiet_load(w.path)
-    real, done = R.read_shard, []
+    real, done, lock = R.read_shard, [], threading.Lock()
 
     def racing(s, schema):
-        if not done:
-            done.append(compact_run(w.path))  # another process merges under our feet
+        with lock:
+            if not done:
+                done.append(compact_run(w.path))  # another process merges under our feet
         return real(s, schema)
 
     monkeypatch.setattr(R, "read_shard", racing)

@@ -162,10 +162,34 @@ def read_shard(s: Shard, schema: pa.Schema) -> pa.Table:
     pf = pq.ParquetFile(s.path)
     try:
         have = pf.schema_arrow.names
-        t = pf.read(columns=[c for c in schema.names if c in have])
+        # a small shard decodes faster on this thread than through Arrow's thread pool
+        t = pf.read(columns=[c for c in schema.names if c in have],
+                    use_threads=pf.metadata.num_rows > _THREADED_ROWS)
     finally:
         pf.close()
     return conform(t, schema, s.rank)
+
+
+#: Shards above this many rows are decoded with Arrow's threads; smaller ones are read several
+#: at a time by the reader's own threads (``_READERS``), one each.
+_THREADED_ROWS = 100_000
+_READERS = min(8, os.cpu_count() or 1)
+
+
+def _try_read(s: Shard, schema: pa.Schema) -> tuple[pa.Table | None, BaseException | None]:
+    try:
+        return read_shard(s, schema), None
+    except Exception as exc:  # reported by the caller, in shard order
+        return None, exc
+
+
+def _read_all(listed: list[Shard], schema: pa.Schema):
+    if len(listed) <= 16 or _READERS < 2:
+        return [_try_read(s, schema) for s in listed]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(_READERS) as ex:
+        return list(ex.map(lambda s: _try_read(s, schema), listed))
 
 
 def _problem(problems: list[str], msg: str) -> None:
@@ -186,20 +210,21 @@ def read_kind(folder: Path, kind: str, *, ranks: Iterable[int] | None = None,
         listed = shards(folder, kind, ranks)
         tables: list[pa.Table] = []
         vanished = False
-        for s in listed:
-            try:
-                t = read_shard(s, schema)
-            except FileNotFoundError:
+        for s, (t, exc) in zip(listed, _read_all(listed, schema)):
+            if isinstance(exc, FileNotFoundError):
                 vanished = True
                 break
-            except ForeignShard as exc:
+            if isinstance(exc, ForeignShard):
                 _problem(problems, f"{s.path.name}: foreign schema, not a gradguard {kind} shard; "
                                    f"skipped ({exc})")
                 continue
-            except (OSError, pa.ArrowException, ValueError) as exc:
+            if isinstance(exc, (OSError, pa.ArrowException, ValueError)):
                 _problem(problems, f"{s.path.name}: unreadable shard skipped (damaged or "
                                    f"half-written: {exc})")
                 continue
+            if exc is not None:
+                raise exc
+            assert t is not None
             rank_marks = (marks or {}).get(s.rank) or []
             cut = _cutoff(rank_marks, "seq", s.hi)
             if cut != math.inf and t.num_rows:
