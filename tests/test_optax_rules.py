@@ -186,6 +186,8 @@ def test_bad_arguments_name_themselves():
         ggo.auto(momentum=1.0)
     with pytest.raises(ValueError, match="learning_rate"):
         ggo.auto(momentum=0.9, learning_rate=-1.0)
+    with pytest.raises(ValueError, match="axis_name"):
+        ggo.auto(momentum=0.9, axis_name="d")
     with pytest.raises(ValueError, match="window"):
         ggo.spike_skip(optax.sgd(0.1), window=1)
     with pytest.raises(TypeError, match="watch_loss"):

@@ -23,7 +23,7 @@ from ._clip import (
     clip_by_norm_per_leaf,
     clip_by_value,
 )
-from ._skip import SkipState, check_skips, skip_nonfinite
+from ._skip import SkipState, check_skips, skip_microstep, skip_nonfinite
 from ._tree import TreeNorms, leaf_names, tree_norms
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "clip_by_norm_per_leaf",
     "clip_by_value",
     "leaf_names",
+    "skip_microstep",
     "skip_nonfinite",
     "tree_norms",
 ]

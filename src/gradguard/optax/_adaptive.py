@@ -150,7 +150,8 @@ def auto(*, learning_rate: float | None = None, momentum: float | None = None,
       "adaptive", the cap at ``spike_factor * sqrt(v)``.
 
     Cost per step: the norms, one dot product over at most ``sample`` elements in the
-    step-control modes, O(1) scalars.
+    step-control modes, O(1) scalars. ``axis_name`` (sharded leaves under ``shard_map`` /
+    ``pmap``) works with the cap and adaptive modes.
     """
     if momentum is not None:
         m = _args.number(momentum, "momentum")
@@ -171,11 +172,17 @@ def auto(*, learning_rate: float | None = None, momentum: float | None = None,
                            spike_factor=spike_factor, ema=ema, beta2=b2)
     sample = _args.int_at_least(sample, "sample", 1)
     control = mode in overshoot.STEP_CONTROL
+    if control and axis_name is not None:
+        # the direction sample would be per-device state of a sharded shape; the cap and
+        # adaptive modes (scalar state) work over a named axis
+        raise ValueError(f"auto(): step-size control (momentum / use_last_gradient) with "
+                         f"axis_name={axis_name!r} is not supported; give replicated "
+                         f"(pmean-ed) gradients without axis_name, or use the cap mode")
 
     def init_rule(params: Any) -> AutoState:
         st = overshoot.init(cfg, JAX)
         if control:
-            pnorm = tree_norms(params, axis_name).total
+            pnorm = tree_norms(params).total
             st = st._replace(init_limit=overshoot.initial_limit(cfg, pnorm, lr, JAX))
             n = int(_flat_sample(params, _stride(params, sample)).shape[0])
         else:
@@ -189,10 +196,6 @@ def auto(*, learning_rate: float | None = None, momentum: float | None = None,
         g_s = _flat_sample(updates, _stride(updates, sample))
         u_s = st.direction
         dot, gn, un = jnp.dot(g_s, u_s), jnp.linalg.norm(g_s), jnp.linalg.norm(u_s)
-        if axis_name is not None:  # sharded leaves: the sample is sharded too
-            dot = jax.lax.psum(dot, axis_name)
-            gn = jnp.sqrt(jax.lax.psum(gn * gn, axis_name))
-            un = jnp.sqrt(jax.lax.psum(un * un, axis_name))
         cos = overshoot.cosine(dot, gn, un, JAX)
         thr, prop = overshoot.update(cfg, st.overshoot, overshoot.Observation(n.total, cos), JAX)
         if mode == "momentum":

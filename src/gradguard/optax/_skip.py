@@ -121,3 +121,28 @@ def check_skips(state: Any, max_consecutive: int) -> None:
         raise GradientExplosionError(
             f"gradguard.optax: {n} updates in a row were refused (non-finite or spiking "
             f"gradients; max_consecutive={max_consecutive}): training has diverged")
+
+
+def skip_microstep(axis_name: Any = None) -> Any:
+    """A ``should_skip_update_fn`` for ``optax.MultiSteps``: drop a micro-batch whose update
+    holds a NaN/Inf (its float32 norm is not finite) before it reaches the accumulator.
+
+    Needed because ``MultiSteps`` resets its accumulator as ``(1 - emit) * acc``, and
+    ``0 * NaN`` is NaN: one NaN micro-batch poisons every later window (measured in
+    ``docs/optax.md``). As with ``optax.skip_not_finite``, a dropped micro-batch does not count
+    towards the ``k`` of the window. Unlike it, ``axis_name`` reduces the decision over
+    the devices of a ``shard_map`` / ``pmap`` axis, so every device drops the same micro-batch
+    (``optax.skip_not_finite`` decides per shard). Returns ``(should_skip, {"should_skip",
+    "microstep_norm"})``.
+    """
+
+    def should_skip(updates: Any, gradient_step: Any, params: Any) -> tuple[Any, Any]:
+        del gradient_step, params
+        try:
+            norm = tree_norms(updates, axis_name).total
+        except NameError:  # MultiSteps.init calls it outside shard_map for the state's shape
+            norm = tree_norms(updates).total
+        skip = ~jnp.isfinite(norm)
+        return skip, {"should_skip": skip, "microstep_norm": norm}
+
+    return should_skip
