@@ -12,9 +12,9 @@ import torch
 
 pl = pytest.importorskip("pytorch_lightning")
 ggl = pytest.importorskip("gradguard.lightning")
-import gradguard as gg  # noqa: E402
-
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+import gradguard as gg  # noqa: E402
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*GPU available but not used.*")
