@@ -485,7 +485,8 @@ def build_views(
         notes = [n for n in notes if not n.startswith("no per-layer records")]
         notes.append(
             "no per-layer records in the layer shards (the run ended before its first per-layer "
-            "record, or records none): the first incident, at the top, shows its layers"
+            "record, or records none): the first incident's top layers and flight-recorder "
+            "window show which layers"
         )
     return RunViews(
         name=run.name,

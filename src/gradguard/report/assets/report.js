@@ -157,6 +157,9 @@
       info.top = ext[1] + 0.06 * span;
       var l0 = ext[0] - 0.04 * span, l1 = ext[1] + 0.1 * span;
       sc.range = function () { return [l0, l1]; };
+    } else {  // nothing finite on this axis (a loss that is NaN throughout): marks only
+      info.top = 0.9;
+      sc.range = function () { return [0, 1]; };
     }
     return { scale: sc, info: info };
   }
