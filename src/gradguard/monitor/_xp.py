@@ -79,6 +79,10 @@ class TorchOps:
         return x.min()
 
     @staticmethod
+    def amax(x: Tensor) -> Tensor:
+        return x.max()
+
+    @staticmethod
     def copy(x: Tensor) -> Tensor:
         return x.clone()
 
@@ -158,6 +162,10 @@ class NumpyOps:
     @staticmethod
     def amin(x: np.ndarray) -> Any:
         return x.min()
+
+    @staticmethod
+    def amax(x: np.ndarray) -> Any:
+        return x.max()
 
     @staticmethod
     def copy(x: Any) -> Any:

@@ -24,9 +24,14 @@ Step-level detectors read ``(total_norm, loss)``:
 The layer-level detector reads the per-layer gradient norms, every step:
 
 * :class:`Vanishing`: each layer against its own early baseline, the geometric mean of its
-  first ``baseline_steps`` accepted, positive, finite norms ``b_l``; it fires (rising edge)
-  when some layer stays below ``factor * b_l`` for ``patience`` consecutive accepted steps.
-  ``value`` is the smallest ratio ``||g_l|| / b_l`` of the step.
+  first ``baseline_steps`` accepted, positive, finite norms ``b_l``, and against the other
+  layers: with ``r_l = ||g_l|| / b_l`` and ``r_max`` the largest finite ``r`` of the step, a
+  layer is low when ``r_l < factor`` and ``r_l < factor * r_max`` (its gradient has fallen
+  ``1/factor`` times further than the best-kept layer's: the signal stops reaching it). It
+  fires (rising edge) when some layer stays low for ``patience`` consecutive accepted steps.
+  A run that converges shrinks every layer's gradient together (a tiny LSTM at loss 1e-7:
+  ``r`` ~ 1e-4 in every layer) and fires nothing; a model of one layer never fires.
+  ``value`` is the smallest ratio ``r_l`` of the step.
 
 The EMA uses a bias-free start: the decay at the n-th accepted value (n = 0, 1, ...) is
 ``a_n = min(alpha, n / (n + 1))``, so the first value sets the mean, and
@@ -393,10 +398,11 @@ class Growth(StepDetector):
 
 
 class Vanishing(Detector):
-    """Per-layer vanishing gradients against each layer's own early baseline.
+    """Per-layer vanishing gradients against each layer's own early baseline and the others.
 
     Args:
-        factor: a layer is low when ``||g_l|| < factor * b_l`` (default 1e-3).
+        factor: a layer is low when ``r_l = ||g_l|| / b_l < factor`` and ``r_l < factor *
+            max_k r_k`` (default 1e-3; see the module docstring).
         baseline_steps: accepted steps with a positive finite norm that form ``b_l``
             (geometric mean; default 50).
         patience: consecutive low accepted steps before the rule fires (default 20).
@@ -445,7 +451,11 @@ class Vanishing(Detector):
         """Evaluate and update at once: ``(fired, min_ratio, factor, ratios)``."""
         ratios = self.ratios(layer_norms)
         xp = self._xp
-        is_low = (ratios < self.factor) & accept  # NaN compares False
+        # the layer that kept the most of its gradient: a layer is low only against it too
+        # (a converged run, where every layer's gradient shrinks together, is not vanishing)
+        peak = xp.amax(xp.where(xp.isfinite(ratios), ratios, -math.inf)) if len(ratios) \
+            else xp.full((), -math.inf, "f32", layer_norms)
+        is_low = (ratios < self.factor) & (ratios < self.factor * peak) & accept  # NaN: False
         low = xp.where(accept, xp.where(is_low, self.low + 1, 0), self.low)
         fired = xp.any(low == self.patience) & accept
         x = xp.f32(layer_norms)
