@@ -522,6 +522,13 @@ def case_monitor() -> None:
             assert set(got) == set(wl), (sorted(got), sorted(wl))
             check_close(f"monitor layer norms step {s_i + 1}", [got[k] for k in sorted(wl)],
                         [wl[k] for k in sorted(wl)], 1e-6)
+        # the layers' parameter norms are the whole parameters' too (lr = 0: unchanged)
+        rows = lay[lay["step"] == 3]
+        got = {r["layer"]: r["param_norm"] for _, r in rows.iterrows()}
+        want_p = {str(i): float(torch.cat([p.detach().reshape(-1) for p in m.parameters()]).norm())
+                  for i, m in enumerate(ref) if list(m.parameters())}
+        check_close("monitor param_norm", [got[k] for k in sorted(want_p)],
+                    [want_p[k] for k in sorted(want_p)], 1e-6)
     write_ok()
 
 
