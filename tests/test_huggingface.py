@@ -1,0 +1,283 @@
+"""gradguard.huggingface in a real transformers.Trainer (CPU, a tiny local model, no hub)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+gghf = pytest.importorskip("gradguard.huggingface")
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+import gradguard as gg  # noqa: E402
+
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+warnings.filterwarnings("ignore")
+
+
+class Net(torch.nn.Module):
+    """Linear regression; ``poison_at`` puts +inf into one weight-gradient element at that
+    (0-based) optimizer step, the case that torch's clip_grad_norm_ turns into all-NaN."""
+
+    def __init__(self, poison_at=None, nan_loss=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l = torch.nn.Linear(4, 2)
+        self.poison_at, self.nan_loss, self.calls = poison_at, nan_loss, 0
+        self.l.weight.register_hook(self._hook)
+
+    def _hook(self, g):
+        if self.poison_at is not None and self.calls - 1 == self.poison_at and not self.nan_loss:
+            return g.clone().index_fill_(1, torch.tensor([0]), float("inf"))
+        return g
+
+    def forward(self, x, labels):
+        if self.training:
+            self.calls += 1
+        loss = torch.nn.functional.mse_loss(self.l(x), labels)
+        if self.nan_loss and self.training and self.calls - 1 == self.poison_at:
+            loss = loss * float("nan")
+        return {"loss": loss}
+
+
+class DS(torch.utils.data.Dataset):
+    def __len__(self):
+        return 32
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return {"x": torch.randn(4, generator=g) * 3, "labels": torch.randn(2, generator=g)}
+
+
+class Grads(TrainerCallback):
+    """float64 copies of the gradients the optimizer is about to use (pre-clip with GuardTrainer)."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+        self.norms.append(float(np.sqrt(sum((p.grad.double().numpy() ** 2).sum()
+                                            for p in model.parameters()))))
+
+
+def make_args(tmp, steps, **kw):
+    base = dict(output_dir=str(tmp), max_steps=steps, per_device_train_batch_size=8,
+                logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                disable_tqdm=True, learning_rate=0.05, lr_scheduler_type="linear", seed=0,
+                dataloader_num_workers=0)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+def train(tmp, net, steps, trainer_cls=None, callbacks=(), **kw):
+    cls = trainer_cls or gghf.GuardTrainer
+    tr = cls(model=net, args=make_args(tmp, steps, **kw), train_dataset=DS(), callbacks=list(callbacks))
+    tr.train()
+    return tr
+
+
+def snapshot(tr):
+    opt = tr.optimizer.optimizer
+    params = [p.detach().clone() for p in tr.model.parameters()]
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in tr.model.parameters()]
+    return params, state, tr.lr_scheduler.get_last_lr()
+
+
+def assert_same(a, b):
+    for x, y in zip(a[0], b[0]):
+        assert torch.equal(x, y)
+    for sx, sy in zip(a[1], b[1]):
+        assert sx.keys() == sy.keys()
+        for k in sx:
+            assert torch.equal(sx[k], sy[k]), k
+    assert a[2] == b[2]  # the LR scheduler did not advance on the refused step
+
+
+def train_logs(tr):
+    return [h for h in tr.state.log_history if "loss" in h and "train_runtime" not in h]
+
+
+@pytest.mark.parametrize("how", ["GuardTrainer", "callback"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_inf_step_is_skipped_bit_identical_and_scheduler_holds(tmp_path, how, fused):
+    """Step 2 of 3 has an inf gradient element: after it, params, AdamW state and the LR equal
+    the run stopped after 2 steps. Plain Trainer writes NaN into the weights here."""
+    cls = gghf.GuardTrainer if how == "GuardTrainer" else Trainer
+    cbs = [gghf.GuardCallback(clipper=gg.NormClip(1.0))]
+    optim = "adamw_torch_fused" if fused else "adamw_torch"
+    bad = train(tmp_path / "a", Net(poison_at=2), 3, trainer_cls=cls, callbacks=cbs, optim=optim)
+    cb = [c for c in bad.callback_handler.callbacks if isinstance(c, gghf.GuardCallback)][0]
+    assert cb.guard.skipped_steps == 1
+    # the reference: the same 3-step schedule, stopped after 2 clean steps
+    ref = cls(model=Net(), args=make_args(tmp_path / "c", 3, optim=optim),
+              train_dataset=DS(), callbacks=[gghf.GuardCallback(clipper=gg.NormClip(1.0))])
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 2:
+                control.should_training_stop = True
+    ref.add_callback(Stop())
+    ref.train()
+    assert_same(snapshot(bad), snapshot(ref))
+    assert all(torch.isfinite(p).all() for p in bad.model.parameters())
+    logs = train_logs(bad)
+    assert [h["gradguard/skipped_steps"] for h in logs] == [0.0, 0.0, 1.0]
+    if how == "GuardTrainer":  # the true pre-clip norm, not the NaN of clip_grad_norm_(inf)
+        assert logs[2]["grad_norm"] == float("inf")
+    assert bad.args.max_grad_norm == 1.0  # restored after the run (callback) / never changed
+
+
+def test_plain_trainer_baseline_turns_weights_nan(tmp_path):
+    """What GuardCallback fixes: the Trainer's log-only path and its clip both apply the inf."""
+    tr = train(tmp_path, Net(poison_at=1), 2, trainer_cls=Trainer, max_grad_norm=0.0)
+    assert not all(torch.isfinite(p).all() for p in tr.model.parameters())
+
+
+@pytest.mark.parametrize("clipper", [gg.NormClip(0.3), "auto", "max_grad_norm"])
+def test_logged_norm_is_the_float64_pre_clip_norm(tmp_path, clipper):
+    grads = Grads()
+    tr = train(tmp_path, Net(), 4, callbacks=[gghf.GuardCallback(clipper=clipper), grads],
+               max_grad_norm=0.3)
+    logs = train_logs(tr)
+    assert len(logs) == 4 and len(grads.norms) == 4
+    for h, ref in zip(logs, grads.norms):
+        assert h["grad_norm"] == pytest.approx(ref, rel=1e-6)
+        assert h["gradguard/grad_norm"] == pytest.approx(ref, rel=1e-6)
+        if clipper != "auto":
+            assert h["gradguard/clip_coef"] == pytest.approx(min(1.0, 0.3 / (ref + 1e-6)), rel=1e-5)
+    if clipper == "max_grad_norm":
+        assert isinstance(tr.guard_callback.guard.clipper, gg.NormClip)
+
+
+def test_no_double_clipping_with_the_callback_in_a_plain_trainer(tmp_path):
+    """Plain Trainer, max_grad_norm=0.3 (the Trainer would clip), GuardCallback(clipper=None): the
+    applied update is the unclipped one, i.e. equals a GuardTrainer run without clipping."""
+    a = train(tmp_path / "a", Net(), 3, trainer_cls=Trainer,
+              callbacks=[gghf.GuardCallback(clipper=None)], max_grad_norm=0.3)
+    b = train(tmp_path / "b", Net(), 3, trainer_cls=Trainer, max_grad_norm=0.0)
+    for x, y in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(x, y)
+
+
+def test_nan_loss_hidden_by_logging_filter_still_shows_as_skipped(tmp_path):
+    tr = train(tmp_path, Net(poison_at=1, nan_loss=True), 3)
+    logs = train_logs(tr)
+    assert np.isfinite(logs[1]["loss"])  # the Trainer's logging_nan_inf_filter at work
+    assert logs[1]["gradguard/skipped_steps"] == 1.0
+    assert np.isnan(logs[1]["grad_norm"])
+
+
+def test_bf16_on_cpu(tmp_path):
+    grads = Grads()
+    tr = train(tmp_path, Net(poison_at=2), 4, callbacks=[gghf.GuardCallback(clipper=gg.NormClip(1.0)), grads],
+               bf16=True)
+    logs = train_logs(tr)
+    assert [h["gradguard/skipped_steps"] for h in logs] == [0.0, 0.0, 1.0, 1.0]
+    assert all(torch.isfinite(p).all() for p in tr.model.parameters())
+    for i in (0, 1, 3):
+        assert logs[i]["grad_norm"] == pytest.approx(grads.norms[i], rel=1e-6)
+
+
+def test_resume_from_trainer_checkpoint_is_exact(tmp_path):
+    """4 steps with a checkpoint at 2, then a fresh Trainer resumed from checkpoint-2: params,
+    AdamW state, LR and the adaptive clipper's state equal the uninterrupted run."""
+    kw = dict(save_strategy="steps", save_steps=2)
+    full = train(tmp_path, Net(poison_at=1), 4, callbacks=[gghf.GuardCallback(clipper=gg.ZClip(warmup_steps=1))], **kw)
+    assert os.path.exists(tmp_path / "checkpoint-2" / "gradguard.pt")
+    net = Net(poison_at=None)
+    net.l.weight.data.fill_(7.0)  # overwritten by the checkpoint
+    res = gghf.GuardTrainer(model=net, args=make_args(tmp_path, 4, **kw), train_dataset=DS(),
+                            callbacks=[gghf.GuardCallback(clipper=gg.ZClip(warmup_steps=1))])
+    res.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert_same(snapshot(full), snapshot(res))
+    a, b = full.guard_callback.guard.state_dict(), res.guard_callback.guard.state_dict()
+    assert a["step_count"] == b["step_count"] == 4 and b["skipped_steps"] == 1
+    assert repr(a) == repr(b)
+
+
+def test_arguments_checked_where_written():
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        gghf.GuardCallback(on_nonfinite="maybe")
+    with pytest.raises(TypeError, match="guard must be"):
+        gghf.GuardTrainer(model=Net(), args=make_args("/tmp/unused", 1), guard=object())
+    with pytest.raises(TypeError, match="AcceleratedOptimizer"):
+        gghf.attach_guard(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
+                          gg.Guard([torch.nn.Parameter(torch.zeros(1))]))
+
+
+# -- accelerate -----------------------------------------------------------------------------
+accelerate = pytest.importorskip("accelerate")
+
+
+def test_accelerate_clip_grad_norm_drop_in():
+    acc = accelerate.Accelerator(cpu=True)
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(7, 5) * 4
+    for m in (a, b):
+        m(x).pow(2).sum().backward()
+    exact = np.sqrt(sum((p.grad.double().numpy() ** 2).sum() for p in a.parameters()))
+    ref = acc.clip_grad_norm_(a.parameters(), 0.5)
+    got = gghf.clip_grad_norm_(acc, b.parameters(), 0.5)
+    assert float(got) == pytest.approx(exact, rel=1e-6)
+    assert float(ref) == pytest.approx(exact, rel=1e-5)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-7)
+    # an inf element: accelerate (torch) zeroes every finite gradient (max_norm / inf = 0) and
+    # turns the inf into NaN; gradguard leaves them as they are
+    for m in (a, b):
+        m.weight.grad[0, 0] = float("inf")
+    keep = b.bias.grad.clone()
+    acc.clip_grad_norm_(a.parameters(), 0.5)
+    assert (a.bias.grad == 0).all() and torch.isnan(a.weight.grad[0, 0])
+    assert float(gghf.clip_grad_norm_(acc, b.parameters(), 0.5)) == float("inf")
+    assert torch.equal(b.bias.grad, keep)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_accelerate_attach_guard_reports_skip_and_holds_scheduler(fused):
+    acc = accelerate.Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused or None)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    model, opt, sched = acc.prepare(model, opt, sched)
+    guard = gg.Guard(model, clipper=gg.NormClip(1.0))
+    undo = gghf.attach_guard(opt, guard)
+    skipped, lrs = [], []
+    for step in range(4):
+        x = torch.randn(8, 4)
+        loss = model(x).pow(2).mean() * (float("nan") if step == 2 else 1.0)
+        acc.backward(loss)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+        sched.step()
+        skipped.append(acc.optimizer_step_was_skipped)
+        lrs.append(sched.get_last_lr()[0])
+        if step == 2:
+            assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+        opt.zero_grad()
+    assert skipped == [False, False, True, False]
+    assert lrs[2] == lrs[1] and lrs[3] < lrs[2]
+    assert guard.skipped_steps == 1
+    undo()
+    assert "step" not in vars(opt)
+
+
+def test_readme_recipe_runs_as_written(tmp_path, monkeypatch):
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"<!-- huggingface -->\s*```python\n(.*?)```\s*<!-- /huggingface -->", text, re.S)
+    assert block, "README.md has no <!-- huggingface --> block"
+    monkeypatch.chdir(tmp_path)
+    env = {"model": Net(poison_at=1), "args": make_args(tmp_path, 3), "train_dataset": DS()}
+    exec(compile(block.group(1), "README-huggingface", "exec"), env)  # noqa: S102 - the README's code
+    assert env["trainer"].state.global_step == 3
+    assert env["trainer"].guard_callback.guard.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in env["model"].parameters())
