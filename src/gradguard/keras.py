@@ -330,7 +330,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         else:
             per, total = raw_per, raw_total
         params = [_read(v) for v in tvs]
-        c = self._clip.decide(grads, params, per, total, self, nonfinite)
+        # "zero": the clip sees the cleaned gradients (finite, unless a norm overflows)
+        c = self._clip.decide(grads, params, per, total, self, ~tf.math.is_finite(total))
         refuse = tf.zeros((), tf.bool)
         skip_state = None
         if self._skip_rule is not None:

@@ -1,0 +1,340 @@
+"""gradguard.keras.GuardedOptimizer on the TensorFlow backend (one process, one TF import).
+
+Distribution (MirroredStrategy over two logical CPUs) runs in a subprocess:
+``test_keras_mirror.py``."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+if keras.backend.backend() != "tensorflow":  # pragma: no cover
+    pytest.skip("these tests need Keras's TensorFlow backend", allow_module_level=True)
+
+import gradguard as gg  # noqa: E402
+import gradguard.keras as ggk  # noqa: E402
+
+
+def tiny_model(seed: int = 0) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="hidden"),
+                             keras.layers.Dense(1, name="out")])
+
+
+def data(n: int = 16, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.random((n, 4)).astype("float32"), (rng.random((n, 1)) * 10).astype("float32")
+
+
+def snapshot(model, opt):
+    inner = opt.inner_optimizer
+    return ([v.numpy().copy() for v in model.trainable_variables],
+            [v.numpy().copy() for v in inner.variables], int(inner.iterations.numpy()))
+
+
+def same(a, b) -> bool:
+    wa, va, ia = a
+    wb, vb, ib = b
+    return ia == ib and all(np.array_equal(x, y) for x, y in zip(wa, wb)) and \
+        all(np.array_equal(x, y) for x, y in zip(va, vb))
+
+
+# -- parity with the torch Guard -------------------------------------------------------------------
+GRAD_SCALES = [1.0, 1.2, 0.8, 1.1, 30.0, 0.9, math.nan, 1.0, 50.0, 1.05, math.inf, 0.95, 1.0, 1.1]
+
+PARITY = [
+    ("NormClip", lambda: gg.NormClip(1.5), None),
+    ("PerTensor", lambda: gg.NormClip(1.0, per_tensor=True), None),
+    ("ValueClip", lambda: gg.ValueClip(min_value=-0.3, max_value=0.5), None),
+    ("AGC", lambda: gg.AGC(clipping=0.05), None),
+    ("ZClip", lambda: gg.ZClip(warmup_steps=3), None),
+    ("AutoClip", lambda: gg.AutoClip(percentile=25.0), None),
+    ("AutoClipWindow", lambda: gg.AutoClip(percentile=50.0, window=4), None),
+    ("default", lambda: "auto", None),
+    ("SpikeSkip", lambda: None, lambda: gg.SpikeSkip(threshold=3.0, window=6, min_history=3)),
+]
+
+
+@pytest.mark.parametrize("name,clipper,skip", PARITY, ids=[p[0] for p in PARITY])
+def test_same_steps_as_the_torch_guard(name, clipper, skip):
+    """The same gradients through GuardedOptimizer(SGD momentum) and gg.Guard(torch SGD
+    momentum): the same weights after every step (float32 round-off) and the same skips."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    w0 = rng.normal(size=(3, 4)).astype(np.float32)
+    base = rng.normal(size=(len(GRAD_SCALES), 3, 4)).astype(np.float32)
+    grads = [b * np.float32(s) for b, s in zip(base, GRAD_SCALES)]
+
+    w = keras.Variable(w0, name="kernel")
+    opt = ggk.GuardedOptimizer(keras.optimizers.SGD(0.1, momentum=0.9), clipper=clipper(),
+                               skip=None if skip is None else skip())
+    opt.build([w])
+    step = tf.function(lambda g: opt.apply([g], [w]), jit_compile=True)
+
+    # AGC's unit: a torch (out, in) weight's row is a Keras (in, out) kernel's column
+    t = (lambda a: np.ascontiguousarray(a.T)) if name == "AGC" else (lambda a: a)
+    p = torch.nn.Parameter(torch.tensor(t(w0)))
+    topt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    guard = gg.Guard([p], clipper=clipper(), skip=None if skip is None else skip())
+    for i, g in enumerate(grads):
+        step(tf.constant(g))
+        p.grad = torch.tensor(t(g))
+        guard.step(topt)
+        np.testing.assert_allclose(w.numpy(), t(p.detach().numpy()), rtol=2e-5, atol=1e-6,
+                                   err_msg=f"step {i}")
+    assert int(opt.skipped_steps.numpy()) == guard.skipped_steps
+    assert int(opt.iterations.numpy()) == len(grads) - guard.skipped_steps
+
+
+# -- skipping --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
+@pytest.mark.parametrize("inner", ["sgd_momentum", "adam", "adamw"])
+def test_skipped_step_is_bit_identical(inner, jit):
+    make = {"sgd_momentum": lambda: keras.optimizers.SGD(0.01, momentum=0.9),
+            "adam": lambda: keras.optimizers.Adam(0.01),
+            "adamw": lambda: keras.optimizers.AdamW(
+                keras.optimizers.schedules.ExponentialDecay(0.01, 10, 0.5), weight_decay=0.1)}[inner]
+    m = tiny_model()
+    opt = ggk.GuardedOptimizer(make(), clipper=gg.ZClip(warmup_steps=2), skip=gg.SpikeSkip(window=4))
+    m.compile(optimizer=opt, loss="mse", jit_compile=jit)
+    x, y = data()
+    m.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
+    before = snapshot(m, opt)
+    skipped0, seen0 = int(opt.skipped_steps.numpy()), int(opt.steps_seen.numpy())
+    rule_state = [v.numpy().copy() for v in opt._variables]
+    lr_before = float(opt.inner_optimizer._get_current_learning_rate())
+    yb = y.copy()
+    yb[1, 0] = np.nan
+    m.fit(x[:4], yb[:4], batch_size=4, epochs=1, verbose=0)  # one poisoned step
+    assert same(snapshot(m, opt), before)
+    assert float(opt.inner_optimizer._get_current_learning_rate()) == lr_before  # schedule held
+    assert int(opt.skipped_steps.numpy()) == skipped0 + 1 and int(opt.steps_seen.numpy()) == seen0 + 1
+    # rule state (ZClip, SpikeSkip) untouched too; only the counters and last stats moved
+    moved = {"gg_skipped_steps", "gg_consecutive_skips", "gg_total_norm", "gg_clip_coef",
+             "iteration"}
+    for v, old in zip(opt._variables, rule_state):
+        if v.name not in moved:
+            assert np.array_equal(v.numpy(), old, equal_nan=True), v.name
+    assert int(opt.consecutive_skips.numpy()) >= 1
+
+
+def test_treeflow_zero_gradient_is_not_a_skip():
+    """Zeroing the gradient (a known workaround) still moves Adam's moments and iterations;
+    the guarded skip does not."""
+    m = tiny_model()
+    adam = keras.optimizers.Adam(0.01)
+    m.compile(optimizer=adam, loss="mse")
+    x, y = data(4)
+    m.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    v0 = [v.numpy().copy() for v in adam.variables]
+    adam.apply([tf.zeros_like(v) for v in m.trainable_variables], m.trainable_variables)
+    assert not all(np.array_equal(a, v.numpy()) for a, v in zip(v0, adam.variables))
+
+
+def test_nonfinite_policies_zero_and_propagate():
+    g = np.array([3.0, np.nan, 4.0, np.inf], np.float32)
+    w = keras.Variable(np.zeros(4, np.float32), name="w")
+    opt = ggk.GuardedOptimizer(keras.optimizers.SGD(1.0), clipper=gg.NormClip(1.0), on_nonfinite="zero")
+    opt.apply([tf.constant(g)], [w])
+    # NaN/Inf elements set to 0, the rest ([3, 0, 4, 0], norm 5) clipped to norm 1, stepped
+    np.testing.assert_allclose(w.numpy(), [-0.6, 0.0, -0.8, 0.0], rtol=1e-5)
+    assert int(opt.iterations.numpy()) == 1 and int(opt.skipped_steps.numpy()) == 0
+    w2 = keras.Variable(np.zeros(4, np.float32), name="w2")
+    opt2 = ggk.GuardedOptimizer(keras.optimizers.SGD(1.0), clipper=gg.NormClip(1.0), on_nonfinite="propagate")
+    opt2.apply([tf.constant(g)], [w2])
+    assert np.isnan(w2.numpy()).any() and int(opt2.iterations.numpy()) == 1  # Keras's behaviour
+
+
+# -- composition and loops -------------------------------------------------------------------------
+def test_loss_scale_optimizer_outside_sees_unscaled_gradients():
+    x, y = data(8)
+    m = tiny_model()
+    opt = ggk.GuardedOptimizer(keras.optimizers.SGD(0.01), clipper=gg.NormClip(1.0))
+    lso = keras.optimizers.LossScaleOptimizer(opt, initial_scale=2.0 ** 10)
+    m.compile(optimizer=lso, loss="mse", jit_compile=True)
+    ref = tiny_model()
+    with tf.GradientTape() as tape:
+        loss = keras.losses.MeanSquaredError()(y, ref(x))
+    true_norm = float(tf.linalg.global_norm(tape.gradient(loss, ref.trainable_variables)))
+    m.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert float(opt.last_total_norm.numpy()) == pytest.approx(true_norm, rel=1e-5)
+    assert float(lso.dynamic_scale.numpy()) == 2.0 ** 10 and int(lso.iterations.numpy()) == 1
+    yb = y.copy()
+    yb[0, 0] = np.nan
+    before = snapshot(m, opt)
+    m.fit(x, yb, batch_size=8, epochs=1, verbose=0)
+    assert float(lso.dynamic_scale.numpy()) == 2.0 ** 9 and same(snapshot(m, opt), before)
+
+
+def test_custom_train_step_and_gradient_tape_loop():
+    class Custom(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.d = keras.layers.Dense(1)
+
+        def call(self, x):
+            return self.d(x)
+
+        def train_step(self, batch):
+            x, y = batch
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean((self(x) - y) ** 2)
+            self.optimizer.apply(tape.gradient(loss, self.trainable_variables), self.trainable_variables)
+            return {"loss": loss}
+
+    x, y = data(8)
+    keras.utils.set_random_seed(0)
+    m = Custom()
+    opt = ggk.GuardedOptimizer(keras.optimizers.SGD(0.1), clipper=gg.NormClip(0.5))
+    m.compile(optimizer=opt)
+    m.fit(x, y, batch_size=8, epochs=2, verbose=0)
+    assert int(opt.iterations.numpy()) == 2 and float(opt.last_clip_coef.numpy()) < 1.0
+    # the seed's tf.GradientTape loop, apply_gradients as in the article
+    keras.utils.set_random_seed(0)
+    net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    opt2 = ggk.GuardedOptimizer(keras.optimizers.Adam(0.01), clipper=gg.ValueClip(1.0))
+
+    @tf.function
+    def run_optimization(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean((net(xb) - yb) ** 2)
+        opt2.apply_gradients(zip(tape.gradient(loss, net.trainable_variables), net.trainable_variables))
+
+    for _ in range(3):
+        run_optimization(tf.constant(x), tf.constant(y))
+    assert int(opt2.iterations.numpy()) == 3
+
+
+# -- save, load, resume ----------------------------------------------------------------------------
+def _guarded():
+    return ggk.GuardedOptimizer(keras.optimizers.Adam(0.01), clipper=gg.ZClip(warmup_steps=2),
+                                skip=gg.SpikeSkip(window=4, min_history=2))
+
+
+def test_save_load_and_resumed_fit_match_uninterrupted(tmp_path):
+    x, y = data(32)
+    full = tiny_model()
+    full.compile(optimizer=_guarded(), loss="mse")
+    full.fit(x, y, batch_size=4, epochs=3, verbose=0, shuffle=False)
+
+    part = tiny_model()
+    part.compile(optimizer=_guarded(), loss="mse")
+    part.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False)
+    path = tmp_path / "m.keras"
+    part.save(path)
+    loaded = keras.saving.load_model(path)
+    opt = loaded.optimizer
+    assert isinstance(opt, ggk.GuardedOptimizer)
+    assert opt.clipper_config == part.optimizer.clipper_config and opt.skip_config["rule"] == "spike_skip"
+    for a, b in zip(opt.variables, part.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    loaded.fit(x, y, batch_size=4, epochs=2, verbose=0, shuffle=False)
+    for a, b in zip(loaded.trainable_variables, full.trainable_variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for a, b in zip(opt.variables, full.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_tf_checkpoint_round_trip(tmp_path):
+    x, y = data(8)
+    m = tiny_model()
+    m.compile(optimizer=_guarded(), loss="mse")
+    m.fit(x, y, batch_size=4, epochs=2, verbose=0)
+    ckpt = tf.train.Checkpoint(model=m, optimizer=m.optimizer)
+    saved = [v.numpy().copy() for v in m.optimizer.variables]
+    where = ckpt.save(str(tmp_path / "ck"))
+    m.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    ckpt.restore(where)
+    for v, s in zip(m.optimizer.variables, saved):
+        np.testing.assert_array_equal(v.numpy(), s)
+
+
+def test_get_config_round_trip_and_argument_errors():
+    opt = ggk.GuardedOptimizer(keras.optimizers.SGD(0.1, momentum=0.9), clipper="auto",
+                               skip=gg.SpikeSkip())
+    again = ggk.GuardedOptimizer.from_config(opt.get_config())
+    assert again.clipper_config == opt.clipper_config == {"rule": "overshoot"}
+    assert again.skip_config == opt.skip_config
+    assert ggk.clipper_config(gg.AutoClip(window=8))["window"] == 8
+    with pytest.raises(TypeError, match="inner"):
+        ggk.GuardedOptimizer("sgd")
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        ggk.GuardedOptimizer(keras.optimizers.SGD(), on_nonfinite="raise")
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        ggk.GuardedOptimizer(keras.optimizers.SGD(gradient_accumulation_steps=2))
+    with pytest.raises(ValueError, match="norm_type"):
+        ggk.GuardedOptimizer(keras.optimizers.SGD(), clipper=gg.NormClip(1.0, norm_type=1.0))
+    with pytest.raises(TypeError, match="skip"):
+        ggk.GuardedOptimizer(keras.optimizers.SGD(), skip=gg.ZClip())
+    with pytest.raises(ValueError, match="max_norm"):
+        ggk.GuardedOptimizer(keras.optimizers.SGD(), clipper={"rule": "norm", "max_norm": -1.0})
+    with pytest.raises(TypeError, match="clipper"):
+        ggk.GuardedOptimizer(keras.optimizers.SGD(), clipper=3.0)
+
+
+# -- monitoring ------------------------------------------------------------------------------------
+def test_monitor_writes_the_run_store_every_n_steps(tmp_path):
+    x, y = data(48)
+    y[20, 0] = np.nan  # batch 6 (step 6) is poisoned
+    m = tiny_model()
+    mon = ggk.Monitor(tmp_path / "run", flush_every=5, layer_every=2)
+    opt = ggk.GuardedOptimizer(keras.optimizers.SGD(0.01, momentum=0.9), clipper=gg.NormClip(5.0),
+                               monitor=mon)
+    m.compile(optimizer=opt, loss="mse", jit_compile=True)
+    reads = []
+    orig = mon._flush
+    mon._flush = lambda: (reads.append(1), orig())[1]
+    m.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False, callbacks=[mon])
+    assert len(reads) == 3  # after steps 5 and 10 and at the end: never per step
+    mon.close()
+    run = gg.load_run(mon._writer.path)
+    st = run.steps
+    assert list(st.step) == list(range(1, 13))
+    assert list(st.step[st.skipped]) == [6] and bool(st.nonfinite[5])
+    ok = st[~st.skipped]
+    np.testing.assert_allclose(ok.total_norm_after, np.minimum(ok.total_norm, 5.0), rtol=1e-5)
+    assert (ok.loss > 0).all() and np.allclose(st.lr, 0.01)
+    assert run.meta["layers"] == ["sequential/hidden", "sequential/out"]
+    assert run.meta["config"]["framework"] == "keras"
+    lay = run.layers
+    assert sorted(set(lay.step)) == [2, 4, 6, 8, 10, 12]
+    # per-layer norms recombine into the step's total norm
+    s4 = lay[lay.step == 4]
+    assert math.hypot(*s4.grad_norm) == pytest.approx(float(st.total_norm[3]), rel=1e-5)
+    assert (lay[lay.step == 6].nonfinite_count > 0).all()
+
+
+def test_monitored_run_reports_like_a_torch_run(tmp_path):
+    from gradguard.cli import main
+
+    x, y = data(16)
+    m = tiny_model()
+    mon = ggk.Monitor(tmp_path / "run", flush_every=2, layer_every=1)
+    m.compile(optimizer=ggk.GuardedOptimizer(keras.optimizers.SGD(0.01), monitor=mon), loss="mse")
+    m.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[mon])
+    mon.close()
+    out = tmp_path / "r.html"
+    assert main(["report", str(mon._writer.path), "-o", str(out)]) == 0
+    assert out.stat().st_size > 1000  # the layer data is embedded compressed
+
+
+def test_monitor_failure_never_raises_into_fit(tmp_path):
+    x, y = data(8)
+    m = tiny_model()
+    mon = ggk.Monitor(tmp_path / "run", flush_every=1)
+    m.compile(optimizer=ggk.GuardedOptimizer(keras.optimizers.SGD(0.01), monitor=mon), loss="mse")
+
+    def broken(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    mon._flush = broken  # noqa: SLF001 - a store that fails on every flush
+    with pytest.warns(RuntimeWarning, match="gradguard keras monitor"):
+        m.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[mon])
+    assert int(m.optimizer.iterations.numpy()) == 2
