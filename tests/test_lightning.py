@@ -24,11 +24,11 @@ Y = torch.randn(64, 1, generator=torch.Generator().manual_seed(1))
 
 
 class Net(pl.LightningModule):
-    def __init__(self, nan_at=None, manual=False, fused=False, opt="adamw"):
+    def __init__(self, nan_at=None, manual=False, fused=False, opt="adamw", sched=False):
         super().__init__()
         torch.manual_seed(0)
         self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-        self.nan_at, self.fused, self.opt = nan_at, fused, opt
+        self.nan_at, self.fused, self.opt, self.sched = nan_at, fused, opt, sched
         self.automatic_optimization = not manual
         self.grads: list[list[np.ndarray]] = []   # float64 copies of the pre-clip gradients
 
@@ -42,6 +42,8 @@ class Net(pl.LightningModule):
             opt.zero_grad()
             self.manual_backward(loss)
             opt.step()
+            if self.sched:
+                self.lr_schedulers().step()
             return None
         return loss
 
@@ -51,7 +53,11 @@ class Net(pl.LightningModule):
     def configure_optimizers(self):
         if self.opt == "sgd":
             return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-        return torch.optim.AdamW(self.parameters(), lr=0.05, fused=self.fused or None)
+        opt = torch.optim.AdamW(self.parameters(), lr=0.05, fused=self.fused or None)
+        if self.sched:
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return opt
 
 
 class Logged(pl.Callback):
@@ -78,7 +84,8 @@ def state(model, trainer):
     opt = trainer.optimizers[0]
     return ([p.detach().clone() for p in model.parameters()],
             [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()}
-             for p in model.parameters()])
+             for p in model.parameters()],
+            [g["lr"] for g in opt.param_groups])
 
 
 def assert_same(a, b):
@@ -88,19 +95,20 @@ def assert_same(a, b):
         assert sx.keys() == sy.keys()
         for k in sx:
             assert torch.equal(torch.as_tensor(sx[k]), torch.as_tensor(sy[k])), k
+    assert a[2] == b[2]  # learning rates
 
 
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("manual", [False, True])
 def test_nan_step_is_skipped_bit_identical(manual, fused):
-    """A NaN loss at step 2 of 4: params and AdamW state equal a 3-step run without it (the
-    NaN batch consumed nothing). Plain Lightning leaves NaN weights here."""
-    bad = Net(nan_at=2, manual=manual, fused=fused)
+    """A NaN loss at step 2 of 4: params, AdamW state and the per-step LR schedule equal a
+    3-step run without that batch. Plain Lightning leaves NaN weights here."""
+    bad = Net(nan_at=2, manual=manual, fused=fused, sched=not manual)
     cb = ggl.GuardCallback(clipper=gg.NormClip(1.0))
     tb = fit(bad, [cb], steps=4)
     assert cb.skipped_steps == 1
     # reference: the same batches except the poisoned one, through the same Guard
-    ref = Net(manual=manual, fused=fused)
+    ref = Net(manual=manual, fused=fused, sched=not manual)
     # replays batches 0, 1, 3 (the NaN run consumed batch 2)
     data = TensorDataset(torch.cat([X[:16], X[24:32]]), torch.cat([Y[:16], Y[24:32]]))
     tr = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -109,6 +117,14 @@ def test_nan_step_is_skipped_bit_identical(manual, fused):
     tr.fit(ref, DataLoader(data, batch_size=8))
     assert_same(state(bad, tb), state(ref, tr))
     assert all(torch.isfinite(p).all() for p in bad.parameters())
+
+
+def test_scheduler_moves_on_without_hold_scheduler():
+    a, b = Net(nan_at=2, sched=True), Net(nan_at=2, sched=True)
+    ta = fit(a, [ggl.GuardCallback(clipper=gg.NormClip(1.0))], steps=4)
+    tb = fit(b, [ggl.GuardCallback(clipper=gg.NormClip(1.0), hold_scheduler=False)], steps=4)
+    assert ta.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05 / 4)   # 3 scheduler steps
+    assert tb.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05 / 5)   # 4 scheduler steps
 
 
 def test_plain_lightning_applies_the_nan():

@@ -21,8 +21,10 @@ never twice, counts the scaler's own refusals as skipped steps and combines its 
 the Guard's), then ``scaler.update()``. ``bf16-mixed`` has no scaler and takes the plain path.
 
 A skipped step leaves parameters and optimizer state bit-for-bit unchanged (the Guard's
-contract); Lightning's step counter still advances (the batch was consumed), so schedulers
-stepping per ``global_step`` advance too — documented in ``docs/integrations.md``.
+contract); Lightning's step counter still advances (the batch was consumed), but a scheduler
+with ``interval="step"`` is held on a refused step (``hold_scheduler=True``), as the GradScaler
+recipe does. Epoch schedulers and, in manual optimization, the user's own scheduler calls are
+left alone (see ``docs/integrations.md``).
 
 ``Trainer(gradient_clip_val=...)`` is refused with a ValueError: Lightning would clip first
 and the Guard would see already-clipped gradients (and discard nothing: a double clip).
@@ -71,6 +73,9 @@ class GuardCallback(pl.Callback):
             ``"propagate"``.
         log: log ``gradguard/*`` through ``pl_module.log`` (default True).
         prefix: the logged names' prefix (default ``"gradguard/"``).
+        hold_scheduler: in automatic optimization, a learning-rate scheduler with
+            ``interval="step"`` does not step after a refused update (default True; one host
+            read of the skip flag per step, only when there is such a scheduler).
         **guard_kwargs: further ``gg.Guard`` keywords (``max_consecutive_skips``, ...).
 
     ``guards`` holds one Guard per optimizer once the fit has started; ``skipped_steps`` sums
@@ -80,9 +85,10 @@ class GuardCallback(pl.Callback):
 
     def __init__(self, clipper: Any = "auto", skip: Any = None, monitor: Any = None,
                  on_nonfinite: str = "skip", log: bool = True, prefix: str = "gradguard/",
-                 **guard_kwargs: Any):
-        if not isinstance(log, bool):
-            raise TypeError(f"log must be True or False, got {type(log).__name__} {log!r}")
+                 hold_scheduler: bool = True, **guard_kwargs: Any):
+        for name, value in (("log", log), ("hold_scheduler", hold_scheduler)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a string, got {type(prefix).__name__} {prefix!r}")
         # Build a throwaway Guard now so that a bad argument raises here, where it is written.
@@ -90,6 +96,7 @@ class GuardCallback(pl.Callback):
               skip=copy.deepcopy(skip), on_nonfinite=on_nonfinite, **guard_kwargs)
         self.clipper, self.skip, self.monitor = clipper, skip, monitor
         self.on_nonfinite, self.log, self.prefix = on_nonfinite, log, prefix
+        self.hold_scheduler = hold_scheduler
         self.guard_kwargs = guard_kwargs
         self.guards: list[Guard] = []
         self._pending_state: dict[str, Any] | None = None
@@ -97,6 +104,7 @@ class GuardCallback(pl.Callback):
         self._inside = False
         self._last: dict[int, Any] = {}     # optimizer index -> last ClipStats, not yet logged
         self._skipped_dev: dict[int, torch.Tensor] = {}
+        self._skipped_last: dict[int, torch.Tensor] = {}
 
     # -- Lightning hooks --------------------------------------------------------------
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -124,6 +132,12 @@ class GuardCallback(pl.Callback):
         precision = trainer.strategy.precision_plugin
         if getattr(precision, "scaler", None) is not None:
             self._patch_precision(precision, optimizers)
+        if self.hold_scheduler and pl_module.automatic_optimization:
+            index = {id(o): i for i, o in enumerate(optimizers)}
+            for config in trainer.lr_scheduler_configs:
+                i = index.get(id(getattr(config.scheduler, "optimizer", None)))
+                if config.interval == "step" and i is not None:
+                    self._patch_scheduler(config.scheduler, i)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -207,6 +221,7 @@ class GuardCallback(pl.Callback):
         skipped = stats.skipped.to(torch.int64)
         self._skipped_dev[index] = skipped if prev is None else prev + skipped
         self._last[index] = stats
+        self._skipped_last[index] = stats.skipped
         return stats
 
     def _patch_optimizer(self, optimizer: Any, guard: Guard, index: int) -> None:
@@ -250,6 +265,22 @@ class GuardCallback(pl.Callback):
 
         precision.optimizer_step = optimizer_step
         self._patched.append((precision, "optimizer_step", had_own, original if had_own else None))
+
+    def _patch_scheduler(self, scheduler: Any, index: int) -> None:
+        had_own = "step" in vars(scheduler)
+        original = scheduler.step
+
+        @functools.wraps(original)
+        def step(*args: Any, **kwargs: Any) -> Any:
+            skipped = self._skipped_last.get(index)
+            # one host read, only for per-step schedulers: the update was refused, so the
+            # schedule does not move on (as torch's GradScaler + scheduler recipe intends)
+            if skipped is not None and bool(skipped):
+                return None
+            return original(*args, **kwargs)
+
+        scheduler.step = step
+        self._patched.append((scheduler, "step", had_own, original if had_own else None))
 
     def _unpatch(self) -> None:
         while self._patched:
