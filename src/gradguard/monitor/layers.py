@@ -6,6 +6,8 @@ A *layer* is the module that owns a parameter: the parameter name as
     encoder.layer.0.attn.weight  ->  encoder.layer.0.attn
     encoder.layer.0.attn.bias    ->  encoder.layer.0.attn
     scale                        ->  scale          (a top-level parameter is its own layer)
+    rnn.weight_hh_l1_reverse     ->  rnn.l1_reverse (each stacked layer and direction of an
+                                                     nn.LSTM / nn.GRU / nn.RNN)
 
 The per-layer gradient norm is the L2 norm of all the layer's gradients taken together,
 ``||g_layer||_2 = sqrt(sum_i ||g_i||_2^2)`` over its parameters i (float64 accumulation on
@@ -14,6 +16,7 @@ the device, so squares of float32 norms up to ~1e154 do not overflow).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,9 +24,22 @@ import torch
 from torch import Tensor
 
 
+# torch's recurrent modules (nn.RNN, nn.LSTM, nn.GRU) keep every stacked layer and direction
+# in one module: weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0, weight_hr_l0 (LSTM
+# projections), with a _reverse suffix for the backward direction
+_RECURRENT = re.compile(r"^(?:weight|bias)_(?:ih|hh|hr)_l(\d+)(_reverse)?$")
+
+
 def layer_of(name: str) -> str:
-    """The module path of a parameter name (``a.b.weight`` -> ``a.b``)."""
-    return name.rsplit(".", 1)[0] if "." in name else name
+    """The module path of a parameter name (``a.b.weight`` -> ``a.b``); a stacked recurrent
+    layer of an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` is a layer of its own
+    (``lstm.weight_hh_l1`` -> ``lstm.l1``, ``lstm.bias_ih_l0_reverse`` -> ``lstm.l0_reverse``)."""
+    module, _, leaf = name.rpartition(".")
+    m = _RECURRENT.match(leaf)
+    if m:
+        part = f"l{m.group(1)}{m.group(2) or ''}"
+        return f"{module}.{part}" if module else part
+    return module if module else name
 
 
 @dataclass
