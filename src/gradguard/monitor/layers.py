@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-
 # torch's recurrent modules (nn.RNN, nn.LSTM, nn.GRU) keep every stacked layer and direction
 # in one module: weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0, weight_hr_l0 (LSTM
 # projections), with a _reverse suffix for the backward direction
