@@ -149,3 +149,40 @@ def test_zclip_max_norm_follows_the_paper():
     new = rules.commit(np.bool_(True), prop, state, xp)
     assert float(new.mean) == pytest.approx(0.97 * raw.mean() + 0.03 * float(np.float32(1.1)),
                                             rel=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["zclip", "overshoot", "autoclip", "autoclip-window",
+                                  "spike_skip"])
+def test_folded_accept_equals_commit(rule):
+    """``update(..., accept=a)`` / ``propose(..., accept=a)`` give exactly
+    ``commit(a, proposal, state)``: the façades' one-``where`` path is the API's."""
+    xp, like = xp_torch.TORCH, torch.zeros(())
+    seq = rv.SEQUENCES["spiky"]
+    name = rule.split("-")[0]
+    mod = getattr(rules, name)
+    cfg = {"zclip": lambda: mod.config(warmup_steps=4),
+           "overshoot": lambda: mod.config("momentum"),
+           "autoclip": lambda: mod.config(10.0),
+           "autoclip-window": lambda: mod.config(10.0, window=6),
+           "spike_skip": lambda: mod.config(window=8, min_history=3)}[rule]()
+    a = b = mod.init(cfg, xp, like)
+    for i, (g, ok) in enumerate(zip(seq["norms"], seq["accepted"])):
+        total = xp.full((), g, "f32", like)
+        acc = xp.full((), ok, "bool", like)
+        if name == "zclip":
+            a = rules.commit(acc, mod.update(cfg, a, total, xp)[1], a, xp)
+            b = mod.update(cfg, b, total, xp, accept=acc)[1]
+        elif name == "overshoot":
+            obs = mod.Observation(total, xp.full((), seq["cos"][i], "f32", like))
+            a = rules.commit(acc, mod.update(cfg, a, obs, xp)[1], a, xp)
+            b = mod.update(cfg, b, obs, xp, accept=acc)[1]
+        elif name == "autoclip":
+            a = rules.commit(acc, mod.propose(cfg, a, total, xp), a, xp)
+            b = mod.propose(cfg, b, total, xp, accept=acc)
+        else:
+            obs = mod.Observation(total, xp.full((), seq["losses"][i], "f32", like))
+            a = rules.commit(acc, mod.propose(cfg, a, obs, xp), a, xp)
+            b = mod.propose(cfg, b, obs, xp, accept=acc)
+        for x, y in zip(a, b):
+            assert torch.equal(torch.nan_to_num(x.double(), nan=-7.0),
+                               torch.nan_to_num(y.double(), nan=-7.0)), (rule, i)

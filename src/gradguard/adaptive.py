@@ -38,7 +38,6 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from . import rules
 from ._validate import int_at_least as _int_at_least
 from .clippers import ScalarClipper
 from .norms import GradNorms
@@ -121,8 +120,8 @@ class AutoClip(_RuleClipper):
     def observe(self, norms: GradNorms, accept: Tensor) -> None:
         total = norms.total.detach()
         st = self._ensure(total)
-        self._state = rules.commit(accept, _autoclip.propose(self.cfg, st, total, TORCH), st,
-                                   TORCH)
+        # propose(..., accept) is the committed state (no extra pass over the bins)
+        self._state = _autoclip.propose(self.cfg, st, total, TORCH, accept=accept)
 
     def count(self) -> Tensor:
         """int64 0-d tensor: norms in the history (capped at ``window`` in window mode)."""
@@ -246,8 +245,7 @@ class ZClip(_RuleClipper):
     def observe(self, norms: GradNorms, accept: Tensor) -> None:
         total = norms.total.detach()
         st = self._ensure(total)
-        _, proposed = _zclip.update(self.cfg, st, total, TORCH)
-        self._state = rules.commit(accept, proposed, st, TORCH)
+        _, self._state = _zclip.update(self.cfg, st, total, TORCH, accept=accept)
 
     def state_dict(self) -> dict[str, Any]:
         st = self._state
@@ -509,8 +507,8 @@ class OvershootClip(_RuleClipper):
             measured = self._direction(total, params, [p.grad for p in params],
                                        getattr(norms, "plan", None))
         cos = None if measured is None else measured.cos
-        _, proposed = _overshoot.update(self.cfg, st, _overshoot.Observation(total, cos), TORCH)
-        self._state = rules.commit(accept, proposed, st, TORCH)
+        _, self._state = _overshoot.update(self.cfg, st, _overshoot.Observation(total, cos),
+                                           TORCH, accept=accept)
         new_prev = None if measured is None else measured.sample
         if new_prev is not None:
             ok = accept & torch.isfinite(total) & (total > 0)

@@ -88,12 +88,9 @@ class LogHistogram:
         device = extra.device if extra is not None else (
             self.counts.device if self.counts is not None else torch.device("cpu"))
         self._ensure(device)
-        if extra is None:
-            extra = torch.full((), math.nan, dtype=torch.float32, device=device)
-        counts, bmin, bmax = _autoclip.count_value(self.cfg, self.counts, self.bin_min, self.bin_max,
-                                              extra, torch.isfinite(extra), TORCH)
         cfg = self.cfg._replace(percentile=float(percentile))
-        return _autoclip.histogram_percentile(cfg, counts, bmin, bmax, TORCH)
+        return _autoclip.histogram_percentile(cfg, self.counts, self.bin_min, self.bin_max, TORCH,
+                                              extra)
 
     def state_dict(self) -> dict[str, Any]:
         return {"bins": self.bins, "lo": self.lo, "hi": self.hi,

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import rules
 from .rules import spike_skip as _rule
 from .rules.xp_torch import TORCH
 
@@ -86,8 +85,8 @@ class SpikeSkip:
     def observe(self, total_norm: Tensor, loss: Any, accept: Tensor) -> None:
         """Append the norm (and loss) when ``accept`` and finite."""
         st = self._ensure(total_norm)
-        proposed = _rule.propose(self.cfg, st, self._obs(total_norm, loss), TORCH)
-        self._state = rules.commit(accept, proposed, st, TORCH)
+        self._state = _rule.propose(self.cfg, st, self._obs(total_norm, loss), TORCH,
+                                    accept=accept)
 
     def state_dict(self) -> dict[str, Any]:
         st = self._state

@@ -26,6 +26,8 @@ def commit(accept: Any, proposed: Any, old: Any, xp: Any) -> Any:
     Fields that are not arrays (None, Python numbers) are taken from ``proposed``. Arrays of
     any fixed shape are kept whole: ``accept`` is 0-d and broadcasts.
     """
+    if proposed is old:  # unchanged: nothing to choose (and no operation spent on it)
+        return old
     if isinstance(proposed, tuple):
         return type(proposed)(*(commit(accept, p, o, xp) for p, o in zip(proposed, old)))
     if not hasattr(proposed, "dtype"):  # None or a Python number: configuration, not state

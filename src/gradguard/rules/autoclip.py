@@ -119,7 +119,7 @@ def bin_of(cfg: Config, value: Any, xp: Any) -> Any:
 
 
 def count_value(cfg: Config, counts: Any, bin_min: Any, bin_max: Any, value: Any, ok: Any,
-           xp: Any) -> tuple[Any, Any, Any]:
+                xp: Any) -> tuple[Any, Any, Any]:
     """The histogram with ``value`` counted where ``ok`` and finite."""
     keep = ok & xp.isfinite(value)
     hit = (xp.arange(cfg.bins, "i64", counts) == bin_of(cfg, value, xp)) & keep
@@ -129,30 +129,41 @@ def count_value(cfg: Config, counts: Any, bin_min: Any, bin_max: Any, value: Any
 
 
 def _order_stat(cfg: Config, counts: Any, cum: Any, bin_min: Any, bin_max: Any, k: Any,
-                xp: Any) -> Any:
-    """Estimate (float64) of the order statistic of 0-based rank ``k`` (int64 0-d)."""
+                extra: Any, extra_bin: Any, xp: Any) -> Any:
+    """Estimate (float64) of the order statistic of 0-based rank ``k`` (int64 0-d) of the
+    histogram plus ``extra`` in bin ``extra_bin`` (``extra_bin`` -1: none); ``cum`` counts it."""
     b = xp.clamp(xp.searchsorted(cum, k, right=True), hi=cfg.bins - 1)
-    c = xp.take(counts, b)
+    here = b == extra_bin
+    c = xp.take(counts, b) + xp.astype(here, "i64")
     j = k - (xp.take(cum, b) - c)
-    lo_v = xp.astype(xp.take(bin_min, b), "f64")
-    hi_v = xp.astype(xp.take(bin_max, b), "f64")
+    lo_v = xp.take(bin_min, b)
+    hi_v = xp.take(bin_max, b)
+    lo_v = xp.astype(xp.where(here, xp.minimum(lo_v, extra), lo_v), "f64")
+    hi_v = xp.astype(xp.where(here, xp.maximum(hi_v, extra), hi_v), "f64")
     frac = xp.astype(j, "f64") / xp.astype(xp.clamp(c - 1, lo=1), "f64")
     return lo_v + xp.clamp(frac, lo=0.0, hi=1.0) * (hi_v - lo_v)
 
 
-def histogram_percentile(cfg: Config, counts: Any, bin_min: Any, bin_max: Any,
-                         xp: Any) -> Any:
-    """The p-th percentile (0-d float32) of a histogram (see the module docstring); NaN when
-    it is empty."""
-    cum = xp.cumsum(counts)
+def histogram_percentile(cfg: Config, counts: Any, bin_min: Any, bin_max: Any, xp: Any,
+                         extra: Any = None) -> Any:
+    """The p-th percentile (0-d float32) of a histogram plus ``extra`` (a 0-d value counted
+    for this query only, when finite; None: none); NaN when there is no value. See the
+    module docstring for the estimate and its bound."""
+    if extra is None:
+        extra = xp.full((), math.nan, "f32", counts)
+    ok = xp.isfinite(extra)
+    extra_bin = xp.where(ok, bin_of(cfg, extra, xp), -1)
+    hit = xp.arange(cfg.bins, "i64", counts) == extra_bin
+    cum = xp.cumsum(counts + xp.astype(hit, "i64"))
     n = xp.take(cum, cfg.bins - 1)
     pos = _ring.rank_position(n, cfg.percentile, xp)
     k = xp.floor(pos)
     f = pos - k
     ki = xp.astype(k, "i64")
     k1 = xp.minimum(ki + 1, xp.clamp(n - 1, lo=0))
-    x0 = _order_stat(cfg, counts, cum, bin_min, bin_max, ki, xp)
-    x1 = _order_stat(cfg, counts, cum, bin_min, bin_max, k1, xp)
+    e32 = xp.astype(extra, "f32")
+    x0 = _order_stat(cfg, counts, cum, bin_min, bin_max, ki, e32, extra_bin, xp)
+    x1 = _order_stat(cfg, counts, cum, bin_min, bin_max, k1, e32, extra_bin, xp)
     est = x0 + f * (x1 - x0)
     return xp.astype(xp.where(n > 0, est, math.nan), "f32")
 
@@ -167,9 +178,7 @@ def percentile(cfg: Config, state: WindowState | HistoryState, extra: Any, xp: A
         use_exact = xp.full((), False, "bool", state.n)
     else:
         use_exact = state.n_exact == state.n
-    counts, bmin, bmax = count_value(cfg, state.counts, state.bin_min, state.bin_max, extra,
-                                xp.isfinite(extra), xp)
-    hist = histogram_percentile(cfg, counts, bmin, bmax, xp)
+    hist = histogram_percentile(cfg, state.counts, state.bin_min, state.bin_max, xp, extra)
     return xp.where(use_exact, exact, hist)
 
 
@@ -180,15 +189,20 @@ def threshold(cfg: Config, state: WindowState | HistoryState, total: Any, xp: An
     return xp.where(xp.isnan(thr), math.inf, thr)
 
 
-def propose(cfg: Config, state: WindowState | HistoryState, total: Any,
-            xp: Any) -> WindowState | HistoryState:
-    """The state with ``total`` added to the history (unchanged when it is not finite)."""
-    ok = xp.isfinite(total)
+def propose(cfg: Config, state: WindowState | HistoryState, total: Any, xp: Any,
+            accept: Any = None) -> WindowState | HistoryState:
+    """The state with ``total`` added to the history (unchanged when it is not finite).
+
+    With ``accept`` (0-d bool) the result is already committed: it equals ``commit(accept,
+    propose(cfg, state, total, xp), state, xp)``, without a pass over the bins for the commit.
+    """
+    ok = xp.isfinite(total) if accept is None else accept & xp.isfinite(total)
     if cfg.window is not None:
         values, count = _ring.append(state.values, state.count, total, ok, xp)
         return WindowState(values, count)
     exact, n_exact = _ring.fill(state.exact, state.n_exact, total, ok, xp)
-    counts, bmin, bmax = count_value(cfg, state.counts, state.bin_min, state.bin_max, total, ok, xp)
+    counts, bmin, bmax = count_value(cfg, state.counts, state.bin_min, state.bin_max, total,
+                                     ok, xp)
     return HistoryState(exact, n_exact, counts, bmin, bmax, state.n + xp.astype(ok, "i64"))
 
 

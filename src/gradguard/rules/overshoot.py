@@ -122,9 +122,11 @@ def threshold(cfg: Config, state: State, xp: Any) -> Any:
     return xp.minimum(S, cap)
 
 
-def update(cfg: Config, state: State, obs: Observation, xp: Any) -> tuple[Any, State]:
+def update(cfg: Config, state: State, obs: Observation, xp: Any,
+           accept: Any = None) -> tuple[Any, State]:
     """``(threshold, proposed)``: this step's threshold (from the state alone) and the state
-    after it; the proposal is the state itself when the norm is not finite or is 0."""
+    after it; the proposal is the state itself when the norm is not finite or is 0. With
+    ``accept`` (0-d bool) the proposal is already committed (``commit`` folded in)."""
     thr = threshold(cfg, state, xp)
     total = obs.total
     st = state
@@ -152,6 +154,8 @@ def update(cfg: Config, state: State, obs: Observation, xp: Any) -> tuple[Any, S
         w = (1 - b) / (1 - b ** n)
         sq_level = sq_level + w * (clipped * clipped - sq_level)
     ok = xp.isfinite(total) & (total > 0)
+    if accept is not None:
+        ok = ok & accept
     proposed = State(step_limit, log_level, log_raw, sq_level, total, st.count + 1, started,
                      st.init_limit)
     return thr, _core.commit(ok, proposed, st, xp)

@@ -98,14 +98,15 @@ def check(cfg: Config, state: State, obs: Observation, xp: Any) -> Any:
     return skip
 
 
-def propose(cfg: Config, state: State, obs: Observation, xp: Any) -> State:
-    """The state with this step's finite norm (and loss) appended."""
-    yes = xp.isfinite(obs.total)
+def propose(cfg: Config, state: State, obs: Observation, xp: Any, accept: Any = None) -> State:
+    """The state with this step's finite norm (and loss) appended. With ``accept`` (0-d bool)
+    the result is already committed (equal to ``commit(accept, propose(...), state)``)."""
+    yes = xp.full((), True, "bool", obs.total) if accept is None else accept
     nv, nc = _ring.append(state.norm_values, state.norm_count, obs.total, yes, xp)
     loss = _loss(cfg, obs)
     if loss is None:
         return State(nv, nc, state.loss_values, state.loss_count)
-    lv, lc = _ring.append(state.loss_values, state.loss_count, loss, xp.isfinite(loss), xp)
+    lv, lc = _ring.append(state.loss_values, state.loss_count, loss, yes, xp)
     return State(nv, nc, lv, lc)
 
 
