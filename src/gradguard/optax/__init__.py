@@ -23,12 +23,17 @@ from ._clip import (
     clip_by_norm_per_leaf,
     clip_by_value,
 )
+from ._record import HistoryState, Recorder, history, stats
 from ._skip import SkipState, check_skips, skip_microstep, skip_nonfinite
 from ._tree import TreeNorms, leaf_names, tree_norms
 
 __all__ = [
     "AGCState",
     "AutoState",
+    "HistoryState",
+    "Recorder",
+    "history",
+    "stats",
     "auto",
     "autoclip",
     "spike_skip",

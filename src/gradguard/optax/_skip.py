@@ -45,6 +45,9 @@ class SkipState(NamedTuple):
     ``consecutive_skips`` int32: refused updates in a row (0 after an accepted one)
     ``grad_norm``         float32 global norm of the last incoming update (NaN/Inf if non-finite)
     ``guard_steps``       int32: updates seen (accepted or not)
+    ``grad_leaf_norms``   [k] float32 norm of each incoming leaf (``jax.tree.leaves`` order)
+    ``grad_leaf_max_abs`` [k] float32 max |u| of each incoming leaf
+    ``grad_leaf_nonfinite`` [k] int32 NaN/Inf elements of each incoming leaf
     ``spike``             the spike rule's state (``()`` for ``skip_nonfinite``)
     """
 
@@ -54,6 +57,9 @@ class SkipState(NamedTuple):
     consecutive_skips: jax.Array
     grad_norm: jax.Array
     guard_steps: jax.Array
+    grad_leaf_norms: jax.Array
+    grad_leaf_max_abs: jax.Array
+    grad_leaf_nonfinite: jax.Array
     spike: Any = ()
 
 
@@ -65,6 +71,14 @@ def _refused(updates: Any) -> Any:
     return jax.tree.map(lambda u: jnp.full_like(u, -0.0), updates)
 
 
+def _nonfinite_counts(tree: Any, axis_name: Any) -> jax.Array:
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.zeros((0,), jnp.int32)
+    c = jnp.stack([jnp.sum(~jnp.isfinite(x), dtype=jnp.int32) for x in leaves])
+    return c if axis_name is None else jax.lax.psum(c, axis_name)
+
+
 def guarded(inner: Any, *, axis_name: Any = None, spike: Any = None
             ) -> optax.GradientTransformationExtraArgs:
     """The one implementation behind both wrappers. ``spike``: None, or an object with
@@ -74,11 +88,14 @@ def guarded(inner: Any, *, axis_name: Any = None, spike: Any = None
 
     def init_fn(params: Any) -> SkipState:
         z = jnp.zeros((), jnp.int32)
+        k = len(jax.tree.leaves(params))
         return SkipState(inner.init(params), jnp.zeros((), bool), z, z, jnp.zeros((), F32), z,
+                         jnp.zeros((k,), F32), jnp.zeros((k,), F32), jnp.zeros((k,), jnp.int32),
                          () if spike is None else spike.init())
 
     def update_fn(updates: Any, state: SkipState, params: Any = None, **extra_args: Any):
-        norm = tree_norms(updates, axis_name).total
+        n = tree_norms(updates, axis_name)
+        norm = n.total
         accept = jnp.isfinite(norm)
         spike_state = state.spike
         if spike is not None:
@@ -92,7 +109,8 @@ def guarded(inner: Any, *, axis_name: Any = None, spike: Any = None
         r = refused.astype(jnp.int32)
         new = SkipState(held, refused, state.skip_count + r,
                         jnp.where(refused, state.consecutive_skips + 1, 0).astype(jnp.int32),
-                        norm, state.guard_steps + 1, spike_state)
+                        norm, state.guard_steps + 1, n.per_leaf, n.max_abs,
+                        _nonfinite_counts(updates, axis_name), spike_state)
         return out, new
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

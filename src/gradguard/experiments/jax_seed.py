@@ -1,0 +1,273 @@
+"""The seed article's experiments in JAX / optax, with gradguard.optax (``gradguard demo
+--framework jax``).
+
+``mlp``: the seed MLP (fc 20 -> 25 -> 1, ReLU, xavier-uniform kernels, biases 0.01) on
+unscaled ``make_regression(1000 x 20, noise 0.1, random_state 1)``, ``optax.sgd(0.07,
+momentum=0.8)``, MSE, batch 128, 50 epochs: the same setting as ``experiments.seed_mlp``
+(target shaped like the output). Unclipped, the loss becomes NaN in the first epochs; clipped,
+it trains.
+
+``rnn``: a tanh Elman RNN (hidden 32, ``lax.scan``) on Hochreiter's adding problem (sequence
+length ``length``: two marked positions, the target is the sum of their values), SGD;
+a large learning rate makes the unclipped run diverge.
+
+Each strategy is an optax transformation factory; every clipped strategy is wrapped in
+``ggo.skip_nonfinite`` (the unclipped one is plain optax, to show what happens without).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import gradguard.optax as ggo
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    make: Callable[[float, float], Any]   # (lr, momentum) -> the clipping transform or None
+
+
+STRATEGIES = [
+    Strategy("none", lambda lr, m: None),
+    Strategy("global norm 1", lambda lr, m: ggo.clip_by_global_norm(1.0)),
+    Strategy("value 0.5", lambda lr, m: ggo.clip_by_value(0.5)),
+    Strategy("autoclip p10", lambda lr, m: ggo.autoclip(10.0)),
+    Strategy("zclip", lambda lr, m: ggo.zclip()),
+    Strategy("auto (default)", lambda lr, m: ggo.auto(learning_rate=lr, momentum=m or None)),
+]
+
+
+def strategy(name: str) -> Strategy:
+    for s in STRATEGIES:
+        if s.name == name:
+            return s
+    raise ValueError(f"no JAX strategy named {name!r}; choose from {[s.name for s in STRATEGIES]}")
+
+
+def optimizer(s: Strategy, lr: float, momentum: float) -> Any:
+    base = optax.sgd(lr, momentum=momentum or None)
+    clip = s.make(lr, momentum)
+    if clip is None:
+        return base
+    return ggo.history(ggo.skip_nonfinite(optax.chain(clip, base)), length=64)
+
+
+@dataclass
+class Result:
+    experiment: str
+    strategy: str
+    seed: int
+    final_loss: float
+    first_nonfinite_epoch: int | None
+    clipped_steps: int = 0
+    skipped_steps: int = 0
+    steps: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+# -- the seed MLP ----------------------------------------------------------------------------
+def _xavier(key: jax.Array, fan_in: int, fan_out: int) -> jax.Array:
+    a = math.sqrt(6.0 / (fan_in + fan_out))
+    return jax.random.uniform(key, (fan_in, fan_out), jnp.float32, -a, a)
+
+
+def mlp_params(seed: int) -> dict[str, Any]:
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    return {"fc1": {"kernel": _xavier(k1, 20, 25), "bias": jnp.full((25,), 0.01)},
+            "fc2": {"kernel": _xavier(k2, 25, 1), "bias": jnp.full((1,), 0.01)}}
+
+
+def mlp_apply(p: dict[str, Any], x: jax.Array) -> jax.Array:
+    h = jax.nn.relu(x @ p["fc1"]["kernel"] + p["fc1"]["bias"])
+    return h @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+
+
+def mlp_data(n: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import make_regression
+
+    X, y = make_regression(n_samples=n, n_features=20, noise=0.1, random_state=1)
+    return X.astype(np.float32), y.astype(np.float32).reshape(-1, 1)
+
+
+def _train(params: Any, tx: Any, loss_fn: Callable, batches: Callable, epochs: int,
+           evaluate: Callable, recorder: Any = None) -> tuple[list[float], int, int, int]:
+    state = tx.init(params)
+
+    @jax.jit
+    def step(p, s, xb, yb):
+        loss, g = jax.value_and_grad(loss_fn)(p, xb, yb)
+        u, s = tx.update(g, s, p, value=loss) if isinstance(
+            tx, optax.GradientTransformationExtraArgs) else tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    losses, clipped, skipped, steps = [], 0, 0, 0
+    for epoch in range(epochs):
+        for xb, yb in batches(epoch):
+            params, state = step(params, state, xb, yb)
+            steps += 1
+            if recorder is not None:
+                recorder.record(state)
+            h = ggo._record._first_history(state)
+            if h is not None and steps % h.history_steps.shape[0] == 0:
+                c, k = _count(h, steps)
+                clipped, skipped = clipped + c, skipped + k
+        losses.append(evaluate(params))
+    h = ggo._record._first_history(state)
+    if h is not None and steps % h.history_steps.shape[0]:
+        c, k = _count(h, steps, tail=steps % h.history_steps.shape[0])
+        clipped, skipped = clipped + c, skipped + k
+    if recorder is not None:
+        recorder.close(state)
+    return losses, clipped, skipped, steps
+
+
+def _count(h: Any, steps: int, tail: int | None = None) -> tuple[int, int]:
+    """Clipped and skipped steps among the last ``tail`` (default: all) history rows."""
+    st, hist = jax.device_get((h.history_steps, h.history))
+    keep = st >= (steps - (tail or len(st)))
+    return int(np.sum(hist["clipped"][keep])), int(np.sum(hist["skipped"][keep]))
+
+
+def run_mlp(s: Strategy, seed: int = 0, *, epochs: int = 50, lr: float = 0.07,
+            momentum: float = 0.8, batch_size: int = 128, recorder: Any = None) -> Result:
+    X, y = mlp_data()
+    params = mlp_params(seed)
+    rng = np.random.default_rng(seed)
+
+    def batches(epoch: int):
+        perm = rng.permutation(len(X))
+        for i in range(0, len(X), batch_size):
+            idx = perm[i:i + batch_size]
+            yield jnp.asarray(X[idx]), jnp.asarray(y[idx])
+
+    def loss_fn(p, xb, yb):
+        return jnp.mean((mlp_apply(p, xb) - yb) ** 2)
+
+    Xj, yj = jnp.asarray(X), jnp.asarray(y)
+    losses, c, k, n = _train(params, optimizer(s, lr, momentum), loss_fn, batches, epochs,
+                             lambda p: float(loss_fn(p, Xj, yj)), recorder)
+    return _result("seed MLP (JAX)", s, seed, losses, c, k, n)
+
+
+# -- the adding problem ----------------------------------------------------------------------
+def adding_batch(rng: np.random.Generator, n: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    vals = rng.uniform(0, 1, (n, length)).astype(np.float32)
+    marks = np.zeros((n, length), np.float32)
+    for i in range(n):
+        a = rng.integers(0, length // 2)
+        b = rng.integers(length // 2, length)
+        marks[i, a] = marks[i, b] = 1.0
+    x = np.stack([vals, marks], axis=-1)
+    return x, np.sum(vals * marks, axis=1, keepdims=True)
+
+
+def rnn_params(seed: int, hidden: int = 32) -> dict[str, Any]:
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return {"cell": {"w_in": jax.random.normal(k1, (2, hidden)) * 0.5,
+                     "w_rec": jax.random.normal(k2, (hidden, hidden)) * (1.0 / math.sqrt(hidden)),
+                     "bias": jnp.zeros(hidden)},
+            "out": {"kernel": jax.random.normal(k3, (hidden, 1)) * 0.1, "bias": jnp.zeros(1)}}
+
+
+def rnn_apply(p: dict[str, Any], x: jax.Array) -> jax.Array:
+    c = p["cell"]
+
+    def cell(h, xt):
+        return jnp.tanh(xt @ c["w_in"] + h @ c["w_rec"] + c["bias"]), None
+
+    h0 = jnp.zeros((x.shape[0], c["bias"].shape[0]))
+    h, _ = jax.lax.scan(cell, h0, jnp.swapaxes(x, 0, 1))
+    return h @ p["out"]["kernel"] + p["out"]["bias"]
+
+
+def run_rnn(s: Strategy, seed: int = 0, *, steps: int = 300, length: int = 30,
+            lr: float = 0.5, momentum: float = 0.9, batch_size: int = 32,
+            recorder: Any = None) -> Result:
+    rng = np.random.default_rng(seed)
+    test_x, test_y = adding_batch(np.random.default_rng(10_000 + seed), 256, length)
+    per_epoch = 50
+
+    def batches(epoch: int):
+        for _ in range(per_epoch):
+            xb, yb = adding_batch(rng, batch_size, length)
+            yield jnp.asarray(xb), jnp.asarray(yb)
+
+    def loss_fn(p, xb, yb):
+        return jnp.mean((rnn_apply(p, xb) - yb) ** 2)
+
+    tx, ty = jnp.asarray(test_x), jnp.asarray(test_y)
+    losses, c, k, n = _train(rnn_params(seed), optimizer(s, lr, momentum), loss_fn, batches,
+                             max(1, steps // per_epoch), lambda p: float(loss_fn(p, tx, ty)),
+                             recorder)
+    return _result(f"adding problem T={length} (JAX RNN)", s, seed, losses, c, k, n)
+
+
+def _result(exp: str, s: Strategy, seed: int, losses: list[float], c: int, k: int,
+            n: int) -> Result:
+    bad = next((i for i, v in enumerate(losses) if not math.isfinite(v)), None)
+    return Result(exp, s.name, seed, losses[-1] if losses else math.nan, bad, c, k, n, losses)
+
+
+def run_demo(*, seeds: int = 3, tiny: bool = False, names: list[str] | None = None,
+             only: list[str] | None = None) -> list[Result]:
+    """Every experiment x strategy x seed; ``tiny``: a seconds-long version."""
+    chosen = [strategy(n) for n in names] if names else STRATEGIES
+    exps = only or ["mlp", "rnn"]
+    out = []
+    for exp in exps:
+        for s in chosen:
+            for seed in range(seeds):
+                if exp == "mlp":
+                    out.append(run_mlp(s, seed, epochs=5 if tiny else 50))
+                elif exp == "rnn":
+                    out.append(run_rnn(s, seed, steps=100 if tiny else 600))
+                else:
+                    raise ValueError(f"no JAX experiment named {exp!r}; choose mlp or rnn")
+    return out
+
+
+def markdown(results: list[Result]) -> str:
+    """One row per experiment and strategy: final loss (mean over finite seeds), non-finite
+    seeds, share of clipped and skipped steps."""
+    rows = ["| experiment | strategy | final loss | non-finite seeds | clipped | skipped |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    keys: list[tuple[str, str]] = []
+    for r in results:
+        if (r.experiment, r.strategy) not in keys:
+            keys.append((r.experiment, r.strategy))
+    for e, s in keys:
+        rs = [r for r in results if r.experiment == e and r.strategy == s]
+        fin = [r.final_loss for r in rs if math.isfinite(r.final_loss)]
+        loss = f"{np.mean(fin):.4g}" if fin else "NaN"
+        nonfin = sum(1 for r in rs if not math.isfinite(r.final_loss))
+        n = sum(r.steps for r in rs) or 1
+        rows.append(f"| {e} | {s} | {loss} | {nonfin}/{len(rs)} | "
+                    f"{100 * sum(r.clipped_steps for r in rs) / n:.0f}% | "
+                    f"{sum(r.skipped_steps for r in rs)} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--only", nargs="+")
+    ap.add_argument("--strategies", nargs="+")
+    a = ap.parse_args(argv)
+    print(markdown(run_demo(seeds=a.seeds, tiny=a.tiny, names=a.strategies, only=a.only)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
