@@ -266,3 +266,13 @@ def test_raising_callback_does_not_stop_training(tmp_path):
         guard, mon, *_ = _loop(tmp_path, [Spike(warmup=5, action="callback", callback=bad)])
         guard.close()
     assert any("callback" in n for n in load_run(tmp_path / "run").meta["notes"])
+
+
+def test_skip_action_is_deprecated_in_favour_of_spike_skip():
+    """One public spike skip: ``gg.SpikeSkip``; ``action="skip"`` still works, and says so."""
+    with pytest.warns(DeprecationWarning, match="SpikeSkip") as rec:
+        Spike(action="skip")
+    assert rec[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        Spike(action="warn")

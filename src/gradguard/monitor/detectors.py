@@ -46,8 +46,9 @@ kind. A subclass that does its own torch arithmetic sets ``host_math = False`` a
 receives tensors.
 
 Actions (``action=``): ``"warn"`` (a rate-limited ``RuntimeWarning``), ``"callback"``
-(``callback(event)`` on the host at flush time), ``"skip"`` (the Guard refuses the update;
-only step-level rules, decided on the device in the same step) and ``"raise"``
+(``callback(event)`` on the host at flush time), ``"skip"`` (deprecated: the Guard refuses
+the update; only step-level rules, decided on the device in the same step; the one public
+spike skip is ``gradguard.SpikeSkip``, the Guard's ``skip=`` rule) and ``"raise"``
 (:class:`AnomalyError` raised into the training loop at the next step after the flush that
 saw the event; ``flush_every=1`` makes it immediate, at one host read per step). Every action
 taken is written to ``events.jsonl``.
@@ -100,6 +101,11 @@ class Detector:
             raise ValueError("action='callback' needs callback=")
         if action == "skip" and self.level != "step":
             raise ValueError(f"{type(self).__name__} reads per-layer norms and cannot skip a step")
+        if action == "skip":
+            from .notices import warn
+            warn(f"{type(self).__name__}(action='skip') is deprecated: skipping steps is the "
+                 "Guard's skip rule, gradguard.SpikeSkip (gg.Guard(model, skip=gg.SpikeSkip())); "
+                 "a detector records and warns. It still skips for now.", DeprecationWarning)
         self.action = action
         self.callback = callback
         self._key: tuple | None = None  # ("torch", device) or ("numpy",): where the state lives
