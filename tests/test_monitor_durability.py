@@ -209,3 +209,20 @@ def test_resume_from_a_checkpoint_older_than_the_last_flush(tmp_path):
     ref.close()
     assert run.steps.total_norm.equals(load_run(tmp_path / "ref").steps.total_norm)
     assert not run.events.duplicated(["step", "rule"]).any()
+
+
+def test_with_guard_closes_the_monitor_on_an_exception(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    mon = Monitor(tmp_path / "run", flush_every=100, detectors=[])
+    with pytest.raises(RuntimeError, match="data loader"):
+        with gg.Guard(net, monitor=mon) as guard:
+            for step in range(1, 50):
+                opt.zero_grad()
+                net(torch.randn(4, 3)).pow(2).mean().backward()
+                guard.step(opt)
+                if step == 7:
+                    raise RuntimeError("data loader died")
+    assert mon.closed
+    assert load_run(tmp_path / "run").steps.step.tolist() == list(range(1, 8))
