@@ -18,6 +18,7 @@ _EXPORTS = {
     "Clipper": "clippers",
     "ClipStats": "clippers",
     "NormClip": "clippers",
+    "PerTensorNormClip": "clippers",
     "ValueClip": "clippers",
     "AutoClip": "adaptive",
     "OvershootClip": "adaptive",
@@ -49,6 +50,7 @@ __all__ = [
     "NonFiniteGradientError",
     "NormClip",
     "OvershootClip",
+    "PerTensorNormClip",
     "SpikeSkip",
     "ValueClip",
     "ZClip",
@@ -67,7 +69,7 @@ __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .adaptive import AutoClip, OvershootClip, SpikeSkip, ZClip, default_clipper
-    from .clippers import AGC, Clipper, ClipStats, NormClip, ValueClip
+    from .clippers import AGC, Clipper, ClipStats, NormClip, PerTensorNormClip, ValueClip
     from .errors import GradientExplosionError, NonFiniteGradientError
     from .functional import (
         clip_grad_agc_,
