@@ -38,7 +38,18 @@ The shape of a rule (``r`` one of the modules):
     itself (a non-finite norm, a zero norm for ``overshoot``).
 ``commit(accept, proposed, old, xp) -> State``
     the one way statistics change: ``proposed`` where ``accept`` (0-d bool), else ``old``,
-    field by field. A skipped or non-finite step never enters the statistics.
+    field by field (fields the step left unchanged cost nothing). A skipped or non-finite
+    step never enters the statistics.
+``accept=`` (keyword of ``zclip.update``, ``overshoot.update``, ``autoclip.propose``,
+    ``spike_skip.propose``)
+    the same commit folded into the rule's own choice: ``update(cfg, state, obs, xp,
+    accept=a)[1] == commit(a, update(cfg, state, obs, xp)[1], state, xp)``, with one ``where``
+    per field instead of two (what the torch façades use; tested in ``tests/test_rules.py``).
+
+Two-phase use (the torch façades): ``threshold`` (below) for the decision when the step's
+gradients are seen, then ``update`` / ``propose`` with ``accept`` once the skip decision is
+known. ``autoclip.propose`` is ``update`` without the threshold (the percentile query is the
+expensive part, so it is not computed twice).
 
 Queries without a step: ``autoclip.threshold(cfg, state, total, xp)``,
 ``zclip.threshold(cfg, state, total, xp)`` / ``zclip.onset(cfg, state, xp)``,

@@ -38,6 +38,11 @@ reductions (``axis``: None for all, an int or a tuple of ints)
     ``searchsorted(s, v, right)``        for ascending 1-d ``s`` and 0-d ``v``: the 0-d int
         index of numpy's ``searchsorted(s, v, side="right" if right else "left")``.
 
+Rules compute NaN or inf in intermediate values that a ``where`` then discards (the z-score
+of a non-finite norm, the estimate of an empty histogram); numpy reports those as
+``RuntimeWarning``s, so host code that runs rules on numpy wraps them in
+``np.errstate(invalid="ignore", divide="ignore", over="ignore")``.
+
 Registry: ``register(types, backend)`` makes ``namespace(x)`` return ``backend`` for instances
 of ``types``. A backend module in this package is imported on first use, by the top-level
 module name of the array's type: ``torch`` -> ``xp_torch``, ``jax``/``jaxlib`` -> ``xp_jax``,
