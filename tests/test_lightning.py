@@ -192,11 +192,13 @@ def test_bf16_mixed_on_cpu_skips_and_logs():
         assert row["gradguard/grad_norm"] == pytest.approx(ref, rel=1e-6)
 
 
-def test_gradscaler_precision_plugin_path_on_cpu():
+@pytest.mark.parametrize("fused", [False, True])
+def test_gradscaler_precision_plugin_path_on_cpu(fused):
     """The GradScaler path (precision plugin replaced) with a CPU fp16 MixedPrecision plugin:
-    the scaler's unscale happens once, a NaN step is counted as skipped, the weights stay finite."""
+    the scaler's unscale happens once, a NaN step is counted as skipped, the weights stay finite
+    (with a fused AdamW Lightning's own clipping raises here)."""
     from pytorch_lightning.plugins.precision import MixedPrecision
-    m = Net(nan_at=2)
+    m = Net(nan_at=2, fused=fused)
     cb = ggl.GuardCallback(clipper=gg.NormClip(1.0))
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 4))
     logged = Logged()
