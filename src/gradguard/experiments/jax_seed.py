@@ -264,9 +264,92 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--only", nargs="+")
     ap.add_argument("--strategies", nargs="+")
+    ap.add_argument("--cases", action="store_true",
+                    help="print docs/optax.md's table of gradguard.optax against optax")
     a = ap.parse_args(argv)
+    if a.cases:
+        print(cases_markdown())
+        return 0
     print(markdown(run_demo(seeds=a.seeds, tiny=a.tiny, names=a.strategies, only=a.only)))
     return 0
+
+
+
+# -- gradguard.optax against optax's own transforms (docs/optax.md's table) ------------------
+def _fmt(x: Any) -> str:
+    a = np.asarray(x, np.float64).ravel()
+    return "[" + ", ".join(f"{v:.4g}" for v in a) + "]" if a.size > 1 else f"{float(a[0]):.4g}"
+
+
+def optax_cases() -> list[tuple[str, str, str]]:
+    """``(case, optax, gradguard.optax)``: what each does on the cases of docs/optax.md,
+    measured now (jax and optax as installed)."""
+    rows = []
+    f16 = {"a": jnp.full((4,), 300.0, jnp.float16), "b": jnp.ones((3,), jnp.float32)}
+    o, _ = optax.clip_by_global_norm(1.0).update(f16, optax.EmptyState())
+    tx = ggo.clip_by_global_norm(1.0)
+    g, s = tx.update(f16, tx.init(f16))
+    rows.append(("float16 leaf of four 300s + float32 ones(3), clip 1.0: norm; float32 leaf",
+                 f"norm {_fmt(optax.tree.norm(f16))}; b = {_fmt(o['b'])}",
+                 f"norm {_fmt(s.total_norm)}; b = {_fmt(g['b'])}"))
+    bf = {"a": jnp.full((1024,), 3.0e19, jnp.bfloat16)}
+    rows.append(("bfloat16 leaf of 1024 x 3e19: norm (true 9.6e20)", _fmt(optax.tree.norm(bf)),
+                 _fmt(ggo.tree_norms(bf).total)))
+    tiny = {"a": jnp.full((4,), 1e-30, jnp.float32)}
+    rows.append(("float32 leaf of four 1e-30: norm (true 2e-30)", _fmt(optax.tree.norm(tiny)),
+                 _fmt(ggo.tree_norms(tiny).total)))
+    for name, bad in (("NaN", jnp.nan), ("Inf", jnp.inf)):
+        t = {"a": jnp.array([1.0, bad]), "b": jnp.full((2,), 5.0)}
+        o, _ = optax.clip_by_global_norm(1.0).update(t, optax.EmptyState())
+        g, s = tx.update(t, tx.init(t))
+        rows.append((f"leaf [1, {name}] + leaf [5, 5], clip 1.0: a; b",
+                     f"a = {_fmt(o['a'])}; b = {_fmt(o['b'])}",
+                     f"a = {_fmt(g['a'])}; b = {_fmt(g['b'])} (unchanged, nonfinite={bool(s.nonfinite)})"))
+    z = {"a": jnp.zeros(3)}
+    o, _ = optax.clip_by_global_norm(0.0).update(z, optax.EmptyState())
+    t0 = ggo.clip_by_global_norm(0.0)
+    rows.append(("clip_by_global_norm(0.0) on zero gradients", _fmt(o["a"]),
+                 _fmt(t0.update(z, t0.init(z))[0]["a"])))
+    # a NaN streak: apply_if_finite(max_consecutive_errors=2) vs skip_nonfinite
+    bad = {"w": jnp.array([1.0, jnp.nan, 1.0])}
+    p0 = {"w": jnp.array([1.0, -0.0, 2.0])}
+    ref = optax.apply_if_finite(optax.adam(0.1), max_consecutive_errors=2)
+    ours = ggo.skip_nonfinite(optax.adam(0.1))
+    out = []
+    for opt in (ref, ours):
+        p, st = p0, opt.init(p0)
+        for _ in range(6):
+            u, st = opt.update(bad, st, p)
+            p = optax.apply_updates(p, u)
+        out.append(p["w"])
+    rows.append(("6 NaN steps in a row, params [1, -0, 2] (apply_if_finite max 2 / "
+                 "skip_nonfinite): params", _fmt(out[0]) + f", signbit of -0: "
+                 f"{bool(np.signbit(np.asarray(out[0])[1]))}", _fmt(out[1]) +
+                 f", signbit of -0: {bool(np.signbit(np.asarray(out[1])[1]))}"))
+    # MultiSteps: a NaN micro-batch
+    out = []
+    for skip_fn in (None, ggo.skip_microstep()):
+        ms = optax.MultiSteps(optax.sgd(1.0), every_k_schedule=2, should_skip_update_fn=skip_fn)
+        p, st = {"w": jnp.zeros(2)}, None
+        st = ms.init(p)
+        for gr in ([1.0, 1.0], [jnp.nan, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0]):
+            u, st = ms.update({"w": jnp.array(gr)}, st, p)
+            p = optax.apply_updates(p, u)
+        out.append(p["w"])
+    rows.append(("MultiSteps(sgd(1), k=2), micro-batches 1, NaN, 1, 1, 1: params "
+                 "(plain / should_skip_update_fn=ggo.skip_microstep())", _fmt(out[0]),
+                 _fmt(out[1])))
+    sk, info = optax.skip_large_updates({"w": jnp.array([3.0, 4.0])}, 0, None, max_squared_norm=10.0)
+    rows.append(("skip_large_updates(norm^2 = 25, max 10): should_skip (its docstring: "
+                 "'True if ... small enough')", str(bool(sk)), "n/a (spike_skip decides on "
+                 "mean + k std of accepted norms)"))
+    return rows
+
+
+def cases_markdown() -> str:
+    lines = ["| case | optax " + optax.__version__ + " | gradguard.optax |", "| --- | --- | --- |"]
+    lines += [f"| {c} | {o} | {g} |" for c, o, g in optax_cases()]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
