@@ -281,3 +281,10 @@ def test_readme_recipe_runs_as_written(tmp_path, monkeypatch):
     assert env["trainer"].state.global_step == 3
     assert env["trainer"].guard_callback.guard.skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in env["model"].parameters())
+
+
+def test_one_callback_per_model(tmp_path):
+    cb = gghf.GuardCallback()
+    train(tmp_path / "a", Net(), 1, callbacks=[cb])
+    with pytest.raises(ValueError, match="already guards another model"):
+        train(tmp_path / "b", Net(), 1, callbacks=[cb])

@@ -309,3 +309,12 @@ def test_readme_recipe_runs_as_written(tmp_path, monkeypatch):
     exec(compile(code, "README-lightning", "exec"), env)  # noqa: S102 - the README's own code
     assert env["trainer"].global_step > 0
     assert all(torch.isfinite(p).all() for p in env["model"].parameters())
+
+
+def test_one_callback_per_model_and_refit():
+    cb = ggl.GuardCallback(clipper=gg.NormClip(1.0))
+    m = Net()
+    fit(m, [cb], steps=2)
+    assert "step" not in vars(m.trainer.optimizers[0])  # unpatched at teardown
+    with pytest.raises(ValueError, match="earlier fit"):
+        fit(Net(), [cb], steps=1)

@@ -167,6 +167,10 @@ class GuardCallback(TrainerCallback):  # type: ignore[misc,valid-type]
                 clipper = _norm_clip(args.max_grad_norm)
             self.guard = Guard(model, clipper=clipper, skip=self.skip, monitor=self.monitor,
                                on_nonfinite=self.on_nonfinite, **self.guard_kwargs)
+        elif {id(p) for p in self.guard.params} != {id(p) for p in model.parameters()}:
+            raise ValueError("GuardCallback: this callback already guards another model (its "
+                             "Guard holds that model's parameters and statistics); give each "
+                             "Trainer its own GuardCallback")
         self._restore(args, state)
         if not self.owner_clips and args.max_grad_norm and args.max_grad_norm > 0:
             # the Guard clips; the Trainer clipping first would be a second clip
@@ -237,6 +241,7 @@ class GuardCallback(TrainerCallback):  # type: ignore[misc,valid-type]
         folder = self.resume_from
         if folder is None and state.global_step > 0:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        self.resume_from = None  # used once: a later train() without resume starts from here
         if folder is None:
             return
         path = os.path.join(folder, _STATE_FILE)

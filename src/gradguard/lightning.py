@@ -121,9 +121,13 @@ class GuardCallback(pl.Callback):
                              "returned none), so there is no step to guard")
         if not self.guards:
             self.guards = [self._build_guard(pl_module, o, i) for i, o in enumerate(optimizers)]
-        elif len(self.guards) != len(optimizers):
-            raise ValueError(f"GuardCallback guards {len(self.guards)} optimizers from an earlier "
-                             f"fit, this Trainer has {len(optimizers)}: use a new GuardCallback")
+        else:
+            same = len(self.guards) == len(optimizers) and all(
+                {id(p) for p in g.params} == {id(p) for grp in o.param_groups for p in grp["params"]}
+                for g, o in zip(self.guards, optimizers))
+            if not same:
+                raise ValueError("GuardCallback: this callback guards the optimizers of an earlier "
+                                 "fit (other parameters); use a new GuardCallback for this one")
         if self._pending_state is not None:
             self._load_guards(self._pending_state)
             self._pending_state = None
