@@ -1,0 +1,48 @@
+"""The seed article's TensorFlow and Keras programs rerun with gradguard (small and fast)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+pytest.importorskip("tensorflow")
+pytest.importorskip("sklearn")
+
+from gradguard.experiments import keras_seed, tf_seed  # noqa: E402
+
+
+def test_seed_mlp_unclipped_diverges_clipped_trains():
+    none = keras_seed.seed_mlp("none", epochs=3)
+    assert none.first_nonfinite_epoch is not None and math.isnan(none.final_loss)
+    keras_cv = keras_seed.seed_mlp("keras clipvalue=1", epochs=3)
+    gg_cv = keras_seed.seed_mlp("gg ValueClip(1)", epochs=3)
+    assert gg_cv.first_nonfinite_epoch is None
+    assert gg_cv.final_loss == keras_cv.final_loss  # the wrapper is Keras's clipvalue, exactly
+    auto = keras_seed.seed_mlp("gg auto", epochs=3)
+    assert auto.first_nonfinite_epoch is None and math.isfinite(auto.final_loss)
+    assert "NaN in 1/1" in keras_seed.table([none, auto])
+
+
+def test_seed_gradient_tape_lstm_ggtf_matches_tf():
+    a = tf_seed.run("tf.clip_by_value", training_steps=20, display_step=5)
+    b = tf_seed.run("ggtf.clip_by_value", training_steps=20, display_step=5)
+    assert a.losses == b.losses and a.accuracy == b.accuracy
+    c = tf_seed.run("tf.clip_by_norm", training_steps=20, display_step=5)
+    d = tf_seed.run("ggtf.clip_by_norm", training_steps=20, display_step=5)
+    np.testing.assert_allclose(c.losses, d.losses, rtol=1e-5)
+    g = tf_seed.run("ggtf.clip_by_global_norm", training_steps=20, display_step=5)
+    assert g.skipped == 0 and all(math.isfinite(v) for v in g.losses)
+    with pytest.raises(ValueError, match="clip"):
+        tf_seed.run("tf.clip")
+
+
+def test_seed_keras_lstm_fit_with_the_wrapper():
+    r = keras_seed.seed_lstm_fit("gg ValueClip(1)", epochs=1, max_train=256, units=8)
+    k = keras_seed.seed_lstm_fit("keras clipvalue=1", epochs=1, max_train=256, units=8)
+    assert r.final_loss == k.final_loss and r.accuracy == k.accuracy
+    assert 0.0 <= r.accuracy <= 1.0 and math.isfinite(r.final_loss)
