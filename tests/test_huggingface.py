@@ -288,3 +288,40 @@ def test_one_callback_per_model(tmp_path):
     train(tmp_path / "a", Net(), 1, callbacks=[cb])
     with pytest.raises(ValueError, match="already guards another model"):
         train(tmp_path / "b", Net(), 1, callbacks=[cb])
+
+
+@pytest.mark.parametrize("attach", [False, True])
+def test_accelerate_4242_fused_adamw_under_a_gradscaler(attach):
+    """accelerate#4242 on the CPU: an Accelerator given a GradScaler (what mixed_precision="fp16"
+    builds on CUDA) and AdamW(fused=True). An inf step is refused by the fused kernel either way;
+    accelerate alone reports no skip and the scheduler advances, attach_guard reports it and the
+    scheduler holds. The scaler backs off in both cases."""
+    acc = accelerate.Accelerator(cpu=True)
+    acc.scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    model, opt, sched = acc.prepare(model, opt, sched)
+    assert opt.scaler is acc.scaler
+    guard = gg.Guard(model, clipper=gg.NormClip(1.0))
+    if attach:
+        gghf.attach_guard(opt, guard)
+    skipped, lrs, changed = [], [], []
+    for step in range(4):
+        loss = model(torch.randn(8, 4)).pow(2).mean() * (float("inf") if step == 2 else 1.0)
+        acc.backward(loss)
+        before = model.weight.detach().clone()
+        opt.step()
+        sched.step()
+        skipped.append(acc.optimizer_step_was_skipped)
+        changed.append(not torch.equal(before, model.weight))
+        lrs.append(sched.get_last_lr()[0])
+        opt.zero_grad()
+    assert changed == [True, True, False, True]
+    assert acc.scaler.get_scale() == 4.0
+    if attach:
+        assert skipped == [False, False, True, False] and lrs[2] == lrs[1]
+        assert guard.skipped_steps == 1
+    else:  # the bug: the refused step is reported as taken and the schedule moves on
+        assert skipped == [False] * 4 and lrs[2] < lrs[1]
