@@ -182,3 +182,16 @@ def test_checkpoint_resume_is_bit_exact(make, tmp_path):
     restored = jax.tree.map(jnp.asarray, pickle.loads(f.read_bytes()))
     resumed = run(*restored, grads[7:])
     assert _bits(resumed) == _bits(full)
+
+
+def test_cli_demo_framework_jax(tmp_path, capsys):
+    from gradguard.cli import main
+    from gradguard.store import load_run
+
+    rc = main(["demo", "--framework", "jax", "--tiny", "--seeds", "1", "--only", "mlp",
+               "--strategies", "global norm 1", "--runs-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "| seed MLP (JAX) | global norm 1 |" in out
+    run = load_run(tmp_path / "jax-mlp-global_norm_1-s0")
+    assert len(run.steps) == 5 * 8 and run.steps["clipped"].all()
+    assert main(["demo", "--framework", "jax", "--only", "cnn", "--no-runs"]) == 2

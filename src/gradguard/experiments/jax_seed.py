@@ -218,20 +218,32 @@ def _result(exp: str, s: Strategy, seed: int, losses: list[float], c: int, k: in
 
 
 def run_demo(*, seeds: int = 3, tiny: bool = False, names: list[str] | None = None,
-             only: list[str] | None = None) -> list[Result]:
-    """Every experiment x strategy x seed; ``tiny``: a seconds-long version."""
+             only: list[str] | None = None, run_dir: Any = None) -> list[Result]:
+    """Every experiment x strategy x seed; ``tiny``: a seconds-long version. ``run_dir``:
+    write a run folder per clipped run (``{run_dir}/jax-{exp}-{strategy}-s{seed}``, replaced
+    when it exists) through ``ggo.Recorder``."""
+    from pathlib import Path
+
     chosen = [strategy(n) for n in names] if names else STRATEGIES
     exps = only or ["mlp", "rnn"]
+    for exp in exps:
+        if exp not in ("mlp", "rnn"):
+            raise ValueError(f"no JAX experiment named {exp!r}; choose mlp or rnn")
     out = []
     for exp in exps:
         for s in chosen:
             for seed in range(seeds):
+                rec = None
+                if run_dir is not None and s.make(0.1, 0.9) is not None:
+                    slug = s.name.replace(" ", "_").replace("(", "").replace(")", "")
+                    params = mlp_params(seed) if exp == "mlp" else rnn_params(seed)
+                    rec = ggo.Recorder(Path(run_dir) / f"jax-{exp}-{slug}-s{seed}", params,
+                                       mode="overwrite", config={"experiment": exp,
+                                                                 "strategy": s.name})
                 if exp == "mlp":
-                    out.append(run_mlp(s, seed, epochs=5 if tiny else 50))
-                elif exp == "rnn":
-                    out.append(run_rnn(s, seed, steps=100 if tiny else 600))
+                    out.append(run_mlp(s, seed, epochs=5 if tiny else 50, recorder=rec))
                 else:
-                    raise ValueError(f"no JAX experiment named {exp!r}; choose mlp or rnn")
+                    out.append(run_rnn(s, seed, steps=100 if tiny else 600, recorder=rec))
     return out
 
 
@@ -254,6 +266,23 @@ def markdown(results: list[Result]) -> str:
                     f"{100 * sum(r.clipped_steps for r in rs) / n:.0f}% | "
                     f"{sum(r.skipped_steps for r in rs)} |")
     return "\n".join(rows)
+
+
+def demo(args: Any) -> int:
+    """``gradguard demo --framework jax``: uses ``--seeds``, ``--tiny``, ``--only mlp rnn``,
+    ``--strategies``, ``--runs-dir`` / ``--no-runs``; prints the markdown table."""
+    import sys
+
+    try:
+        rows = run_demo(seeds=args.seeds, tiny=args.tiny, names=args.strategies,
+                        only=args.only, run_dir=None if args.no_runs else args.runs_dir)
+    except ValueError as exc:
+        print(f"gradguard demo: error: {exc}", file=sys.stderr)
+        return 2
+    print(markdown(rows))
+    if not args.no_runs:
+        print(f"run folders under {args.runs_dir}/ (gradguard report {args.runs_dir}/jax-*)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
