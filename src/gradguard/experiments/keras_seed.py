@@ -164,3 +164,26 @@ def table(results: list[Result]) -> str:
         acc = f"{np.mean(accs):.3f}" if accs else "-"
         out.append(f"| {prog} | {strat} | {loss} | {nan_s} | {acc} | {sum(r.skipped for r in rs)} |")
     return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m gradguard.experiments.keras_seed [--quick] [--seeds N] [--mnist DIR]``:
+    the Keras tables of ``docs/results.md`` (the seed MLP before/after, the seed's LSTM fit)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m gradguard.experiments.keras_seed")
+    p.add_argument("--quick", action="store_true", help="5 epochs, one seed")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--mnist", metavar="DIR", help="MNIST IDX files for the LSTM (default: 8x8 digits)")
+    a = p.parse_args(argv)
+    seeds = 1 if a.quick else a.seeds
+    mlp = [seed_mlp(s, k, epochs=5 if a.quick else 50) for s in STRATEGIES for k in range(seeds)]
+    print(table(mlp))
+    lstm = [seed_lstm_fit(s, 0, epochs=1 if a.quick else 5, mnist_dir=a.mnist) for s in STRATEGIES]
+    print()
+    print(table(lstm))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
