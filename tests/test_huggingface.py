@@ -325,3 +325,20 @@ def test_accelerate_4242_fused_adamw_under_a_gradscaler(attach):
         assert guard.skipped_steps == 1
     else:  # the bug: the refused step is reported as taken and the schedule moves on
         assert skipped == [False] * 4 and lrs[2] < lrs[1]
+
+
+def test_attach_guard_reads_the_flag_once_per_step_with_a_fused_optimizer(sync_counter):
+    """The Trainer/accelerate decide on the host whether the scheduler steps: that one read of the
+    skip flag is all attach_guard adds to a fused step."""
+    acc = accelerate.Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 1)
+    opt = acc.prepare(torch.optim.AdamW(model.parameters(), lr=0.1, fused=True))
+    gghf.attach_guard(opt, gg.Guard(model, clipper=gg.NormClip(1.0)))
+    reads = []
+    for _ in range(3):
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        start = len(sync_counter.calls)
+        opt.step()
+        reads.append(sync_counter.calls[start:])
+        opt.zero_grad()
+    assert reads[1:] == [["__bool__"], ["__bool__"]]

@@ -318,3 +318,23 @@ def test_one_callback_per_model_and_refit():
     assert "step" not in vars(m.trainer.optimizers[0])  # unpatched at teardown
     with pytest.raises(ValueError, match="earlier fit"):
         fit(Net(), [cb], steps=1)
+
+
+@pytest.mark.parametrize("opt,expected", [("adamw", []), ("sgd", ["__bool__"])])
+def test_host_reads_per_step_are_the_guards_only(sync_counter, opt, expected):
+    """With a fused AdamW (and no per-step scheduler) the callback's step reads nothing on the
+    host; with SGD (not fused) exactly the Guard's one documented read (whether to step).
+    (torch's non-fused CPU AdamW reads its own step counters: SGD keeps that out of the count.)"""
+    cb = ggl.GuardCallback(clipper=gg.NormClip(1.0))
+    inner = cb._guard_step
+    per_step = []
+
+    def counted(*a, **k):
+        start = len(sync_counter.calls)
+        out = inner(*a, **k)
+        per_step.append(sync_counter.calls[start:])
+        return out
+
+    cb._guard_step = counted
+    fit(Net(fused=True, opt=opt), [cb], steps=4)
+    assert per_step[1:] == [expected] * 3  # the first fused step takes the host path (no state yet)
