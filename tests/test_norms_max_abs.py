@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import gradguard as gg
 from gradguard import norms as N
+from gradguard.kernels import cpu
 
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -21,7 +22,9 @@ def _ref_max_abs(g: torch.Tensor) -> float:
 
 
 def _check(got: torch.Tensor, grads: list[torch.Tensor]) -> None:
-    assert got.dtype == torch.float32 and got.shape == (len(grads),)
+    # float32, float64 for float64 gradients (issue 15: their norms are float64 too)
+    want = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    assert got.dtype == want and got.shape == (len(grads),)
     for g, v in zip(grads, got.tolist()):
         ref = _ref_max_abs(g)
         if math.isnan(ref):
@@ -32,9 +35,9 @@ def _check(got: torch.Tensor, grads: list[torch.Tensor]) -> None:
 
 def _grads(dtype: torch.dtype) -> list[torch.Tensor]:
     torch.manual_seed(0)
-    big = torch.randn(3 * N._CHUNK + 5, dtype=dtype)
+    big = torch.randn(3 * cpu.CHUNK + 5, dtype=dtype)
     peak = big.clone()
-    peak[2 * N._CHUNK + 1] = -40.0  # the max in the last-but-one chunk, negative
+    peak[2 * cpu.CHUNK + 1] = -40.0  # the max in the last-but-one chunk, negative
     return [big, torch.zeros(0, dtype=dtype), torch.tensor([1.0, -5.0, 2.0], dtype=dtype), peak,
             torch.randn(20, 30, dtype=dtype).t(), torch.randn(7, dtype=dtype)]
 
@@ -51,7 +54,7 @@ def test_max_abs_matches_reference_for_every_dtype_and_path():
 def test_norms_are_bit_identical_with_and_without_max_abs():
     """A monitored layer step must clip exactly like any other step."""
     for dtype in DTYPES:
-        grads = _grads(dtype) + [torch.randn(5 * N._CHUNK, dtype=dtype) * 1e-3]
+        grads = _grads(dtype) + [torch.randn(5 * cpu.CHUNK, dtype=dtype) * 1e-3]
         a = N.compute_norms(grads, 2.0)
         b = N.compute_norms(grads, 2.0, with_max_abs=True)
         assert a.max_abs is None
@@ -59,7 +62,7 @@ def test_norms_are_bit_identical_with_and_without_max_abs():
 
 
 def test_nonfinite_elements():
-    g = torch.randn(2 * N._CHUNK + 3)
+    g = torch.randn(2 * cpu.CHUNK + 3)
     late_nan = g.clone()
     late_nan[-2] = math.nan
     neg_inf = torch.tensor([-math.inf, 1.0])
@@ -117,8 +120,9 @@ def test_threaded_pass_gives_the_same_bits(monkeypatch):
     torch.manual_seed(3)
     grads = [torch.randn(5 * 64 + 3), torch.randn(0), torch.randn(40, 9).t(), torch.randn(64),
              torch.randn(300, dtype=torch.float64), torch.tensor([math.nan, 1.0]), torch.randn(2000)]
-    monkeypatch.setattr(N, "_CHUNK", 64)
-    monkeypatch.setattr(N, "_PARALLEL_MIN", 0)
+    monkeypatch.setattr(cpu, "CHUNK", 64)
+    monkeypatch.setattr(cpu, "SMALL", 16)
+    monkeypatch.setattr(cpu, "PARALLEL_MIN", 0)
     results = []
     for threads in (1, 2, 3):
         monkeypatch.setattr(_pool, "threads", lambda t=threads: t)

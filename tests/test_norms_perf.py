@@ -2,8 +2,8 @@
 torch, overflow and underflow rescue, half precision, non-contiguous gradients, no host read
 that the sync counter sees, the skipped multiply, torch.compile, and the benchmark's plumbing.
 
-Small ``_CHUNK``/``_STAGE`` values make every path run on small tensors: many chunks per
-tensor, several staging-buffer refills.
+Small ``kernels.cpu.CHUNK``/``SMALL`` values make every path run on small tensors: many
+chunks per tensor, the packed small-tensor path and the chunked one side by side.
 """
 
 from __future__ import annotations
@@ -18,14 +18,15 @@ import torch
 
 import gradguard as gg
 from gradguard import kernels, norms
+from gradguard.kernels import cpu
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(norms, "_CHUNK", 64)
-    monkeypatch.setattr(norms, "_STAGE", 256)
+    monkeypatch.setattr(cpu, "CHUNK", 64)
+    monkeypatch.setattr(cpu, "SMALL", 32)
 
 
 def _grads(dtype, seed=0, scale=1.0, shapes=((1000,), (7, 5), (0,), (), (3, 300), (16,), (513,))):
@@ -53,7 +54,8 @@ def test_cpu_norms_match_float64_reference(request, dtype, chunked):
     np.testing.assert_allclose(got.per_tensor.double().numpy(), [ref.norm(a, 2) for a in arrays],
                                rtol=2e-6, atol=0)
     assert math.isclose(float(got.total), ref.total_norm(arrays, 2), rel_tol=2e-6)
-    assert got.per_tensor.dtype == torch.float32 and got.total.dtype == torch.float32
+    want = torch.float64 if dtype == torch.float64 else torch.float32  # float64 kept (issue 15)
+    assert got.per_tensor.dtype == want and got.total.dtype == want
 
 
 def test_cpu_norm_of_a_long_tensor_is_more_accurate_than_torch():
@@ -75,7 +77,7 @@ def test_clip_matches_torch_on_the_fast_path(small_chunks, dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         n2 = torch.nn.utils.clip_grad_norm_(theirs, 1.0)
-    torch.testing.assert_close(n1, n2.float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(n1, n2, rtol=1e-6, atol=0)  # float64 in, float64 out (as torch)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-12)
 
@@ -113,14 +115,15 @@ def test_bfloat16_and_float64_overflow(small_chunks):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no numpy "overflow encountered in cast" either
         per = gg.grad_norm(_params([d, torch.full((4,), 3e38)])).per_tensor
-    assert math.isinf(float(per[0]))  # 1.7e201 does not fit float32: inf is the right answer
-    assert math.isinf(float(per[1]))  # 6e38 neither
+    # float64 gradients get a float64 norm (issue 15): 1.7e201 fits, though its square does not
+    assert per.dtype == torch.float64
+    assert math.isclose(float(per[0]), 1e200 * math.sqrt(300), rel_tol=1e-12)
+    assert math.isinf(float(per[1]))  # a float32 norm of 6e38 does not fit float32: inf
     d = torch.full((300,), 1e30, dtype=torch.float64)
     assert math.isclose(float(gg.grad_norm(_params([d])).total), 1e30 * math.sqrt(300), rel_tol=1e-6)
     # float64 chunks are rescaled by their largest magnitude m when recomputed: m**2 * 4
-    assert math.isclose(norms._exact_sumsq(torch.full((4,), 1e150, dtype=torch.float64)), 4e300,
-                        rel_tol=1e-12)
-    assert norms._exact_sumsq(torch.zeros(3, dtype=torch.float64)) == 0.0
+    assert math.isclose(cpu._exact_sumsq(np.full((4,), 1e150)), 4e300, rel_tol=1e-12)
+    assert cpu._exact_sumsq(np.zeros(3)) == 0.0
 
 
 def test_underflow_rescued(small_chunks):

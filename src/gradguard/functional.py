@@ -3,8 +3,10 @@
 On finite gradients these give the results of ``torch.nn.utils.clip_grad_norm_`` and
 ``clip_grad_value_``; they differ where torch is wrong:
 
-* norms accumulate in float32 (float16 gradients with a norm above 65504 get a finite,
-  correct norm and a correct clip; torch returns inf and zeroes every gradient);
+* norms accumulate in float32 or wider (float16 gradients with a norm above 65504 get a
+  finite, correct norm and a correct clip; torch returns inf and zeroes every gradient;
+  float64 gradients get a float64 norm, as in torch), and p-norms other than 2 are
+  max-normalised (torch's overflow at ``|g|**p`` beyond float32's range does not happen);
 * a non-finite total norm leaves the gradients untouched (torch multiplies them by
   ``max_norm / inf = 0`` or by NaN); the returned norm is NaN/Inf so the caller can see it,
   and ``error_if_nonfinite=True`` raises as in torch.
@@ -12,6 +14,8 @@ On finite gradients these give the results of ``torch.nn.utils.clip_grad_norm_``
 
 from __future__ import annotations
 
+import types
+import warnings
 from collections.abc import Iterable
 
 from torch import Tensor
@@ -41,16 +45,30 @@ def _check_finite(norms: GradNorms) -> None:
         )
 
 
+def _warn_if_exhausted(parameters: Params) -> Params:
+    """``parameters`` as a list when it is a generator, warning as torch's clip_grad_norm_
+    does when that generator is empty (often one already consumed, e.g. by an earlier
+    clip of ``model.parameters()``)."""
+    if not isinstance(parameters, types.GeneratorType):
+        return parameters
+    params = list(parameters)
+    if not params:
+        warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.",
+                      UserWarning, stacklevel=3)
+    return params
+
+
 def clip_grad_norm_(parameters: Params, max_norm: float, norm_type: float = 2.0,
                     error_if_nonfinite: bool = False, foreach: bool | None = None) -> Tensor:
     """Scale all gradients together so their joint p-norm is at most ``max_norm``.
 
     ``g <- g * min(1, max_norm / (||g||_p + 1e-6))``; returns ``||g||_p`` before clipping as
-    a 0-d float32 tensor on the gradients' device. ``foreach`` is accepted for torch
+    a 0-d tensor on the gradients' device: float32, float64 when a gradient is float64 (as
+    torch). An empty generator warns as in torch. ``foreach`` is accepted for torch
     compatibility; the multi-tensor path is always used.
     """
     clipper = NormClip(max_norm, norm_type)
-    params, grads = collect_grads(parameters)
+    params, grads = collect_grads(_warn_if_exhausted(parameters))
     norms = compute_norms(grads, clipper.norm_type)
     if error_if_nonfinite and grads:
         _check_finite(norms)

@@ -1,10 +1,12 @@
 """Multi-tensor gradient norms: per tensor and total, from one read of the gradients.
 
-Every norm here is a float32 tensor on the gradients' device, whatever the gradient
-dtype: float16/bfloat16 gradients are accumulated in float32, so a float16 gradient whose
-true norm is 1e6 has the finite norm 1e6 here (torch and optax return inf). The total
-norm is formed from the per-tensor norms with a max-rescaling, so it does not overflow
-when the per-tensor norms are finite:
+Every norm here is a float32 tensor on the gradients' device, float64 when a gradient is
+float64 (as torch): float16/bfloat16 gradients are accumulated in float32, so a float16
+gradient whose true norm is 1e6 has the finite norm 1e6 here (torch and optax return inf),
+and float64 ones in float64. p-norms other than 1, 2 and inf are max-normalised per tensor
+(``||g||_p = m ||g/m||_p``, m = max |g|), so ``|x|**p`` neither overflows nor underflows.
+The total norm is formed from the per-tensor norms with a max-rescaling, so it does not
+overflow when the per-tensor norms are finite:
 
     ||g||_p = m * || (n_1/m, ..., n_k/m) ||_p,   n_i = ||g_i||_p,   m = max_i n_i
 
@@ -12,14 +14,16 @@ For p = inf, ``n_i = max |g_i|`` and the total is ``max_i n_i``.
 
 Fast paths (same results, more accurate than torch's):
 
-* CPU, p = 2: BLAS dot products of 256K-element chunks, sums added in float64
-  (``_cpu_l2_norms``), and on request ``max |g|`` of each chunk while it is in the cache;
-  float16 and bfloat16 are converted to float32 through a small buffer first (torch's own
-  CPU norm of them is 8x slower with ``dtype=float32`` and off by 1-10% without). A chunk whose squares overflow or underflow float32 is recomputed in float64,
-  so the result stays finite and correct when the norm is.
+* CPU, p = 2: ``gradguard.kernels.cpu.l2_norms``: small tensors packed together and summed
+  in float64, large ones as BLAS dot products of 256K-element chunks on the thread pool
+  (float16/bfloat16 widened per chunk by the same worker), sums added in float64, and on
+  request ``max |g|`` of each chunk while it is in the cache. A chunk whose squares overflow
+  or underflow float32 is recomputed in float64 (exact zeros are not), so the result stays
+  finite and correct when the norm is.
 * CUDA with Triton: one persistent multi-tensor kernel plus one small reduction
   (``gradguard.kernels``), for p in {1, 2, inf}, float16/bfloat16/float32.
-* Otherwise, and while ``torch.compile`` traces: ``torch._foreach_norm(dtype=float32)``.
+* Otherwise, and while ``torch.compile`` traces: ``torch._foreach_norm(dtype=float32)``
+  (float64 for float64).
 """
 
 from __future__ import annotations
@@ -33,12 +37,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _pool, _validate
+from . import _validate
+from .kernels import cpu as _cpu
+from .kernels import is_compiling
 
 
 @dataclass(frozen=True)
 class GradNorms:
-    """Norms of a set of gradients, all float32 device tensors.
+    """Norms of a set of gradients, all float32 device tensors (float64 when a gradient is
+    float64).
 
     ``total``: 0-d, the p-norm of all gradients taken together (what ``clip_grad_norm_``
     returns). ``per_tensor``: 1-d, one p-norm per gradient, in parameter order (parameters
@@ -80,174 +87,57 @@ def collect_grads(parameters: Tensor | Iterable[Tensor]) -> tuple[list[Tensor], 
     return params, grads
 
 
-# Elements per chunk on the CPU (1 MiB of float32). torch's CPU norm kernel adds the squares
-# of a tensor in one float32 stream: on a 38M-element tensor it is off by ~1e-3 (relative).
-# Taken over chunks this size and added in float64 the error is ~1e-6. (torch.dot, MKL, was
-# 2-6x slower when other processes compete for the cores, through MKL's threading; numpy's
-# OpenBLAS dot is not threaded at this size and is unaffected.)
-_CHUNK = 1 << 18
-# float16/bfloat16 chunks are converted into a float32 staging buffer of this many elements
-# (16 MiB: stays in the last-level cache) and normed there: torch's own float16/bfloat16 CPU
-# norm with dtype=float32 is ~8x slower, and without it the result is off by 1-10%.
-_STAGE = 1 << 22
-_HALF = (torch.float16, torch.bfloat16)
-# Below this many elements one thread reads the chunks (handing work to the pool costs ~50 us).
-_PARALLEL_MIN = 1 << 22
-_FAST_CPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# A float32 (float64) sum of squares below n * _TINY[dtype] may have lost contributions to
-# underflow (squares below the smallest normal number); such chunks are recomputed exactly.
-# n * 2**-125 bounds the absolute error of n denormal squares (each off by <= 2**-150) at
-# 2**-24 relative, i.e. float32 rounding.
-_TINY = {torch.float32: 2.0 ** -125, torch.float64: 2.0 ** -968}
+# The CPU kernel's chunk and dtypes live with it (gradguard.kernels.cpu); one is_compiling.
+_FAST_CPU_DTYPES = _cpu.DTYPES
+#: p-norms computed max-normalised on the torch path: every p but 1, 2 (rescued by the
+#: kernels) and inf (a max cannot overflow); |x|**p leaves float32's range for |x| > 3e4 at
+#: p = 8, and underflows for |x| < 1e-6
+_PLAIN_P = (1.0, 2.0, math.inf)
 
 
-def is_compiling() -> bool:
-    """True while torch.compile / dynamo traces; the fast paths then take pure-torch ops."""
-    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(fn()) if fn is not None else False
-
-
-def _exact_sumsq(chunk: Tensor) -> float:
-    """Sum of squares of one chunk in float64 without overflow or underflow.
-
-    float16/bfloat16/float32 values squared fit the float64 range exactly (|x| <= 3.4e38
-    gives x**2 <= 1.2e77; the smallest float32 denormal 1.4e-45 gives 2e-90), so a float64
-    dot product is enough. float64 chunks are rescaled by their largest magnitude m:
-    sum(x**2) = m**2 * sum((x/m)**2).
-    """
-    if chunk.dtype != torch.float64:
-        c = chunk.double()
-        return float(torch.dot(c, c).numpy())
-    m = float(torch.linalg.vector_norm(chunk, math.inf).numpy())
-    if m == 0.0 or not math.isfinite(m):
-        return m
-    c = chunk / m
-    return m * m * float(torch.dot(c, c).numpy())
-
-
-def _quiet() -> np.errstate:
-    # float32 sums of squares may overflow (rescued below) and NaN may meet NaN: no warnings
-    return np.errstate(over="ignore", invalid="ignore")
-
-
-def _cpu_l2_norms(grads: list[Tensor], with_max_abs: bool = False) -> tuple[Tensor, Tensor | None]:
-    """L2 norms (float32) of CPU tensors of one floating dtype, each read once.
-
-    Every tensor is cut into chunks of ``_CHUNK`` elements; a BLAS dot product (numpy's
-    ``dot``, OpenBLAS) gives each chunk's sum of squares s_j, accumulated in the chunk's
-    float32 (float64) precision; float16/bfloat16 tensors are first converted ``_STAGE``
-    elements at a time into a reused float32 buffer, one copy per slice. The chunk sums are
-    added per tensor in float64:
-
-        ||g_i||_2 = sqrt( sum_{j in chunks(i)} s_j )
-
-    A chunk whose sum of squares overflowed float32 (s_j = inf), or is so small that
-    underflowed squares could matter (s_j < n_j * _TINY), is recomputed exactly
-    (``_exact_sumsq``); NaN stays NaN. Reading these flags costs nothing: they are CPU
-    values, there is no device to wait for. Non-contiguous tensors are read through
-    ``reshape`` (one copy). (The dot products stream memory 15-20% faster than
-    ``torch._foreach_norm`` on the development machine, with or without load on the other
-    core.)
-
-    ``with_max_abs``: also ``max |g_i|`` per tensor (float32), from numpy's ``max`` and
-    ``min`` of each chunk right after its dot product, while the chunk is still in the
-    cache (one read of memory for all three). The norms do not depend on it, bit for bit: a
-    monitored step clips exactly like an unmonitored one.
-    """
-    dtype = grads[0].dtype
-    k = _CHUNK
-    meta: list[tuple[int, Tensor, int, int]] = []  # per chunk: tensor, source, start, length
-    if dtype in _HALF:
-        # one staging buffer, filled slice by slice: one thread
-        sq_l: list[float] = []
-        hi_l: list[float] = []
-        lo_l: list[float] = []
-        buf = torch.empty(min(_STAGE, sum(g.numel() for g in grads)), dtype=torch.float32)
-        nbuf = buf.numpy()
-        with _quiet():
-            for i, g in enumerate(grads):
-                for src in g.detach().reshape(-1).split(_STAGE):
-                    n = src.numel()
-                    buf[:n].copy_(src)
-                    for start in range(0, n, k):
-                        a = nbuf[start: min(start + k, n)]
-                        sq_l.append(np.dot(a, a))
-                        if with_max_abs:  # while the chunk is in the cache
-                            hi_l.append(a.max())
-                            lo_l.append(a.min())
-                        meta.append((i, src, start, min(k, n - start)))
-        sq = np.array(sq_l, dtype=np.float64)
-        his = np.array(hi_l, dtype=np.float64)
-        los = np.array(lo_l, dtype=np.float64)
-    else:
-        arrays: list[np.ndarray] = []
-        for i, g in enumerate(grads):
-            flat = g.detach().reshape(-1).resolve_neg()
-            a = flat.numpy()
-            for start in range(0, a.size, k):
-                arrays.append(a[start: start + k])
-                meta.append((i, flat, start, min(k, a.size - start)))
-        sq = np.empty(len(arrays), dtype=np.float64)
-        his = np.empty(len(arrays) if with_max_abs else 0, dtype=np.float64)
-        los = np.empty_like(his)
-
-        def work(j: int) -> None:
-            # sum of squares, then max and min while the chunk is in this core's cache
-            a = arrays[j]
-            sq[j] = np.dot(a, a)
-            if with_max_abs:
-                his[j] = a.max()
-                los[j] = a.min()
-
-        total = sum(a.size for a in arrays)
-        _pool.run_indexed(len(arrays), work, _pool.threads() if total >= _PARALLEL_MIN else 1,
-                          context=_quiet)
-    if not len(sq):
-        zeros = torch.zeros(len(grads), dtype=torch.float32)
-        return zeros, (zeros.clone() if with_max_abs else None)
-    vals = sq
-    tiny = _TINY[torch.float64 if dtype == torch.float64 else torch.float32]
-    sizes = np.fromiter((m[3] for m in meta), dtype=np.float64, count=len(meta))
-    # NaN compares False on both sides: left alone. inf > anything finite: recomputed.
-    suspect = (vals < sizes * tiny) | (vals == np.inf)
-    if suspect.any():
-        for j in np.flatnonzero(suspect).tolist():
-            _, src, start, length = meta[j]
-            vals[j] = _exact_sumsq(src[start: start + length])
-    owner = np.fromiter((m[0] for m in meta), dtype=np.int64, count=len(meta))
-    sums = np.bincount(owner, weights=vals, minlength=len(grads))
-    max_abs = None
-    if with_max_abs:
-        with np.errstate(invalid="ignore"):  # NaN in, NaN out: that is the point
-            chunk_max = np.maximum(his, -los)
-            per = np.zeros(len(grads), dtype=np.float64)
-            np.maximum.at(per, owner, chunk_max)  # np.maximum propagates NaN
-        max_abs = torch.from_numpy(per.astype(np.float32))
-    with np.errstate(over="ignore"):  # a norm beyond float32's range is inf, silently (as torch)
-        norms = np.sqrt(sums).astype(np.float32)
-    return torch.from_numpy(norms), max_abs
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a gradient of ``dtype`` is normed in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _use_cpu_fast_path(grads: list[Tensor], norm_type: float) -> bool:
     return (norm_type == 2.0 and grads[0].device.type == "cpu" and not is_compiling())
 
 
+def _scaled_norms(full: list[Tensor], norm_type: float, out: torch.dtype) -> list[Tensor]:
+    """p-norms of non-empty tensors, max-normalised: ``||g||_p = m * ||g / m||_p`` with
+    ``m = max |g|`` (exact, cannot overflow), so ``|g/m|**p <= 1`` neither overflows nor
+    (for the elements that matter) underflows; the scaled norms accumulate in float64 where
+    the device has it. NaN and Inf propagate (m non-finite: the norm of g itself)."""
+    m = torch._foreach_norm(full, math.inf)
+    scale = [torch.where((x > 0) & torch.isfinite(x), x, torch.ones_like(x)).to(_acc_dtype(g.dtype))
+             for x, g in zip(m, full)]
+    scaled = torch._foreach_div([g.to(_acc_dtype(g.dtype)) for g in full], scale)
+    wide = torch.float32 if full[0].device.type == "mps" else torch.float64
+    got = torch._foreach_norm(scaled, norm_type, dtype=wide)
+    return [(n * s.to(wide)).to(out) for n, s in zip(got, scale)]
+
+
 def _foreach_norms(group: list[Tensor], norm_type: float) -> list[Tensor]:
-    """``torch._foreach_norm`` in float32; empty tensors get 0 (torch refuses their inf-norm)."""
+    """``torch._foreach_norm`` in float32 (float64 for float64); p not in {1, 2, inf}
+    max-normalised (``_scaled_norms``); empty tensors get 0 (torch refuses their inf-norm)."""
     full = [g for g in group if g.numel()]
-    if group[0].dtype == torch.float64:
-        got = [n.float() for n in torch._foreach_norm(full, norm_type)] if full else []
+    out = _acc_dtype(group[0].dtype)
+    if not full:
+        got: list[Tensor] = []
+    elif norm_type in _PLAIN_P:
+        got = list(torch._foreach_norm(full, norm_type, dtype=out))
     else:
-        got = list(torch._foreach_norm(full, norm_type, dtype=torch.float32)) if full else []
+        got = _scaled_norms(full, norm_type, out)
     if len(full) == len(group):
         return got
     it = iter(got)
-    zero = torch.zeros((), dtype=torch.float32, device=group[0].device)
+    zero = torch.zeros((), dtype=out, device=group[0].device)
     return [next(it) if g.numel() else zero for g in group]
 
 
 def _max_abs_cpu(grads: list[Tensor]) -> Tensor:
-    """``max |g|`` per CPU tensor (float32), block by block through numpy's ``max`` and ``min``
+    """``max |g|`` per CPU tensor (float32; float64 for float64), block by block through numpy's ``max`` and ``min``
     (4x faster than ``torch.aminmax``; ``_foreach_norm(inf)`` is 20x slower on the CPU)."""
     out = np.zeros(len(grads), dtype=np.float64)
     for j, g in enumerate(grads):
@@ -256,14 +146,15 @@ def _max_abs_cpu(grads: list[Tensor]) -> Tensor:
         if g.dtype in (torch.float32, torch.float64, torch.float16) and g.layout == torch.strided:
             a = g.detach().reshape(-1).numpy()
             # block by block: min reads what max just brought into the cache
-            blocks = [a[s: s + _CHUNK] for s in range(0, a.size, _CHUNK)]
+            blocks = [a[s: s + _cpu.CHUNK] for s in range(0, a.size, _cpu.CHUNK)]
             ext = np.array([(b.max(), -b.min()) for b in blocks], dtype=np.float64)
             with np.errstate(invalid="ignore"):
                 out[j] = ext.max()  # numpy's max propagates NaN
         else:
             lo_t, hi_t = torch.aminmax(g.detach().reshape(-1))
             out[j] = float(torch.maximum(hi_t, -lo_t).double())
-    return torch.from_numpy(out.astype(np.float32))
+    wide = bool(grads) and grads[0].dtype == torch.float64
+    return torch.from_numpy(out.astype(np.float64 if wide else np.float32))
 
 
 def _max_abs(group: list[Tensor]) -> Tensor:
@@ -278,6 +169,8 @@ def _per_tensor(grads: list[Tensor], norm_type: float,
         empty = torch.zeros(0, dtype=torch.float32)
         return empty, (empty if with_max_abs else None)
     device = grads[0].device
+    # float64 if any gradient is float64 (torch's total is then float64 too), else float32
+    res = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
     out: list[Tensor | None] = [None] * len(grads)
     out_max: list[Tensor | None] = [None] * len(grads)
     # Group indices by dtype so each multi-tensor call gets a homogeneous list.
@@ -289,7 +182,7 @@ def _per_tensor(grads: list[Tensor], norm_type: float,
         norms: Tensor | list[Tensor] | None = None
         mx: Tensor | None = None
         if dtype in _FAST_CPU_DTYPES and _use_cpu_fast_path(group, norm_type):
-            norms, mx = _cpu_l2_norms(group, with_max_abs)
+            norms, mx = _cpu.l2_norms(group, with_max_abs)
         elif device.type == "cuda":
             from . import kernels
             res = kernels.multi_tensor_norms(group, norm_type)
@@ -305,14 +198,15 @@ def _per_tensor(grads: list[Tensor], norm_type: float,
         for j, i in enumerate(idx):
             out[i] = norms[j]
             out_max[i] = None if mx is None else mx[j]
-    return torch.stack(out), (torch.stack(out_max) if with_max_abs else None)  # type: ignore[arg-type]
+    stacked = torch.stack([t.to(res) for t in out])  # type: ignore[union-attr]
+    return stacked, (torch.stack([t.to(res) for t in out_max]) if with_max_abs else None)  # type: ignore[union-attr]
 
 
 def per_tensor_norms(grads: list[Tensor], norm_type: float = 2.0) -> Tensor:
     """One float32 p-norm per gradient tensor, in order; see the module docstring.
 
-    Paths, chosen per call: on the CPU, p = 2, float16/bfloat16/float32/float64: chunked
-    BLAS dot products with float64 sums (``_cpu_l2_norms``); on CUDA with Triton
+    Paths, chosen per call: on the CPU, p = 2, float16/bfloat16/float32/float64: packed
+    small tensors and chunked BLAS dot products with float64 sums (``kernels.cpu``); on CUDA with Triton
     importable, p in {1, 2, inf}, float16/bfloat16/float32: one persistent multi-tensor Triton
     kernel (``gradguard.kernels``); otherwise ``torch._foreach_norm`` with float32
     accumulation.
@@ -335,7 +229,11 @@ def total_from_per_tensor(per_tensor: Tensor, norm_type: float = 2.0) -> Tensor:
         return per_tensor.max()
     m = per_tensor.max()
     scale = torch.where((m > 0) & torch.isfinite(m), m, torch.ones_like(m))
-    return torch.linalg.vector_norm(per_tensor / scale, norm_type) * scale
+    if norm_type in _PLAIN_P or per_tensor.device.type == "mps":
+        return torch.linalg.vector_norm(per_tensor / scale, norm_type) * scale
+    # other p: (n_i/m)**p summed and raised to 1/p in float64 (for p < 1 the sum exceeds 1)
+    wide = torch.linalg.vector_norm(per_tensor.double() / scale.double(), norm_type)
+    return (wide * scale.double()).to(per_tensor.dtype)
 
 
 _NO_LOSS: Any = object()  # compute_norms(loss=...) not given (gradguard.distributed.NO_LOSS)

@@ -37,6 +37,9 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from .cpu import CHUNK as _CPU_CHUNK  # one CPU chunk for the norm and the scale
+from .cpu import PARALLEL_MIN as _CPU_PARALLEL_MIN
+
 #: elements per chunk (the unit of work of one program iteration) and per tile
 CHUNK = int(os.environ.get("GRADGUARD_TRITON_CHUNK", 1 << 16))
 BLOCK = int(os.environ.get("GRADGUARD_TRITON_BLOCK", 16384))
@@ -81,9 +84,13 @@ def backend(device: torch.device | str) -> str:
     return "triton" if ok and triton_kernels() is not None else "torch"
 
 
-def _is_compiling() -> bool:
+def is_compiling() -> bool:
+    """True while torch.compile / dynamo traces; the fast paths then take pure-torch ops."""
     fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
     return bool(fn()) if fn is not None else False
+
+
+_is_compiling = is_compiling  # the old private name
 
 
 @dataclass
@@ -235,7 +242,9 @@ def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor, *, allow_cpu: bool 
         return
     if dev.type == "cpu" and coef.device.type == "cpu" and not _is_compiling():
         # A CPU tensor: reading it waits for nothing. x * 1 == x exactly, so skip the pass.
-        c = coef.detach().reshape(-1).to(torch.float32).numpy()[0]
+        # float64 gradients clipped by a float64 norm get the float64 factor (as torch)
+        cdt = torch.float64 if coef.dtype == torch.float64 else torch.float32
+        c = coef.detach().reshape(-1).to(cdt).numpy()[0]
         if c == 1.0:
             return
         _cpu_scale_(tensors, coef, c)
@@ -243,12 +252,11 @@ def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor, *, allow_cpu: bool 
     torch._foreach_mul_(tensors, coef)
 
 
-_CPU_CHUNK = 1 << 18  # elements: 1 MiB of float32
-_CPU_PARALLEL_MIN = 1 << 22  # elements: below this one thread (the pool costs ~50 us a call)
 
 
 def _cpu_scale_(tensors: list[Tensor], coef: Tensor, c: float) -> None:
-    """``t *= c`` for CPU tensors, ``c`` the float32 value of ``coef``: bit for bit what
+    """``t *= c`` for CPU tensors, ``c`` the value of ``coef`` (float32, or float64 when
+    ``coef`` is): bit for bit what
     ``torch._foreach_mul_(tensors, coef)`` writes (one IEEE float32/float64 multiply)."""
     import numpy as np
 
@@ -258,13 +266,14 @@ def _cpu_scale_(tensors: list[Tensor], coef: Tensor, c: float) -> None:
     scalars: list = []
     rest: list[Tensor] = []
     c32 = np.float32(c)
+    c64 = np.float64(c)  # c is float32 (then c64 == c32 exactly) or a float64 factor
     done: list[Tensor] = []
     for t in reversed(tensors):
         if (t.dtype in (torch.float32, torch.float64) and t.is_contiguous() and not t.is_neg()
                 and not t.requires_grad):
             done.append(t)
             a = t.detach().view(-1).numpy()
-            sc = c32 if t.dtype == torch.float32 else np.float64(c32)
+            sc = c32 if t.dtype == torch.float32 else c64
             for start in range(((a.size - 1) // _CPU_CHUNK) * _CPU_CHUNK, -1, -_CPU_CHUNK):
                 arrays.append(a[start: start + _CPU_CHUNK])
                 scalars.append(sc)

@@ -1,0 +1,188 @@
+"""CPU norm kernel: L2 norms of many tensors of one dtype, each read once.
+
+Accumulation is float32 or wider whatever the gradient dtype, and float64 for float64
+gradients (the result is then a float64 norm, as torch's):
+
+* **Small tensors** (at most ``SMALL`` elements each; thousands of biases and norms' scales)
+  are packed ``CHUNK`` elements at a time into one flat buffer by one C++ call
+  (``torch._C._nn.flatten_dense_tensors``), widened to float64 and squared there, and
+  summed per tensor by ``np.add.reduceat``: a handful of numpy calls per 256K elements
+  instead of several per tensor. The squares of float16/bfloat16/float32 values fit
+  float64's range exactly (|x| <= 3.4e38 gives x**2 <= 1.2e77, the smallest float32
+  denormal 1.4e-45 gives 2e-90), so no chunk of them ever needs a second pass.
+* **Large tensors** are cut into ``CHUNK``-element chunks handed to the thread pool
+  (``gradguard._pool``) one at a time. Each worker widens its own chunk
+  (float16: ``astype(float32)``; bfloat16: the 16 bits shifted into a float32's high half,
+  exact) and takes the BLAS dot product ``s_j = sum x**2`` in float32 (float64), plus on
+  request the chunk's max and min while it is in the cache. Per tensor the ``s_j`` are added
+  in float64: ``||g_i||_2 = sqrt(sum_j s_j)``.
+
+A large chunk whose float32 (float64) sum of squares overflowed (``s_j = inf``) or is below
+``n_j * TINY`` (underflowed squares could matter: n denormal squares are each off by at most
+2**-150, so below n * 2**-125 the error could exceed float32 rounding) is recomputed exactly
+by the same worker: float32 and narrower in float64, float64 rescaled by its largest
+magnitude m, ``s = m**2 * sum((x/m)**2)``. A chunk of exact zeros (``s_j = 0`` and no
+non-zero element, the common case of a frozen or unused layer) is not recomputed. NaN stays
+NaN. The flags are CPU values: reading them waits for no device.
+
+A float64 tensor whose sum of squares overflows float64 (norm above ~1.3e154; torch gives
+inf) is normed again whole, max-normalised, so its norm is finite when it fits float64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import _pool
+
+#: elements per CPU chunk (1 MiB of float32): the unit of work of the norm and scale passes.
+#: torch's CPU norm adds a tensor's squares in one float32 stream (off by ~1e-3 relative on
+#: a 38M-element tensor); over chunks this size added in float64 the error is ~1e-6.
+CHUNK = 1 << 18
+#: below this many elements in all one thread works (handing work to the pool costs ~50 us)
+PARALLEL_MIN = 1 << 22
+#: tensors of at most this many elements are packed together (the small-tensor path)
+SMALL = 1 << 12
+#: dtypes this kernel takes
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+#: a float32 (float64) sum of squares below n * TINY may have lost underflowed squares
+TINY = {torch.float32: 2.0 ** -125, torch.float64: 2.0 ** -968}
+
+
+
+def _quiet() -> np.errstate:
+    # float32 sums of squares may overflow (rescued) and NaN may meet NaN: no warnings
+    return np.errstate(over="ignore", invalid="ignore", under="ignore")
+
+
+def _numpy(flat: Tensor) -> np.ndarray:
+    """A numpy view of a flat contiguous CPU tensor (bfloat16: its bits as uint16)."""
+    if flat.dtype == torch.bfloat16:
+        return flat.view(torch.int16).numpy().view(np.uint16)
+    return flat.numpy()
+
+
+def _widen(a: np.ndarray) -> np.ndarray:
+    """float16 / bfloat16 bits -> float32 (exact); float32 / float64 unchanged."""
+    if a.dtype == np.float16:
+        return a.astype(np.float32)
+    if a.dtype == np.uint16:  # bfloat16: the high 16 bits of a float32
+        return np.left_shift(a, 16, dtype=np.uint32).view(np.float32)
+    return a
+
+
+def _exact_sumsq(a: np.ndarray) -> float:
+    """Sum of squares of one (widened) chunk without overflow or underflow; 0 for zeros."""
+    if not a.any():
+        return 0.0
+    if a.dtype != np.float64:
+        b = a.astype(np.float64)
+        return float(np.dot(b, b))
+    m = max(float(a.max()), -float(a.min()))
+    if not np.isfinite(m):
+        return m if m == m else float("nan")
+    c = a / m
+    return m * m * float(np.dot(c, c))
+
+
+def _small(grads: list[Tensor], idx: list[int], sums: np.ndarray, mx: np.ndarray | None,
+           tiny: float) -> None:
+    """Sums of squares (and max |g|) of the small non-empty tensors ``grads[i], i in idx``."""
+    start = 0
+    while start < len(idx):
+        stop, n = start, 0
+        while stop < len(idx) and (n == 0 or n + grads[idx[stop]].numel() <= CHUNK):
+            n += grads[idx[stop]].numel()
+            stop += 1
+        part = [grads[i] for i in idx[start:stop]]
+        flat = torch._C._nn.flatten_dense_tensors([g.detach() for g in part])
+        sizes = np.fromiter((g.numel() for g in part), dtype=np.int64, count=len(part))
+        offsets = np.zeros(len(part), dtype=np.int64)
+        np.cumsum(sizes[:-1], out=offsets[1:])
+        a = _widen(_numpy(flat.resolve_neg()))
+        a64 = a.astype(np.float64)
+        s = np.add.reduceat(a64 * a64, offsets)
+        rows = np.asarray(idx[start:stop])
+        if a.dtype == np.float64:  # float64 squares may over/underflow: rescue those rows
+            bad = (s == np.inf) | (s < sizes * tiny)
+            for r in np.flatnonzero(bad).tolist():
+                o = offsets[r]
+                s[r] = _exact_sumsq(a[o: o + sizes[r]])
+        sums[rows] = s
+        if mx is not None:
+            mx[rows] = np.maximum.reduceat(np.abs(a64), offsets)  # NaN propagates
+        start = stop
+
+
+def l2_norms(grads: list[Tensor], with_max_abs: bool = False) -> tuple[Tensor, Tensor | None]:
+    """L2 norms of CPU tensors of one dtype in ``DTYPES``, and on request ``max |g_i|``.
+
+    Returns float64 tensors for float64 gradients, float32 otherwise; see the module
+    docstring for the math. The norms do not depend on ``with_max_abs``, bit for bit.
+    """
+    dtype = grads[0].dtype
+    tiny = TINY[torch.float64 if dtype == torch.float64 else torch.float32]
+    out_np = np.float64 if dtype == torch.float64 else np.float32
+    n_t = len(grads)
+    sums = np.zeros(n_t, dtype=np.float64)
+    mx = np.zeros(n_t, dtype=np.float64) if with_max_abs else None
+    small: list[int] = []
+    arrays: list[np.ndarray] = []
+    owner: list[int] = []
+    for i, g in enumerate(grads):
+        n = g.numel()
+        if n == 0:
+            continue
+        if n <= SMALL:
+            small.append(i)
+            continue
+        a = _numpy(g.detach().reshape(-1).resolve_neg())
+        for start in range(0, n, CHUNK):
+            arrays.append(a[start: start + CHUNK])
+            owner.append(i)
+    with _quiet():
+        if small:
+            _small(grads, small, sums, mx, tiny)
+        if arrays:
+            _large(arrays, owner, sums, mx, tiny)
+    with np.errstate(over="ignore"):  # beyond float32's range: inf, silently (as torch)
+        norms = np.sqrt(sums).astype(out_np)
+    if dtype == torch.float64:
+        # a float64 norm above ~1.3e154 (below ~1e-146) overflows (underflows) its sum of
+        # squares: such a tensor (rare) is normed whole, max-normalised: ||g|| = m ||g / m||
+        sizes = np.fromiter((g.numel() for g in grads), dtype=np.float64, count=n_t)
+        for i in np.flatnonzero((sums == np.inf) | (sums < sizes * tiny)).tolist():
+            g = grads[i].detach()
+            m = torch.linalg.vector_norm(g, float("inf"))
+            if bool(torch.isfinite(m)) and bool(m > 0):
+                norms[i] = float(torch.linalg.vector_norm(g / m) * m)
+    max_abs = None if mx is None else torch.from_numpy(mx.astype(out_np))
+    return torch.from_numpy(norms), max_abs
+
+
+def _large(arrays: list[np.ndarray], owner: list[int], sums: np.ndarray,
+           mx: np.ndarray | None, tiny: float) -> None:
+    k = len(arrays)
+    sq = np.empty(k, dtype=np.float64)
+    ext = np.empty((k, 2) if mx is not None else (0, 2), dtype=np.float64)
+
+    def work(j: int) -> None:
+        a = _widen(arrays[j])  # this thread's own widened copy (float16 / bfloat16)
+        s = float(np.dot(a, a))
+        if mx is not None:  # while the chunk is in this core's cache
+            ext[j, 0] = a.max()
+            ext[j, 1] = -a.min()
+        # NaN compares False both ways: left alone; inf or tiny (zeros excepted): exact
+        if s == np.inf or (s < a.size * tiny and (s > 0.0 or a.any())):
+            s = _exact_sumsq(a)
+        sq[j] = s
+
+    total = sum(a.size for a in arrays)
+    _pool.run_indexed(k, work, _pool.threads() if total >= PARALLEL_MIN else 1, context=_quiet)
+    own = np.asarray(owner, dtype=np.int64)
+    sums += np.bincount(own, weights=sq, minlength=len(sums))
+    if mx is not None:
+        with np.errstate(invalid="ignore"):
+            np.maximum.at(mx, own, ext.max(axis=1) + 0.0)  # propagates NaN; -0.0 -> 0.0
