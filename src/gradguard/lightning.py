@@ -54,7 +54,11 @@ from .guard import Guard
 try:  # the unified package first, then the standalone one: subclass the Callback in use
     import lightning.pytorch as pl
 except ImportError:  # pragma: no cover - depends on the environment
-    import pytorch_lightning as pl
+    try:
+        import pytorch_lightning as pl
+    except ImportError as exc:
+        raise ImportError("gradguard.lightning needs PyTorch Lightning: pip install "
+                          "'gradguard[lightning]' (or lightning / pytorch-lightning)") from exc
 
 __all__ = ["GuardCallback"]
 
