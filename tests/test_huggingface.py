@@ -342,3 +342,22 @@ def test_attach_guard_reads_the_flag_once_per_step_with_a_fused_optimizer(sync_c
         reads.append(sync_counter.calls[start:])
         opt.zero_grad()
     assert reads[1:] == [["__bool__"], ["__bool__"]]
+
+
+def test_gradient_accumulation_guards_the_accumulated_gradient(tmp_path):
+    grads = Grads()
+    tr = train(tmp_path, Net(), 3, callbacks=[gghf.GuardCallback(clipper=gg.NormClip(0.3)), grads],
+               gradient_accumulation_steps=2)
+    logs = train_logs(tr)
+    assert tr.guard_callback.guard.step_count == 3 == len(grads.norms) == len(logs)
+    for h, ref in zip(logs, grads.norms):
+        assert h["gradguard/grad_norm"] == pytest.approx(ref, rel=1e-6)
+
+
+def test_monitor_run_store(tmp_path):
+    run = tmp_path / "run"
+    tr = train(tmp_path, Net(poison_at=1), 4,
+               callbacks=[gghf.GuardCallback(clipper=gg.NormClip(1.0), monitor=gg.Monitor(str(run)))])
+    steps = gg.load_run(str(run)).steps
+    assert len(steps) == 4 and tr.state.global_step == 4
+    assert list(steps["skipped"].astype(bool)) == [False, True, False, False]

@@ -338,3 +338,16 @@ def test_host_reads_per_step_are_the_guards_only(sync_counter, opt, expected):
     cb._guard_step = counted
     fit(Net(fused=True, opt=opt), [cb], steps=4)
     assert per_step[1:] == [expected] * 3  # the first fused step takes the host path (no state yet)
+
+
+def test_gradient_accumulation_guards_the_accumulated_gradient():
+    m = Net()
+    logged = Logged()
+    cb = ggl.GuardCallback(clipper=gg.NormClip(0.5))
+    fit(m, [cb, logged], steps=3, accumulate_grad_batches=2)
+    assert cb.guards[0].step_count == 3 == len(m.grads)
+    rows = logged.rows[1::2]  # the optimizer steps after every 2nd batch
+    assert len(rows) == 3
+    for g, row in zip(m.grads, rows):
+        ref = np.sqrt(sum((x ** 2).sum() for x in g))
+        assert row["gradguard/grad_norm"] == pytest.approx(ref, rel=1e-6)
