@@ -195,6 +195,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         self.loss_scale_factor = inner.loss_scale_factor
         inner.loss_scale_factor = None
         self._pending_loss: Any = None
+        self._ring: _Ring | None = None
         self._clip = _make_clip(self.clipper_config)
         self._skip_rule = _make_skip(self.skip_config)
 
@@ -224,7 +225,6 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
     @_no_tracking
     def build(self, var_list):
         var_list = list(var_list)
-        n = len(var_list)
         f32 = "float32"
         self.skipped_steps = self.add_variable((), initializer="zeros", dtype="int64", name="gg_skipped_steps")
         self.consecutive_skips = self.add_variable((), initializer="zeros", dtype="int64",
@@ -244,7 +244,6 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         # optimizer must not sum them a second time.
         self.inner_optimizer._all_reduce_sum_gradients = _no_reduce
         super().build(var_list)
-        self._n_vars = n
 
     def attach_monitor(self, monitor: Monitor) -> None:
         """Record into ``monitor`` from now on (e.g. for an optimizer restored by
