@@ -192,3 +192,48 @@ def test_bad_arguments_name_themselves():
         ggo.spike_skip(optax.sgd(0.1), window=1)
     with pytest.raises(TypeError, match="watch_loss"):
         ggo.spike_skip(optax.sgd(0.1), watch_loss="no")
+
+
+@pytest.mark.parametrize("mode", ["momentum", "cap"])
+def test_auto_matches_torch_overshootclip_training_the_seed_mlp(mode):
+    """Same weights, same batches: torch Guard(OvershootClip) + SGD(momentum) against
+    ggo.auto + optax.sgd(momentum): the per-step thresholds agree (step-size control
+    replicates SGD's momentum buffer on its sample)."""
+    import gradguard as gg
+    from gradguard.experiments import jax_seed
+
+    torch.set_num_threads(1)
+    X, y = jax_seed.mlp_data()
+    p = jax_seed.mlp_params(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 25), torch.nn.ReLU(), torch.nn.Linear(25, 1))
+    with torch.no_grad():
+        for i, k in ((0, "fc1"), (2, "fc2")):
+            model[i].weight.copy_(torch.tensor(np.asarray(p[k]["kernel"]).T))
+            model[i].bias.copy_(torch.tensor(np.asarray(p[k]["bias"])))
+    if mode == "momentum":
+        opt = torch.optim.SGD(model.parameters(), lr=0.07, momentum=0.8)
+        tx = optax.chain(ggo.auto(learning_rate=0.07, momentum=0.8), optax.sgd(0.07, momentum=0.8))
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        tx = optax.chain(ggo.auto(), optax.adam(1e-2))
+    guard = gg.Guard(model, clipper=gg.OvershootClip())
+    s = tx.init(p)
+
+    @jax.jit
+    def step(q, s, xb, yb):
+        g = jax.grad(lambda q: jnp.mean((jax_seed.mlp_apply(q, xb) - yb) ** 2))(q)
+        u, s = tx.update(g, s, q)
+        return optax.apply_updates(q, u), s
+
+    rng = np.random.default_rng(0)
+    for i in range(25):
+        idx = rng.permutation(len(X))[:128]
+        loss = torch.nn.functional.mse_loss(model(torch.tensor(X[idx])), torch.tensor(y[idx]))
+        opt.zero_grad()
+        loss.backward()
+        st = guard.step(opt, loss=loss)
+        p, s = step(p, s, jnp.asarray(X[idx]), jnp.asarray(y[idx]))
+        assert guard.clipper.mode == mode
+        t_thr, j_thr = float(st.threshold), float(optax.tree.get(s, "threshold"))
+        assert (math.isinf(t_thr) and math.isinf(j_thr)) or abs(t_thr - j_thr) <= 1e-5 * abs(t_thr), (i, t_thr, j_thr)
+        assert float(optax.tree.get(s, "clip_coef")) == pytest.approx(float(st.clip_coef), rel=1e-5)
