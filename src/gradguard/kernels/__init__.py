@@ -39,6 +39,7 @@ from torch import Tensor
 
 from .cpu import CHUNK as _CPU_CHUNK  # one CPU chunk for the norm and the scale
 from .cpu import PARALLEL_MIN as _CPU_PARALLEL_MIN
+from .cpu import SMALL as _CPU_SMALL
 
 #: elements per chunk (the unit of work of one program iteration) and per tile
 CHUNK = int(os.environ.get("GRADGUARD_TRITON_CHUNK", 1 << 16))
@@ -269,8 +270,10 @@ def _cpu_scale_(tensors: list[Tensor], coef: Tensor, c: float) -> None:
     c64 = np.float64(c)  # c is float32 (then c64 == c32 exactly) or a float64 factor
     done: list[Tensor] = []
     for t in reversed(tensors):
-        if (t.dtype in (torch.float32, torch.float64) and t.is_contiguous() and not t.is_neg()
-                and not t.requires_grad):
+        # small tensors go to one torch._foreach_mul_ (a C++ loop, the same bits): per
+        # tensor, numpy's setup costs more than the multiply
+        if (t.dtype in (torch.float32, torch.float64) and t.numel() > _CPU_SMALL
+                and t.is_contiguous() and not t.is_neg() and not t.requires_grad):
             done.append(t)
             a = t.detach().view(-1).numpy()
             sc = c32 if t.dtype == torch.float32 else c64

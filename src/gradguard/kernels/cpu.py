@@ -87,33 +87,33 @@ def _exact_sumsq(a: np.ndarray) -> float:
     return m * m * float(np.dot(c, c))
 
 
-def _small(grads: list[Tensor], idx: list[int], sums: np.ndarray, mx: np.ndarray | None,
-           tiny: float) -> None:
-    """Sums of squares (and max |g|) of the small non-empty tensors ``grads[i], i in idx``."""
-    start = 0
-    while start < len(idx):
-        stop, n = start, 0
-        while stop < len(idx) and (n == 0 or n + grads[idx[stop]].numel() <= CHUNK):
-            n += grads[idx[stop]].numel()
-            stop += 1
-        part = [grads[i] for i in idx[start:stop]]
-        flat = torch._C._nn.flatten_dense_tensors([g.detach() for g in part])
-        sizes = np.fromiter((g.numel() for g in part), dtype=np.int64, count=len(part))
-        offsets = np.zeros(len(part), dtype=np.int64)
-        np.cumsum(sizes[:-1], out=offsets[1:])
+def _small(grads: list[Tensor], idx: np.ndarray, sizes: np.ndarray, sums: np.ndarray,
+           mx: np.ndarray | None, tiny: float, tiny_nz: np.ndarray) -> None:
+    """Sums of squares (and max |g|) of the small non-empty tensors ``grads[i], i in idx``
+    (``sizes``: their element counts), packed about ``CHUNK`` elements at a time."""
+    cum = np.cumsum(sizes)
+    batch = (cum - 1) // CHUNK  # a batch ends with the tensor that crosses a CHUNK boundary
+    cuts = [0, *(np.flatnonzero(np.diff(batch)) + 1).tolist(), len(idx)]
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        rows = idx[lo:hi]
+        with torch.no_grad():  # one C++ call: contiguous, flatten, concatenate
+            flat = torch._C._nn.flatten_dense_tensors([grads[i] for i in rows.tolist()])
+        sz = sizes[lo:hi]
+        offsets = np.zeros(len(sz), dtype=np.int64)
+        np.cumsum(sz[:-1], out=offsets[1:])
         a = _widen(_numpy(flat.resolve_neg()))
         a64 = a.astype(np.float64)
         s = np.add.reduceat(a64 * a64, offsets)
-        rows = np.asarray(idx[start:stop])
-        if a.dtype == np.float64:  # float64 squares may over/underflow: rescue those rows
-            bad = (s == np.inf) | (s < sizes * tiny)
-            for r in np.flatnonzero(bad).tolist():
+        if a.dtype == np.float64 and ((s == np.inf) | (s < sz * tiny)).any():
+            # float64 squares may over/underflow: rescue those rows (zeros are no suspects)
+            nonzero = np.add.reduceat(a != 0, offsets) > 0
+            for r in np.flatnonzero((s == np.inf) | ((s < sz * tiny) & nonzero)).tolist():
                 o = offsets[r]
-                s[r] = _exact_sumsq(a[o: o + sizes[r]])
+                s[r] = _exact_sumsq(a[o: o + sz[r]])
+                tiny_nz[rows[r]] = s[r] < sz[r] * tiny
         sums[rows] = s
         if mx is not None:
             mx[rows] = np.maximum.reduceat(np.abs(a64), offsets)  # NaN propagates
-        start = stop
 
 
 def l2_norms(grads: list[Tensor], with_max_abs: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -128,32 +128,28 @@ def l2_norms(grads: list[Tensor], with_max_abs: bool = False) -> tuple[Tensor, T
     n_t = len(grads)
     sums = np.zeros(n_t, dtype=np.float64)
     mx = np.zeros(n_t, dtype=np.float64) if with_max_abs else None
-    small: list[int] = []
+    numel = np.fromiter((g.numel() for g in grads), dtype=np.int64, count=n_t)
+    # per tensor: a non-zero chunk whose exact sum of squares is still tiny (float64 only)
+    tiny_nz = np.zeros(n_t, dtype=bool)
+    small = np.flatnonzero((numel > 0) & (numel <= SMALL))
     arrays: list[np.ndarray] = []
     owner: list[int] = []
-    for i, g in enumerate(grads):
-        n = g.numel()
-        if n == 0:
-            continue
-        if n <= SMALL:
-            small.append(i)
-            continue
-        a = _numpy(g.detach().reshape(-1).resolve_neg())
-        for start in range(0, n, CHUNK):
+    for i in np.flatnonzero(numel > SMALL).tolist():
+        a = _numpy(grads[i].detach().reshape(-1).resolve_neg())
+        for start in range(0, a.size, CHUNK):
             arrays.append(a[start: start + CHUNK])
             owner.append(i)
     with _quiet():
-        if small:
-            _small(grads, small, sums, mx, tiny)
+        if len(small):
+            _small(grads, small, numel[small], sums, mx, tiny, tiny_nz)
         if arrays:
-            _large(arrays, owner, sums, mx, tiny)
+            _large(arrays, owner, sums, mx, tiny, tiny_nz)
     with np.errstate(over="ignore"):  # beyond float32's range: inf, silently (as torch)
         norms = np.sqrt(sums).astype(out_np)
     if dtype == torch.float64:
         # a float64 norm above ~1.3e154 (below ~1e-146) overflows (underflows) its sum of
         # squares: such a tensor (rare) is normed whole, max-normalised: ||g|| = m ||g / m||
-        sizes = np.fromiter((g.numel() for g in grads), dtype=np.float64, count=n_t)
-        for i in np.flatnonzero((sums == np.inf) | (sums < sizes * tiny)).tolist():
+        for i in np.flatnonzero((sums == np.inf) | ((sums < numel * tiny) & tiny_nz)).tolist():
             g = grads[i].detach()
             m = torch.linalg.vector_norm(g, float("inf"))
             if bool(torch.isfinite(m)) and bool(m > 0):
@@ -163,10 +159,11 @@ def l2_norms(grads: list[Tensor], with_max_abs: bool = False) -> tuple[Tensor, T
 
 
 def _large(arrays: list[np.ndarray], owner: list[int], sums: np.ndarray,
-           mx: np.ndarray | None, tiny: float) -> None:
+           mx: np.ndarray | None, tiny: float, tiny_nz: np.ndarray) -> None:
     k = len(arrays)
     sq = np.empty(k, dtype=np.float64)
     ext = np.empty((k, 2) if mx is not None else (0, 2), dtype=np.float64)
+    low = np.zeros(k, dtype=bool)  # a non-zero chunk whose exact sum is still tiny
 
     def work(j: int) -> None:
         a = _widen(arrays[j])  # this thread's own widened copy (float16 / bfloat16)
@@ -177,12 +174,14 @@ def _large(arrays: list[np.ndarray], owner: list[int], sums: np.ndarray,
         # NaN compares False both ways: left alone; inf or tiny (zeros excepted): exact
         if s == np.inf or (s < a.size * tiny and (s > 0.0 or a.any())):
             s = _exact_sumsq(a)
+            low[j] = s < a.size * tiny  # float64 below ~1e-146: the tensor is normed whole
         sq[j] = s
 
     total = sum(a.size for a in arrays)
     _pool.run_indexed(k, work, _pool.threads() if total >= PARALLEL_MIN else 1, context=_quiet)
     own = np.asarray(owner, dtype=np.int64)
     sums += np.bincount(own, weights=sq, minlength=len(sums))
+    tiny_nz[own[low]] = True
     if mx is not None:
         with np.errstate(invalid="ignore"):
             np.maximum.at(mx, own, ext.max(axis=1) + 0.0)  # propagates NaN; -0.0 -> 0.0
