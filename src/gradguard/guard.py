@@ -81,12 +81,19 @@ class Guard:
             optimizers and with a GradScaler the count is read from the device late, so on
             CUDA the error may come one or two steps after the limit.
         norm_type: p of the norms recorded when there is no clipper (default 2).
+        process_group: distributed data parallel: the group over which the plain-tensor
+            gradients are replicated (taken from a ``DistributedDataParallel`` model when not
+            given); the non-finite flag and the loss are reduced over it so that every rank
+            decides alike. DTensor gradients (FSDP2, TP) need nothing: they carry their mesh.
+        pp_group: pipeline parallel: the group (or 1-D DeviceMesh) of the ranks holding the
+            other stages; the stages' norms, flags and losses are added over it. See
+            ``docs/distributed.md``.
     """
 
     def __init__(self, model_or_parameters: Any, clipper: Clipper | str | None = "auto", *,
                  skip: SkipRule | None = None, monitor: Recorder | Any = None,
                  on_nonfinite: str = "skip", max_consecutive_skips: int | None = 10,
-                 norm_type: float = 2.0):
+                 norm_type: float = 2.0, process_group: Any = None, pp_group: Any = None):
         if not isinstance(on_nonfinite, str) or on_nonfinite not in POLICIES:
             raise ValueError(f"on_nonfinite must be one of {POLICIES}, got {on_nonfinite!r}")
         if max_consecutive_skips is not None:
@@ -106,6 +113,12 @@ class Guard:
                             f"{skip!r}, which lacks {', '.join(missing(skip, SkipRule))}{hint}")
         self.names, self.params = _validate.guard_parameters(model_or_parameters)
         self.skip_rule = skip
+        if process_group is None and isinstance(model_or_parameters,
+                                                torch.nn.parallel.DistributedDataParallel):
+            process_group = model_or_parameters.process_group
+        # gradguard.distributed: what the norm partials, the flag and the loss are reduced over
+        self.process_group, self.pp_group = process_group, pp_group
+        self._job_loss: Any = None
         self.monitor = monitor
         self._recorder: Recorder | None = None if monitor is None else as_recorder(monitor)
         self._record_takes_lrs = self._recorder is not None and _accepts(self._recorder.record, "lrs")
@@ -240,14 +253,18 @@ class Guard:
         """
         params, grads, names = self._grads()
         with_max = self._monitor_wants_max_abs()
-        norms = compute_norms(grads, self.norm_type, with_max_abs=with_max)
+        dist_kw = {"process_group": self.process_group, "pp_group": self.pp_group, "loss": loss}
+        norms = compute_norms(grads, self.norm_type, with_max_abs=with_max, **dist_kw)
+        if norms.loss is not None:
+            loss = norms.loss  # the job's mean loss: every rank's rules see the same value
+        self._job_loss = norms.loss
         nonfinite = norms.nonfinite
         if self.on_nonfinite == "raise":
             self._raise_if_nonfinite(norms, names, loss)
         elif self.on_nonfinite == "zero" and bool(nonfinite):
             for g in grads:
                 torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
-            norms = compute_norms(grads, self.norm_type, with_max_abs=with_max)
+            norms = compute_norms(grads, self.norm_type, with_max_abs=with_max, **dist_kw)
             nonfinite = norms.nonfinite
         propagate = self.on_nonfinite == "propagate"
         if self.clipper is not None:
@@ -318,6 +335,8 @@ class Guard:
         if self._recorder is None:
             return
         lrs = [g.get("lr") for o in optimizers for g in o.param_groups]
+        if self._job_loss is not None:
+            loss = self._job_loss  # distributed: the mean over the ranks (gradguard.distributed)
         fields: dict[str, Any] = {"step": self.step_count, "loss": loss,
                                   "lr": lrs[0] if lrs else None,
                                   # the scale this step was taken with (a device tensor; no read)
