@@ -25,7 +25,7 @@ import gradguard.keras as ggk  # noqa: E402
 def tiny_model(seed: int = 0) -> keras.Model:
     keras.utils.set_random_seed(seed)
     return keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="hidden"),
-                             keras.layers.Dense(1, name="out")])
+                             keras.layers.Dense(1, name="out")], name="net")
 
 
 def data(n: int = 16, seed: int = 0):
@@ -301,7 +301,7 @@ def test_monitor_writes_the_run_store_every_n_steps(tmp_path):
     ok = st[~st.skipped]
     np.testing.assert_allclose(ok.total_norm_after, np.minimum(ok.total_norm, 5.0), rtol=1e-5)
     assert (ok.loss > 0).all() and np.allclose(st.lr, 0.01)
-    assert run.meta["layers"] == ["sequential/hidden", "sequential/out"]
+    assert run.meta["layers"] == ["net/hidden", "net/out"]
     assert run.meta["config"]["framework"] == "keras"
     lay = run.layers
     assert sorted(set(lay.step)) == [2, 4, 6, 8, 10, 12]
