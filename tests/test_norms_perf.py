@@ -256,7 +256,7 @@ def test_backend_names():
 
 def test_bench_plumbing(monkeypatch, capsys):
     from gradguard.cli import main
-    from gradguard.kernels import bench
+    bench = kernels.load_bench()  # benchmarks/clip_bench.py
 
     monkeypatch.setitem(bench.SETS, "tiny", lambda: bench.gpt2_shapes(d=16, layers=2, vocab=50, ctx=8))
     rows = bench.run("cpu", [("tiny", "float32"), ("tiny", "bfloat16")], repeats=2, warmup=1)

@@ -78,6 +78,28 @@ def triton_kernels() -> ModuleType | None:
     return _triton_mod
 
 
+def load_bench() -> ModuleType:
+    """The benchmark harness ``benchmarks/clip_bench.py`` of a source checkout, for
+    ``gradguard bench`` (the harness is not part of the installed package). Set
+    ``GRADGUARD_BENCHMARKS`` to the folder holding it when running elsewhere."""
+    import importlib.util
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    folder = os.environ.get("GRADGUARD_BENCHMARKS") or os.path.join(here, "..", "..", "..", "benchmarks")
+    path = os.path.normpath(os.path.join(folder, "clip_bench.py"))
+    if "gradguard_clip_bench" in sys.modules:
+        return sys.modules["gradguard_clip_bench"]
+    if not os.path.isfile(path):
+        raise ImportError(f"gradguard bench needs benchmarks/clip_bench.py from a source checkout "
+                          f"(looked for {path}); set GRADGUARD_BENCHMARKS to its folder")
+    spec = importlib.util.spec_from_file_location("gradguard_clip_bench", path)
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules["gradguard_clip_bench"] = mod  # dataclasses resolve their module by name
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
 def backend(device: torch.device | str) -> str:
     """Which path the norm and scale take on ``device``: ``"triton"`` or ``"torch"``."""
     dev = torch.device(device)
