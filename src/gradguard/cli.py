@@ -192,9 +192,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .kernels import bench
+    from .kernels import load_bench  # benchmarks/clip_bench.py
 
-    return int(bench.main_from_args(args))
+    return int(load_bench().main_from_args(args))
 
 
 def _demo_arguments(demo: argparse.ArgumentParser) -> None:
@@ -257,8 +257,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     if argv is not None and argv[:1] == ["bench"]:
         # its options live in the benchmark module, which imports torch: only load it when
         # asked, so report/inspect start without torch
-        from .kernels.bench import add_arguments as _bench_arguments
-        _bench_arguments(bench)
+        from .kernels import load_bench
+        load_bench().add_arguments(bench)
     bench.set_defaults(func=_bench)
     return parser
 
