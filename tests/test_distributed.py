@@ -83,18 +83,7 @@ def launch(cases: list[str], n: int, out: Path, timeout: float = TIMEOUT) -> dic
     return result
 
 
-def _guard_has_groups() -> bool:
-    import inspect
-
-    from gradguard.guard import Guard
-    return "pp_group" in inspect.signature(Guard.__init__).parameters
-
-
-# Until Guard(process_group=, pp_group=) is merged (after the Guard refactor) the cases that
-# need it are skipped rather than run against a Guard that lacks the argument.
-HOOK = _guard_has_groups()
-TWO = ["fsdp2", "fsdp2_train"] + (["ddp", "pipeline", "monitor"] if HOOK else [])
-needs_hook = pytest.mark.skipif(not HOOK, reason="Guard(process_group=, pp_group=) not merged yet")
+TWO = ["fsdp2", "fsdp2_train", "ddp", "pipeline", "monitor"]
 
 
 @pytest.fixture(scope="module")
@@ -119,21 +108,18 @@ def test_fsdp2_guard_training_and_nan_skip(two_ranks):
     _verdict(two_ranks, "fsdp2_train")
 
 
-@needs_hook
 def test_ddp_norms_training_and_nan_skip(two_ranks):
     """DDP with gradient_as_bucket_view: names without ``module.``, norms, training and a NaN
     on one rank as above; the loss and flag in one all-reduce over DDP's group."""
     _verdict(two_ranks, "ddp")
 
 
-@needs_hook
 def test_pipeline_two_stages(two_ranks):
     """Two pipeline stages with pp_group: global total, per-stage per-tensor norms, a NaN
     on stage 0 skips both stages, the loss-spike limits agree."""
     _verdict(two_ranks, "pipeline")
 
 
-@needs_hook
 def test_monitor_one_run_folder(two_ranks):
     """A 2-rank FSDP2 run with a Monitor: one run, global step and layer norms, mean loss."""
     _verdict(two_ranks, "monitor")
