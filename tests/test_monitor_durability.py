@@ -226,3 +226,12 @@ def test_with_guard_closes_the_monitor_on_an_exception(tmp_path):
                     raise RuntimeError("data loader died")
     assert mon.closed
     assert load_run(tmp_path / "run").steps.step.tolist() == list(range(1, 8))
+
+
+def test_monitor_is_the_guards_recorder():
+    from gradguard.protocols import Recorder
+
+    mon = Monitor(None, detectors=[])
+    assert isinstance(mon, Recorder)
+    mon.close()
+    assert mon.closed

@@ -53,7 +53,7 @@ def test_converged_run_is_not_vanishing(tmp_path):
     final, run = _train(tmp_path, TinyLSTM(), x, x[:, -1] * 0.5, steps=700, lr=1e-2)
     assert final < 1e-4
     # every layer's gradient fell > 1000x below its early baseline (the old rule fired here)...
-    assert _own_ratio(run, "lstm") < 1e-3 and _own_ratio(run, "head") < 1e-3
+    assert _own_ratio(run, "lstm.l0") < 1e-3 and _own_ratio(run, "head") < 1e-3
     # ... together: nothing stopped reaching a layer
     assert run.events.empty, run.events.message.tolist()
 
