@@ -35,6 +35,10 @@ def has_state(optimizer: torch.optim.Optimizer) -> bool:
 def fused_step(optimizer: torch.optim.Optimizer, grad_scale: Tensor | None,
                found_inf: Tensor) -> None:
     """``optimizer.step()`` with the fused kernel's ``grad_scale`` / ``found_inf`` set."""
+    if grad_scale is not None and grad_scale.dtype != torch.float32:
+        # the fused kernels take a float32 scale (a float64 norm of float64 gradients gives a
+        # float64 coefficient)
+        grad_scale = grad_scale.to(torch.float32)
     optimizer.grad_scale = grad_scale  # type: ignore[attr-defined]
     optimizer.found_inf = found_inf  # type: ignore[attr-defined]
     try:
