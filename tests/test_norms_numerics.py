@@ -261,3 +261,26 @@ def test_guard_many_layers_matches_torch():
     opt_b.step()
     for a, b in zip(ps, ref):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_guard_on_float64_model_matches_torch(fused):
+    # a float64 norm gives a float64 coefficient: the fused kernels still get a float32 scale
+    torch.manual_seed(0)
+    m = torch.nn.Linear(5, 3).double()
+    r = torch.nn.Linear(5, 3).double()
+    r.load_state_dict(m.state_dict())
+    x = torch.randn(4, 5, dtype=torch.float64)
+    o1 = torch.optim.Adam(m.parameters(), lr=0.1, fused=fused)
+    o2 = torch.optim.Adam(r.parameters(), lr=0.1, fused=fused)
+    guard = gg.Guard(m, clipper=gg.NormClip(0.01))
+    for _ in range(3):
+        o1.zero_grad()
+        (m(x) ** 2).sum().backward()
+        guard.step(o1)
+        o2.zero_grad()
+        (r(x) ** 2).sum().backward()
+        torch.nn.utils.clip_grad_norm_(r.parameters(), 0.01)
+        o2.step()
+    for a, b in zip(m.parameters(), r.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-8 if fused else 1e-12)
