@@ -17,7 +17,9 @@ from typing import Any
 
 #: ``gradguard demo --framework NAME``: the module (relative to this package) whose
 #: ``demo(args) -> int`` runs the demo in that framework; "torch" is the suite in this file.
-DEMO_FRAMEWORKS: dict[str, str] = {"torch": "", "jax": ".experiments.jax_seed"}
+DEMO_FRAMEWORKS: dict[str, str] = {"torch": "", "jax": ".experiments.jax_seed",
+                                   "keras": ".experiments.keras_seed",
+                                   "tensorflow": ".experiments.tf_seed"}
 
 #: What ``report --format png|svg`` needs that the core install lacks.
 FIGURES_NEED = "matplotlib (pip install 'gradguard[report]' or pip install matplotlib)"

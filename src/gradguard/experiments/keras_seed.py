@@ -166,6 +166,27 @@ def table(results: list[Result]) -> str:
     return "\n".join(out)
 
 
+def demo(args: Any) -> int:
+    """``gradguard demo --framework keras``: the seed MLP before/after and the seed's LSTM fit in
+    Keras (``--seeds``; ``--tiny``: 5 epochs, one seed, one LSTM epoch); prints two tables."""
+    tiny = bool(getattr(args, "tiny", False))
+    seeds = 1 if tiny else int(getattr(args, "seeds", 3))
+    names = getattr(args, "strategies", None) or STRATEGIES
+    unknown = [n for n in names if n not in STRATEGIES]
+    if unknown:
+        import sys
+
+        print(f"gradguard demo: error: --strategies {unknown[0]!r} is not a Keras strategy; "
+              f"choose from {', '.join(STRATEGIES)}", file=sys.stderr)
+        return 2
+    mlp = [seed_mlp(s, k, epochs=5 if tiny else 50) for s in names for k in range(seeds)]
+    print(table(mlp))
+    lstm = [seed_lstm_fit(s, 0, epochs=1 if tiny else 5) for s in names]
+    print()
+    print(table(lstm))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m gradguard.experiments.keras_seed [--quick] [--seeds N] [--mnist DIR]``:
     the Keras tables of ``docs/results.md`` (the seed MLP before/after, the seed's LSTM fit)."""
