@@ -1,5 +1,8 @@
 """Adaptive clipping: thresholds that follow the run instead of a number the user tunes.
 
+Size: three façades (AutoClip, ZClip, OvershootClip) share the threshold-clipper base and their
+optimizer binding; the math is in ``gradguard.rules``, one file per rule.
+
 ``AutoClip``       the p-th percentile of past global norms (Seetharaman et al. 2020)
 ``ZClip``          EMA z-score of the global norm with the reciprocal threshold (Kumar et al. 2025)
 ``OvershootClip``  the threshold-free default of ``Guard``: the threshold shrinks when an update

@@ -1,5 +1,8 @@
 """Gradient-norm reductions over process groups and device meshes (DDP, FSDP2, TP, PP).
 
+Size: one planner and one reduction for every placement and group (DDP, FSDP2, TP, PP);
+splitting them would separate the counting rule from the plan it relies on.
+
 Every rank computes the p-th powers of its *local* per-tensor norms (the gradient shards it
 holds, read once by ``gradguard.norms``), and ``reduce_partials`` (the one function where
 norm partials cross ranks) adds them up so that each distinct piece of every gradient is

@@ -1,5 +1,8 @@
 """The Guard: one training step as norms -> clipper -> skip rule -> apply -> optimizer -> monitor.
 
+Size: the Guard's step, clip and state in one class (argument checks live in ``_validate``, the
+apply helpers in ``_apply``).
+
     loss.backward()
     guard.step(optimizer, loss=loss)          # or guard.step([opt_a, opt_b], loss=loss)
 

@@ -1,5 +1,9 @@
 """gradguard for Keras 3: ``GuardedOptimizer``, an optimizer wrapper that clips and skips right.
 
+Size: one Keras optimizer subclass and its monitor callback; Keras needs the wrapper's
+variables, build, apply, serialization and distribution hooks in one class, so they stay
+together.
+
 ::
 
     import keras, gradguard as gg, gradguard.keras as ggk

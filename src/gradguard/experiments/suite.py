@@ -1,5 +1,8 @@
 """The demo suite: every experiment x every strategy x seeds, one table, run folders, report.
 
+Size: the suite's plan, runner, verdicts and table share the ``Row`` structure; each function
+is short.
+
 ``plan(suite)`` lists the experiments of a suite with their configs; ``run_suite`` trains
 them through each experiment's ``run`` (which all use ``loop.train``), shows progress bars,
 gives one ``Row`` per experiment and strategy, attaches a ``gradguard.Monitor`` to the first

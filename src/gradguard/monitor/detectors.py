@@ -1,5 +1,7 @@
 """Detectors: small stateful rules, one step at a time, on torch tensors or numpy values.
 
+Size: five detectors against one small namespace; each class is short and documents its math.
+
 Every detector turns one step into three values, ``(fired, value, baseline)``; the Monitor
 writes them into its buffer, and the host turns the fired rows into events when it flushes
 (every ``flush_every`` steps). Nothing here reads a tensor on the host: on a device a

@@ -1,5 +1,8 @@
 """From a run's tables to the small, display-ready numbers each report view draws.
 
+Size: one small function per report view, all over the same tables; each is independent and
+short.
+
 Everything here is numpy over whole columns, so 1e5 steps x 500 layers take well under a second
 or two. The HTML report, the static figures and ``gradguard inspect`` all read these structures.
 """

@@ -1,5 +1,9 @@
 """Reading a run folder: every finished shard, each step once, nothing dropped in silence.
 
+Size: the tolerant reader is one job (every shard, each step once, each tolerance warned);
+splitting the dedup/supersede logic from the shard reading would spread one rule over two
+files.
+
 The reader is tolerant and says what it tolerated: a damaged or foreign shard is skipped, a bad
 ``meta.json`` or events line is repaired or skipped, rows written twice are reduced to the
 newest copy; each of these is a :class:`RunStoreWarning` from :func:`load_run` (and a line of

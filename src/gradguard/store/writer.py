@@ -1,5 +1,8 @@
 """RunWriter: one rank's writer of a run folder, with an explicit run-folder policy.
 
+Size: ``RunWriter``'s folder policy, lock, resume marks and compaction trigger are one object's
+state machine.
+
 ``mode`` says what happens when the folder already holds a run (a re-run never appends
 silently):
 
