@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 # The other frameworks' versions the adapters are tested with (make test installs them).
 FRAMEWORK_PINS := tensorflow-cpu==2.21.0 keras==3.15.1 jax==0.10.2 jaxlib==0.10.2 optax==0.2.8 \
-	pytorch-lightning==2.6.6 transformers==5.23.0 accelerate==1.15.0
+	flax==0.12.8 pytorch-lightning==2.6.6 transformers==5.23.0 accelerate==1.15.0
 
 .PHONY: demo test lint venv venv-demo clean browser
 
