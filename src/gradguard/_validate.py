@@ -19,6 +19,9 @@ from torch import Tensor
 
 from .protocols import Clipper, SkipRule, missing
 
+# one set of number/flag checks for the torch API and the pure rules (adapters use them too)
+from .rules._core import flag, int_at_least, number, open_unit  # noqa: F401
+
 #: The largest finite float32: thresholds live in float32 device tensors.
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -28,15 +31,6 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-
-
-def flag(value: Any, name: str) -> bool:
-    """``value`` as a bool; TypeError for anything but True / False (or ``np.bool_``)."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
 
 
 def norm_type(value: float | int | str, name: str = "norm_type") -> float:
@@ -53,29 +47,10 @@ def norm_type(value: float | int | str, name: str = "norm_type") -> float:
     return p
 
 
-def number(value: Any, name: str) -> float:
-    """``value`` as a float; TypeError for non-numbers, ValueError for NaN."""
-    if not _is_real(value):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    v = float(value)
-    if math.isnan(v):
-        raise ValueError(f"{name} must not be NaN")
-    return v
 
 
-def open_unit(value: Any, name: str) -> float:
-    """``value`` as a float in the open interval (0, 1)."""
-    v = number(value, name)
-    if not 0.0 < v < 1.0:
-        raise ValueError(f"{name} must lie in the open interval (0, 1), got {value!r}")
-    return v
 
 
-def int_at_least(value: Any, name: str, low: int) -> int:
-    """``value`` as an int >= ``low``."""
-    if not _is_int(value) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
 
 
 def nonneg_finite(value: float, name: str, *, allow_inf: bool = False, positive: bool = False) -> float:

@@ -16,6 +16,8 @@ import math
 import numbers
 from typing import Any
 
+import numpy as np
+
 #: largest finite float32; thresholds beyond it cannot be held by a float32 norm's array
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -36,14 +38,15 @@ def commit(accept: Any, proposed: Any, old: Any, xp: Any) -> Any:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and \
-        type(value).__name__ != "bool_"
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def number(value: Any, name: str) -> float:
     """``value`` as a float: TypeError for a non-number (bool, str, array, tensor), ValueError
     for NaN."""
     if not _is_number(value):
+        if isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
         if hasattr(value, "shape") and hasattr(value, "dtype"):
             raise TypeError(f"{name} must be a Python number, got an array/tensor {value!r}; "
                             f"for a threshold that changes on the device use an adaptive "
@@ -88,7 +91,7 @@ def open_unit(value: Any, name: str) -> float:
 
 def int_at_least(value: Any, name: str, low: int) -> int:
     """``value`` as an int >= ``low`` (numpy integers accepted, bools not)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     return int(value)
 
@@ -96,7 +99,7 @@ def int_at_least(value: Any, name: str, low: int) -> int:
 def flag(value: Any, name: str) -> bool:
     """A yes/no argument: True/False (or numpy bool); anything else, e.g. the string "no",
     is a TypeError (``bool("no")`` is True, so it is never guessed)."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
+    if isinstance(value, (bool, np.bool_)):
         return bool(value)
     raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
 

@@ -113,7 +113,9 @@ def update(cfg: Config, state: State, total: Any, xp: Any,
     buf_mean = xp.sum(buf) / w
     buf_var = xp.sum((buf - buf_mean) ** 2) / w
     a = cfg.alpha
-    ema_mean = a * state.mean + (1.0 - a) * x
+    # mean + (1 - a)(x - mean), not a*mean + (1 - a)*x: the same in exact arithmetic, and in
+    # float32 it stays exactly the mean when x equals it (a zero-variance run is not a spike)
+    ema_mean = state.mean + (1.0 - a) * (x - state.mean)
     ema_var = a * state.var + (1.0 - a) * (x - ema_mean) ** 2
     finishing = count == w - 1
     new_mean = xp.where(in_warmup, xp.where(finishing, buf_mean, state.mean), ema_mean)
