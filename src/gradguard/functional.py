@@ -17,6 +17,7 @@ from __future__ import annotations
 import types
 import warnings
 from collections.abc import Iterable
+from typing import Any
 
 from torch import Tensor
 
@@ -59,17 +60,21 @@ def _warn_if_exhausted(parameters: Params) -> Params:
 
 
 def clip_grad_norm_(parameters: Params, max_norm: float, norm_type: float = 2.0,
-                    error_if_nonfinite: bool = False, foreach: bool | None = None) -> Tensor:
+                    error_if_nonfinite: bool = False, foreach: bool | None = None, *,
+                    process_group: Any = None, pp_group: Any = None) -> Tensor:
     """Scale all gradients together so their joint p-norm is at most ``max_norm``.
 
     ``g <- g * min(1, max_norm / (||g||_p + 1e-6))``; returns ``||g||_p`` before clipping as
     a 0-d tensor on the gradients' device: float32, float64 when a gradient is float64 (as
     torch). An empty generator warns as in torch. ``foreach`` is accepted for torch
-    compatibility; the multi-tensor path is always used.
+    compatibility; the multi-tensor path is always used. DTensor gradients (FSDP2, TP) are
+    clipped by their global norm; ``process_group`` (plain tensors under DDP-style groups) and
+    ``pp_group`` (the pipeline stages' norms added) as in ``gradguard.norms.compute_norms``.
     """
     clipper = NormClip(max_norm, norm_type)
     params, grads = collect_grads(_warn_if_exhausted(parameters))
-    norms = compute_norms(grads, clipper.norm_type)
+    norms = compute_norms(grads, clipper.norm_type, process_group=process_group,
+                          pp_group=pp_group)
     if error_if_nonfinite and grads:
         _check_finite(norms)
     clipper.clip_(params, grads, norms)

@@ -456,6 +456,9 @@ def case_pipeline() -> None:
     assert c.n == 1, c.n
     check_close("pipeline total", n.total, r_total, 1e-6)
     check_close("pipeline per-tensor (this stage)", n.per_tensor, r_per_stage, 1e-6)
+    # the functional clip adds the stages' norms too (max_norm above the norm: nothing scaled)
+    check_close("pipeline clip_grad_norm_ total",
+                gg.clip_grad_norm_(stage.parameters(), 1e9, pp_group=dist.group.WORLD), r_total, 1e-6)
     st = guard.step(opt, loss=loss)
     check_close("pipeline Guard total", st.total_norm, r_total, 1e-6)
     assert not bool(st.skipped)
