@@ -368,6 +368,7 @@ class OvershootClip(_RuleClipper):
         self._prev_sample: Tensor | None = None   # mode "sgd": sample of the last gradient
         self._layout: tuple[int, tuple[int, ...]] | None = None
         self._have_init = False
+        self._pp_group: Any = None  # pipeline stages: S_0 from the whole model's parameters
         # the direction of the step in progress: measured by clip_ from the gradients before
         # they are scaled, consumed by the observe that follows (one step; never saved)
         self._measured: _Direction | None = None
@@ -388,6 +389,12 @@ class OvershootClip(_RuleClipper):
         return self.cfg.beta2
 
     # -- optimizer ------------------------------------------------------------------------
+    def bind_groups(self, process_group: Any = None, pp_group: Any = None) -> None:
+        """The Guard's groups (``gradguard.protocols.GroupAware``): under pipeline parallelism
+        ``S_0`` is taken from the parameter norm of every stage together, so that every stage
+        starts from the same limit. Data-parallel replicas hold the same parameters already."""
+        self._pp_group = pp_group
+
     def bind_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Learn the optimizer's kind and learning rate (called by ``Guard.step``; cheap).
 
@@ -404,9 +411,10 @@ class OvershootClip(_RuleClipper):
             with_grad = [p for p in params if p.grad is not None]
             params = with_grad or params
             if params:
-                if any(type(p).__name__ == "DTensor" for p in params):
-                    from .norms import compute_norms  # FSDP2 / TP: the global norm (issue 16)
-                    pnorm = compute_norms([p.detach() for p in params]).total
+                if self._pp_group is not None or any(type(p).__name__ == "DTensor" for p in params):
+                    from .norms import compute_norms  # FSDP2 / TP / PP: the global norm
+                    pnorm = compute_norms([p.detach() for p in params],
+                                          pp_group=self._pp_group).total.to(torch.float32)
                 else:
                     pnorm = torch.linalg.vector_norm(torch.stack(
                         torch._foreach_norm([p.detach() for p in params]))).to(torch.float32)

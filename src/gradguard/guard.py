@@ -55,7 +55,16 @@ from ._validate import check_grads
 from .clippers import ClipStats
 from .errors import GradientExplosionError, NonFiniteGradientError, warn
 from .norms import GradNorms, compute_norms
-from .protocols import Clipper, LossScaler, OptimizerAware, Recorder, SkipRule, as_recorder, missing
+from .protocols import (
+    Clipper,
+    GroupAware,
+    LossScaler,
+    OptimizerAware,
+    Recorder,
+    SkipRule,
+    as_recorder,
+    missing,
+)
 
 POLICIES = ("skip", "raise", "zero", "propagate")
 
@@ -130,6 +139,8 @@ class Guard:
         self.norm_type = (_validate.norm_type(self.clipper.norm_type, "clipper.norm_type")
                           if self.clipper is not None else norm_type)
         self._binds_optimizer = isinstance(self.clipper, OptimizerAware)
+        if isinstance(self.clipper, GroupAware):
+            self.clipper.bind_groups(process_group=process_group, pp_group=pp_group)
         self.step_count = 0
         self._skips = _apply.SkipCounter()
         self._scaler_ok: Any = None  # the last scaler checked against LossScaler

@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover - type checkers only
     from .clippers import ClipStats
     from .norms import GradNorms
 
-__all__ = ["Clipper", "LossScaler", "OptimizerAware", "Recorder", "ScalarClipper", "SkipRule",
+__all__ = ["Clipper", "GroupAware", "LossScaler", "OptimizerAware", "Recorder", "ScalarClipper", "SkipRule",
            "as_recorder", "missing"]
 
 
@@ -87,6 +87,16 @@ class OptimizerAware(Protocol):
     ``bind_optimizer`` with the first optimizer of every ``step`` before clipping."""
 
     def bind_optimizer(self, optimizer: Any) -> None: ...
+
+
+@runtime_checkable
+class GroupAware(Protocol):
+    """A clipper whose own statistics need the job's groups (e.g. the default clipper's
+    starting limit from the whole model's parameter norm under pipeline parallelism); the
+    Guard calls ``bind_groups`` once, at construction, with its ``process_group`` and
+    ``pp_group``."""
+
+    def bind_groups(self, process_group: Any = None, pp_group: Any = None) -> None: ...
 
 
 @runtime_checkable

@@ -474,6 +474,15 @@ def case_pipeline() -> None:
     assert bool(st.skipped), f"stage {RANK} did not skip"
     assert same(before, snapshot(stage, opt))
     assert identical_across_ranks([guard.skip_rule.limits(st.total_norm)[1]]), "loss limits differ"
+    # the default clipper with SGD momentum: every stage starts from the whole model's S_0 and
+    # keeps the same state (the cosine's sums come from both stages)
+    opt2 = torch.optim.SGD(stage.parameters(), lr=1e-2, momentum=0.9)
+    g2 = gg.Guard(stage, pp_group=dist.group.WORLD)
+    for _ in range(3):
+        opt2.zero_grad()
+        loss = fwd_bwd(x, y)
+        g2.step(opt2, loss=loss)
+    assert identical_across_ranks(clipper_state(g2)), "default clipper state differs across stages"
     write_ok()
 
 
