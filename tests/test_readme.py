@@ -40,5 +40,6 @@ def test_public_names_resolve_and_import_is_light():
             "assert sorted(mon.__all__) == sorted(mon._EXPORTS); "
             "[getattr(gg, n) for n in gg.__all__]; [getattr(mon, n) for n in mon.__all__]; "
             "print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         timeout=300)
     assert out.stdout.strip() == "ok"

@@ -33,7 +33,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from .rules import norm_clip
+from .rules import _core, norm_clip
 from .rules.xp_tf import TF
 
 __all__ = ["clip_by_global_norm", "clip_by_norm", "clip_by_value", "global_norm", "norms"]
@@ -83,15 +83,11 @@ def _acc_dtype(dtype: tf.DType) -> tf.DType:
 
 
 def _threshold(value: Any, name: str) -> Any:
-    """A Python number >= 0 (inf allowed) or a tensor (taken as it is, on the device)."""
+    """A number >= 0 (inf allowed; numpy scalars too) or a tensor (taken as it is, on the
+    device)."""
     if isinstance(value, (tf.Tensor, tf.Variable)):
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number or a scalar tensor, got {type(value).__name__} {value!r}")
-    v = float(value)
-    if math.isnan(v) or v < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-    return v
+    return _core.nonneg(value, name, allow_inf=True)
 
 
 def _policy(on_nonfinite: str) -> str:
@@ -226,12 +222,7 @@ def clip_by_value(tensors: Any, clip_value_min: Any = None, clip_value_max: Any 
 def _bound(value: Any, name: str) -> Any:
     if isinstance(value, (tf.Tensor, tf.Variable)):
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__} {value!r}")
-    v = float(value)
-    if math.isnan(v):
-        raise ValueError(f"{name} must not be NaN")
-    return v
+    return _core.number(value, name)
 
 
 def _zero_nonfinite(x: tf.Tensor) -> tf.Tensor:
