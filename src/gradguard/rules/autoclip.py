@@ -121,27 +121,73 @@ def bin_of(cfg: Config, value: Any, xp: Any) -> Any:
 def count_value(cfg: Config, counts: Any, bin_min: Any, bin_max: Any, value: Any, ok: Any,
                 xp: Any) -> tuple[Any, Any, Any]:
     """The histogram with ``value`` counted where ``ok`` and finite."""
-    keep = ok & xp.isfinite(value)
+    return _count(cfg, counts, bin_min, bin_max, value, ok & xp.isfinite(value), xp)
+
+
+def _count(cfg: Config, counts: Any, bin_min: Any, bin_max: Any, value: Any, keep: Any,
+           xp: Any) -> tuple[Any, Any, Any]:
+    # ``keep`` already implies a finite ``value``
     hit = (xp.arange(cfg.bins, "i64", counts) == bin_of(cfg, value, xp)) & keep
     v = xp.astype(value, "f32")
     return (counts + xp.astype(hit, "i64"), xp.where(hit, xp.minimum(bin_min, v), bin_min),
             xp.where(hit, xp.maximum(bin_max, v), bin_max))
 
 
-def _order_stat(cfg: Config, counts: Any, cum: Any, bin_min: Any, bin_max: Any, k: Any,
-                extra: Any, extra_bin: Any, xp: Any) -> Any:
-    """Estimate (float64) of the order statistic of 0-based rank ``k`` (int64 0-d) of the
-    histogram plus ``extra`` in bin ``extra_bin`` (``extra_bin`` -1: none); ``cum`` counts it."""
-    b = xp.clamp(xp.searchsorted(cum, k, right=True), hi=cfg.bins - 1)
+# -- queries ------------------------------------------------------------------------------
+# A query needs two order statistics, of 0-based ranks k and k + 1 (capped at n - 1), and
+# interpolates between them. Both ranks travel together as one int64 [2] index, so each
+# lookup (the sorted buffer, the histogram's counts, cumulative counts, smallest and largest
+# values) is one gather for the pair, and the exact and histogram answers share the ranks and
+# the final interpolation: a handful of array operations per step in all.
+
+
+def _ranks(n: Any, p: float, xp: Any) -> tuple[Any, Any]:
+    """``(kk, f)`` for ``n`` values: the int64 [2] ranks ``[k, min(k + 1, n - 1)]`` and the
+    float64 fraction ``f`` (numpy's "linear" definition; ``k <= n - 1`` already)."""
+    pos = _ring.rank_position(n, p, xp)
+    k = xp.floor(pos)
+    kk = xp.minimum(xp.astype(k, "i64") + xp.arange(2, "i64", n), xp.clamp(n - 1, lo=0))
+    return kk, pos - k
+
+
+def _interpolate(pair: Any, f: Any, n: Any, xp: Any) -> Any:
+    """``x_(k) + f (x_(k+1) - x_(k))`` (float32) from the float64 pair; NaN when ``n`` is 0."""
+    lo_v = xp.take(pair, 0)
+    est = lo_v + f * (xp.take(pair, 1) - lo_v)
+    return xp.astype(xp.where(n > 0, est, math.nan), "f32")
+
+
+def _sorted_pair(values: Any, extra_q: Any, kk: Any, xp: Any) -> Any:
+    """The order statistics of ranks ``kk`` (float64 [2]) of ``values`` (finite or NaN) and
+    ``extra_q`` (finite or NaN): one sort (NaN last in every backend), one gather."""
+    srt = xp.sort(xp.concat([values, extra_q]))
+    return xp.astype(xp.take(srt, xp.clamp(kk, hi=values.shape[0])), "f64")
+
+
+def _hist_pair(cfg: Config, counts: Any, cum: Any, bin_min: Any, bin_max: Any, kk: Any,
+               extra: Any, extra_bin: Any, xp: Any) -> Any:
+    """Estimates (float64 [2]) of the order statistics of ranks ``kk`` of the histogram plus
+    ``extra`` in bin ``extra_bin`` (-1: none); ``cum`` counts it."""
+    b = xp.clamp(xp.concat([xp.searchsorted(cum, xp.take(kk, 0), right=True),
+                            xp.searchsorted(cum, xp.take(kk, 1), right=True)]), hi=cfg.bins - 1)
     here = b == extra_bin
     c = xp.take(counts, b) + xp.astype(here, "i64")
-    j = k - (xp.take(cum, b) - c)
+    j = kk - (xp.take(cum, b) - c)
     lo_v = xp.take(bin_min, b)
     hi_v = xp.take(bin_max, b)
     lo_v = xp.astype(xp.where(here, xp.minimum(lo_v, extra), lo_v), "f64")
     hi_v = xp.astype(xp.where(here, xp.maximum(hi_v, extra), hi_v), "f64")
     frac = xp.astype(j, "f64") / xp.astype(xp.clamp(c - 1, lo=1), "f64")
     return lo_v + xp.clamp(frac, lo=0.0, hi=1.0) * (hi_v - lo_v)
+
+
+def _with_extra(cfg: Config, counts: Any, extra: Any, xp: Any) -> tuple[Any, Any, Any, Any]:
+    """``(ok, e32, extra_bin, cum)``: whether ``extra`` is finite, it as float32, its bin (-1
+    when not finite) and the cumulative counts with it."""
+    ok = xp.isfinite(extra)
+    extra_bin = xp.where(ok, bin_of(cfg, extra, xp), -1)
+    hit = xp.arange(cfg.bins, "i64", counts) == extra_bin
+    return ok, xp.astype(extra, "f32"), extra_bin, xp.cumsum(counts + xp.astype(hit, "i64"))
 
 
 def histogram_percentile(cfg: Config, counts: Any, bin_min: Any, bin_max: Any, xp: Any,
@@ -151,35 +197,37 @@ def histogram_percentile(cfg: Config, counts: Any, bin_min: Any, bin_max: Any, x
     module docstring for the estimate and its bound."""
     if extra is None:
         extra = xp.full((), math.nan, "f32", counts)
-    ok = xp.isfinite(extra)
-    extra_bin = xp.where(ok, bin_of(cfg, extra, xp), -1)
-    hit = xp.arange(cfg.bins, "i64", counts) == extra_bin
-    cum = xp.cumsum(counts + xp.astype(hit, "i64"))
+    _, e32, extra_bin, cum = _with_extra(cfg, counts, extra, xp)
     n = xp.take(cum, cfg.bins - 1)
-    pos = _ring.rank_position(n, cfg.percentile, xp)
-    k = xp.floor(pos)
-    f = pos - k
-    ki = xp.astype(k, "i64")
-    k1 = xp.minimum(ki + 1, xp.clamp(n - 1, lo=0))
-    e32 = xp.astype(extra, "f32")
-    x0 = _order_stat(cfg, counts, cum, bin_min, bin_max, ki, e32, extra_bin, xp)
-    x1 = _order_stat(cfg, counts, cum, bin_min, bin_max, k1, e32, extra_bin, xp)
-    est = x0 + f * (x1 - x0)
-    return xp.astype(xp.where(n > 0, est, math.nan), "f32")
+    kk, f = _ranks(n, cfg.percentile, xp)
+    pair = _hist_pair(cfg, counts, cum, bin_min, bin_max, kk, e32, extra_bin, xp)
+    return _interpolate(pair, f, n, xp)
 
 
 def percentile(cfg: Config, state: WindowState | HistoryState, extra: Any, xp: Any) -> Any:
     """The p-th percentile (0-d float32) of the history plus ``extra`` (a 0-d norm counted
-    for this query only, when finite); NaN when there is no value."""
+    for this query only, when finite); NaN when there is no value.
+
+    Exact (numpy's "linear" percentile) over the window, or over the full history while the
+    exact buffer holds all of it; the histogram's estimate otherwise. Uses the state's
+    counters (``count``; ``n``, ``n_exact``) as the number of values they hold."""
     if cfg.window is not None:
-        return _ring.percentile(state.values, extra, cfg.percentile, xp)
-    exact = _ring.percentile(state.exact, extra, cfg.percentile, xp)
-    if cfg.exact == 0:
-        use_exact = xp.full((), False, "bool", state.n)
-    else:
-        use_exact = state.n_exact == state.n
-    hist = histogram_percentile(cfg, state.counts, state.bin_min, state.bin_max, xp, extra)
-    return xp.where(use_exact, exact, hist)
+        ok = xp.isfinite(extra)
+        n = xp.clamp(state.count, hi=cfg.window) + xp.astype(ok, "i64")
+        kk, f = _ranks(n, cfg.percentile, xp)
+        extra_q = xp.where(ok, xp.astype(extra, "f32"), math.nan)
+        return _interpolate(_sorted_pair(state.values, extra_q, kk, xp), f, n, xp)
+    ok, e32, extra_bin, cum = _with_extra(cfg, state.counts, extra, xp)
+    n = state.n + xp.astype(ok, "i64")  # equals the last cumulative count
+    kk, f = _ranks(n, cfg.percentile, xp)
+    pair = _hist_pair(cfg, state.counts, cum, state.bin_min, state.bin_max, kk, e32, extra_bin,
+                      xp)
+    if cfg.exact > 0:
+        # while the exact buffer holds the whole history its n values are the same n: the
+        # same ranks, the sorted buffer's pair instead of the histogram's
+        exact = _sorted_pair(state.exact, xp.where(ok, e32, math.nan), kk, xp)
+        pair = xp.where(state.n_exact == state.n, exact, pair)
+    return _interpolate(pair, f, n, xp)
 
 
 def threshold(cfg: Config, state: WindowState | HistoryState, total: Any, xp: Any) -> Any:
@@ -200,10 +248,12 @@ def propose(cfg: Config, state: WindowState | HistoryState, total: Any, xp: Any,
     if cfg.window is not None:
         values, count = _ring.append(state.values, state.count, total, ok, xp)
         return WindowState(values, count)
-    exact, n_exact = _ring.fill(state.exact, state.n_exact, total, ok, xp)
-    counts, bmin, bmax = count_value(cfg, state.counts, state.bin_min, state.bin_max, total,
-                                     ok, xp)
-    return HistoryState(exact, n_exact, counts, bmin, bmax, state.n + xp.astype(ok, "i64"))
+    # the first ``exact`` accepted norms (``_ring.fill`` with the finiteness known)
+    fill = ok & (state.n_exact < state.exact.shape[0])
+    exact = _ring._slot_write(state.exact, state.n_exact, total, fill, xp)
+    counts, bmin, bmax = _count(cfg, state.counts, state.bin_min, state.bin_max, total, ok, xp)
+    return HistoryState(exact, state.n_exact + xp.astype(fill, "i64"), counts, bmin, bmax,
+                        state.n + xp.astype(ok, "i64"))
 
 
 def update(cfg: Config, state: WindowState | HistoryState, total: Any,
