@@ -18,6 +18,7 @@ def steps_table(steps, rank: int = 0, tag: float = 0.0) -> pa.Table:
     n = len(s)
     return pa.table({
         "step": s, "time": s * 0.5, "loss": 1.0 / (s + 1), "lr": np.full(n, 1e-3),
+        "lrs": pa.nulls(n, STEPS_SCHEMA.field("lrs").type),
         "total_norm": s + tag, "total_norm_after": s + tag, "clip_coef": np.ones(n),
         "threshold": np.full(n, np.nan), "clipped": np.zeros(n, bool), "skipped": np.zeros(n, bool),
         "nonfinite": np.zeros(n, bool), "loss_scale": np.full(n, np.nan),

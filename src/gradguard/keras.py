@@ -343,9 +343,12 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             accept = ~nonfinite & ~refuse
         else:
             accept = ~refuse
+        # the learning rate this update uses: read before the inner apply advances its schedule
+        lr = tf.cast(self.inner_optimizer._get_current_learning_rate(), tf.float32) \
+            if hasattr(self.inner_optimizer, "_get_current_learning_rate") else tf.constant(math.nan, tf.float32)
         return {"accept": accept, "refuse": refuse, "nonfinite": nonfinite, "total": raw_total,
                 "per": raw_per, "clip": c, "apply": c["apply"], "skip_state": skip_state,
-                "loss": loss, "grads": grads, "params": params}
+                "loss": loss, "grads": grads, "params": params, "lr": lr}
 
     def _commit(self, d, tvs):
         accept = d["accept"]
@@ -368,8 +371,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         c = d["clip"]
         f32 = tf.float32
         loss = tf.constant(math.nan, f32) if d["loss"] is None else tf.cast(tf.reshape(d["loss"], []), f32)
-        lr = tf.cast(self.inner_optimizer._get_current_learning_rate(), f32) \
-            if hasattr(self.inner_optimizer, "_get_current_learning_rate") else tf.constant(math.nan, f32)
+        lr = d["lr"]
         total = tf.cast(d["total"], f32)
         nan = tf.constant(math.nan, f32)
         row = tf.stack([loss, tf.reshape(lr, []), total, total * c["coef"], c["coef"],
@@ -935,6 +937,9 @@ class Monitor(keras.callbacks.Callback):
         for j, name in enumerate(STEP_FIELDS):
             v = vals[:, j].astype(np.float64)
             cols[name] = v > 0.5 if name in ("clipped", "skipped", "nonfinite") else v
+        # lr: the inner optimizer's current learning rate (a schedule evaluated in the step, on
+        # the device, into the ring); lrs null: a Keras optimizer has one learning rate
+        cols["lrs"] = pa.nulls(len(steps), st.STEPS_SCHEMA.field("lrs").type)
         cols["rank"] = np.zeros(len(steps), np.int32)
         self._writer.write_shard("steps", pa.table(cols, schema=st.STEPS_SCHEMA))
         every = self.layer_every

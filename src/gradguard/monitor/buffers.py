@@ -4,7 +4,10 @@ Three buffers, allocated at the first ``record`` on the statistics' device:
 
 * the **step buffer**, ``flush_every`` rows of float32: ``STEP_COLS``, then three cells per
   detector (``fired``, ``value``, ``baseline``), then ``has_loss``; plus host arrays for what
-  the host already knows (step number, wall time, a float learning rate);
+  the host already knows (step number, wall time, a float learning rate) and, when a step has
+  several param groups, their learning rates (``lrs``: a float64 numpy array when they are
+  numbers or CPU tensors, a float64 device tensor, stacked on the device, when one of them is
+  a device tensor: read at the flush, never in the step);
 * the **layer buffer**, one ``(LAYER_STATS, layers)`` float64 slab per layer step of the
   interval (filled by ``layer_stats``);
 * the **flight recorder**, a ring of ``recorder_steps + flush_every`` rows of per-layer
@@ -126,6 +129,7 @@ class StepBuffer:
         self.step = np.zeros(F, dtype=np.int64)
         self.time = np.zeros(F, dtype=np.float64)
         self.lr = np.full(F, nan, dtype=np.float64)
+        self.lrs: list[Any] = [None] * F
         self.n = 0
         self.layer_cap = F // layer_every + 2
         self.lbuf = torch.full((self.layer_cap, len(LAYER_STATS), L), nan, dtype=torch.float64,
@@ -163,8 +167,9 @@ class StepBuffer:
         self.ring_pos += 1
         return lnorm
 
-    def put(self, row: list[Any], step: int, time: float, lr: Any) -> None:
-        """Write ``row`` (from :func:`step_row`) as the next step row."""
+    def put(self, row: list[Any], step: int, time: float, lr: Any, lrs: Any = None) -> None:
+        """Write ``row`` (from :func:`step_row`) as the next step row; ``lrs``: every param
+        group's learning rate (kept only when there are several)."""
         i = self.n
         if self.host:
             self._buf_h[i] = row
@@ -174,7 +179,25 @@ class StepBuffer:
         self.step[i] = step
         self.time[i] = time
         self.lr[i] = float(lr) if (lr is not None and not isinstance(lr, Tensor)) else math.nan
+        self.lrs[i] = self._group_lrs(lrs)
         self.n += 1
+
+    def _group_lrs(self, lrs: Any) -> Any:
+        """The learning rates of several groups as this buffer keeps them (no host read of a
+        device tensor: those are stacked on the device, a copy, so a scheduler writing into
+        the optimizer's lr tensor later cannot change what was recorded)."""
+        if lrs is None:
+            return None
+        lrs = tuple(lrs)
+        if len(lrs) < 2:
+            return None
+        if not any(isinstance(x, Tensor) for x in lrs):
+            return np.array([math.nan if x is None else float(x) for x in lrs], np.float64)
+        on_device = any(isinstance(x, Tensor) and not x.is_cpu for x in lrs)
+        if self.host or (not on_device and self.device.type != "cpu"):
+            # CPU tensors: reading them waits for nothing
+            return np.array([_host_lr(x) for x in lrs], np.float64)
+        return torch.stack([_device_lr(x, self.device) for x in lrs])
 
     def layer_slot(self, step: int) -> Tensor | None:
         """The layer-buffer slab for layer step ``step``; None when the interval is full."""
@@ -190,15 +213,51 @@ class StepBuffer:
         buf, ev1 = _copy_host(self.buf[:n])
         lbuf, ev2 = _copy_host(self.lbuf[:nl])
         ring, ev3 = _copy_host(self.ring)
+        lrs = self.lrs[:n]
+        on_dev = [k for k, v in enumerate(lrs) if isinstance(v, Tensor)]
+        lrs_dev, ev4 = _copy_host(torch.cat([lrs[k] for k in on_dev])) if on_dev else (None, None)
         payload = {
-            "n": n, "buf": buf, "lbuf": lbuf, "ring": ring, "events": [ev1, ev2, ev3],
+            "n": n, "buf": buf, "lbuf": lbuf, "ring": ring, "events": [ev1, ev2, ev3, ev4],
+            "lrs": [None if isinstance(v, Tensor) else v for v in lrs],
+            "lrs_dev": (on_dev, [int(lrs[k].numel()) for k in on_dev], lrs_dev),
             "step": self.step[:n].copy(), "time": self.time[:n].copy(),
             "lr": self.lr[:n].copy(), "lsteps": list(self.lsteps),
             "ring_steps": self.ring_steps.copy(),
         }
         self.n = 0
         self.lsteps = []
+        self.lrs = [None] * self.flush_every
         return payload
+
+
+def group_lrs(payload: dict[str, Any]) -> np.ndarray:
+    """The ``lrs`` column of a snapshot (after its copies finished): an object array, each
+    entry None or a list of floats."""
+    out = np.empty(payload["n"], dtype=object)
+    for k, v in enumerate(payload["lrs"]):
+        out[k] = None if v is None else v.tolist()
+    on_dev, sizes, host = payload["lrs_dev"]
+    if on_dev:
+        vals = host.numpy()
+        for k, part in zip(on_dev, np.split(vals, np.cumsum(sizes)[:-1])):
+            out[k] = part.tolist()
+    return out
+
+
+def _host_lr(x: Any) -> float:
+    if x is None:
+        return math.nan
+    if isinstance(x, Tensor):
+        v = _xp.host_value(x.detach().reshape(-1)[0]) if x.numel() else math.nan
+        return float(v)
+    return float(x)
+
+
+def _device_lr(x: Any, device: torch.device) -> Tensor:
+    if isinstance(x, Tensor) and x.numel():
+        return x.detach().reshape(-1)[0].to(device, torch.float64, non_blocking=True)
+    v = math.nan if x is None or isinstance(x, Tensor) else float(x)
+    return torch.full((), v, dtype=torch.float64, device=device)
 
 
 def _copy_host(t: Tensor) -> tuple[Tensor, Any]:

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .buffers import StepBuffer
+from .buffers import StepBuffer, group_lrs
 from .events import build_events, window_columns
 from .layers import LayerMap
 from .notices import Notices
@@ -245,6 +245,7 @@ class Flusher:
         lr = np.where(np.isnan(payload["lr"]), col["lr"], payload["lr"])
         steps = {
             "step": payload["step"], "time": payload["time"], "loss": col["loss"], "lr": lr,
+            "lrs": group_lrs(payload),
             "total_norm": col["total_norm"], "total_norm_after": col["total_norm_after"],
             "clip_coef": col["clip_coef"], "threshold": col["threshold"],
             "clipped": col["clipped"] > 0.5, "skipped": col["skipped"] > 0.5,

@@ -5,7 +5,7 @@
         ...                            # an exception here still leaves every step on disk
     run = gg.load_run(monitor.run_dir) # .steps .layers .events .meta
 
-What is recorded: every step one row of ``steps`` (loss, learning rate, total norm before
+What is recorded: every step one row of ``steps`` (loss, learning rate(s), total norm before
 and after clipping, clip coefficient, threshold, clipped / skipped / non-finite flags, AMP
 loss scale); every ``layer_every`` steps one row of ``layers`` per layer (``layer_stats``);
 every step the per-layer gradient norms into the flight recorder, dumped around each event
@@ -218,14 +218,18 @@ class Monitor:
             self._notices.fail("record", exc)
 
     def record(self, stats: Any, step: int | None = None, loss: Any = None, lr: Any = None,
-               loss_scale: Any = None) -> None:
-        """Record one step (``stats``: a ``ClipStats``); never raises except AnomalyError."""
+               loss_scale: Any = None, lrs: Any = None) -> None:
+        """Record one step (``stats``: a ``ClipStats``); never raises except AnomalyError.
+
+        ``lr``: the learning rate to plot (the first param group's); ``lrs``: every param
+        group's, in order (stored as the ``lrs`` column when there are several). Numbers or
+        tensors; a device tensor is copied on the device and read at the flush."""
         self._notices.deliver()
         if self.closed:
             return
         try:
             with torch.no_grad(), np.errstate(all="ignore"):  # inf - inf is NaN, as in torch
-                self._record(stats, step, loss, lr, loss_scale)
+                self._record(stats, step, loss, lr, loss_scale, lrs)
         except Exception as exc:  # noqa: BLE001
             self._notices.fail("record", exc)
         finally:
@@ -246,7 +250,8 @@ class Monitor:
             self._buf = self._flusher.buffers = buf
         return buf
 
-    def _record(self, stats: Any, step: int | None, loss: Any, lr: Any, loss_scale: Any) -> None:
+    def _record(self, stats: Any, step: int | None, loss: Any, lr: Any, loss_scale: Any,
+                lrs: Any = None) -> None:
         buf = self._buffers(stats)
         self.step = s = self.step + 1 if step is None else int(step)
         rules, cells = self._rules, buf.cells
@@ -268,7 +273,7 @@ class Monitor:
         else:
             row = step_row(cells, stats, total, rules.loss_t(total, loss), skipped, lr,
                            loss_scale, det)
-        buf.put(row, s, time.time(), lr)
+        buf.put(row, s, time.time(), lr, lrs)
         if self._layers.is_layer_step(s):
             out = buf.layer_slot(s)
             if out is not None:  # more layer steps than planned in one interval: dropped

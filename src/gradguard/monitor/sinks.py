@@ -59,6 +59,10 @@ def scalar_rows(batch: Any, top_k: int = 5) -> list[tuple[int, dict[str, float]]
             v = float(st[col][i])
             if not math.isnan(v):
                 d[tag] = v
+        groups = st["lrs"][i] if "lrs" in st else None
+        for g, v in enumerate(groups or ()):  # several param groups: one tag each
+            if v is not None and not math.isnan(v):
+                d[f"train/lr_group{g}"] = float(v)
     ly = batch.layers
     L = len(batch.layer_names)
     if L and len(ly["step"]):

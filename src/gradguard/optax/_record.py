@@ -56,7 +56,9 @@ def stats(state: Any, value: Any = None) -> dict[str, jax.Array]:
     from the value / per-leaf / AGC clippers' states; on a refused step 1 and False: nothing
     was applied); ``skipped``, ``skip_count``,
     ``consecutive_skips`` from the ``SkipState``; ``leaf_*`` per leaf. ``value``: the loss
-    (NaN when not given).
+    (NaN when not given). ``lr`` only when the state holds an ``optax.inject_hyperparams``
+    state with a ``learning_rate``: the learning rate of the last update, as the optimizer used
+    it (the first such state; no key otherwise, so a history without one keeps its layout).
     """
     skip = _first(state, "skip_count") is not None
     f = jnp.full((), math.nan, F32)
@@ -97,7 +99,20 @@ def stats(state: Any, value: Any = None) -> dict[str, jax.Array]:
     out["skipped"] = jnp.asarray(skipped, bool)
     out["nonfinite"] = ~jnp.isfinite(out["total_norm"])
     out["loss"] = f if value is None else jnp.reshape(jnp.asarray(value, F32), ())
+    lr = _injected_lr(state)
+    if lr is not None:
+        out["lr"] = lr
     return out
+
+
+def _injected_lr(state: Any) -> jax.Array | None:
+    """The ``learning_rate`` of the first ``inject_hyperparams`` state, as a float32 scalar."""
+    for _path, hp in optax.tree_utils.tree_get_all_with_path(state, "hyperparams"):
+        if isinstance(hp, dict) and "learning_rate" in hp:
+            v = jnp.ravel(jnp.asarray(hp["learning_rate"], F32))
+            if v.shape[0]:
+                return v[0]
+    return None
 
 
 class HistoryState(NamedTuple):
@@ -158,12 +173,25 @@ class Recorder:
         layer_every: write per-leaf rows for steps that are multiples of it.
         max_consecutive_skips: raise ``GradientExplosionError`` from ``record`` when a read
             shows more refused updates in a row than this (None: never).
+        learning_rate: the ``lr`` column when the state does not carry it: a number, or a
+            schedule ``step -> lr`` evaluated on the host at the 0-based update number (with a
+            skip wrapper the inner optimizer's count lags on refused updates: wrap the inner
+            optimizer in ``optax.inject_hyperparams`` instead, whose ``learning_rate`` is read
+            from the state on the device and takes precedence). None and neither: NaN
+            (unknown). ``lrs`` is always null (one learning rate per optax optimizer).
     """
 
     def __init__(self, run_dir: Any, params: Any, *, name: str | None = None, every: int = 10,
                  layer_every: int = 1, mode: str = "new", config: dict | None = None,
-                 max_consecutive_skips: int | None = None):
+                 max_consecutive_skips: int | None = None, learning_rate: Any = None):
         from ..store import RunWriter
+
+        if learning_rate is not None and not callable(learning_rate):
+            if isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float, np.number)):
+                raise TypeError(f"learning_rate must be None, a number or a schedule (a callable "
+                                f"step -> lr), got {learning_rate!r}")
+            learning_rate = float(learning_rate)
+        self.learning_rate = learning_rate
 
         self.every = _args.int_at_least(every, "every", 1)
         self.layer_every = _args.int_at_least(layer_every, "layer_every", 1)
@@ -217,7 +245,8 @@ class Recorder:
     def _row(self, step: int, st: dict[str, Any]) -> None:
         total, coef = float(st["total_norm"]), float(st["clip_coef"])
         self._steps.append({
-            "step": step, "time": time.time(), "loss": float(st["loss"]), "lr": math.nan,
+            "step": step, "time": time.time(), "loss": float(st["loss"]), "lr": self._lr(step, st),
+            "lrs": None,
             "total_norm": total, "total_norm_after": total * coef if not st["skipped"] else 0.0,
             "clip_coef": coef, "threshold": float(st["threshold"]), "clipped": bool(st["clipped"]),
             "skipped": bool(st["skipped"]), "nonfinite": bool(st["nonfinite"]),
@@ -242,6 +271,24 @@ class Recorder:
             raise GradientExplosionError(
                 f"gradguard.optax: {int(st['consecutive_skips'])} updates in a row were "
                 f"refused at step {step} (max_consecutive_skips={self.max_consecutive_skips})")
+
+    def _lr(self, step: int, st: dict[str, Any]) -> float:
+        if "lr" in st:
+            return float(st["lr"])
+        lr = self.learning_rate
+        if lr is None:
+            return math.nan
+        if not callable(lr):
+            return lr
+        try:
+            return float(lr(step))
+        except Exception as exc:  # noqa: BLE001 - recording never raises into training
+            msg = (f"gradguard.optax recorder: learning_rate({step}) failed ({exc!r}); lr is "
+                   "recorded as NaN from here on")
+            self.notes.append(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=4)
+            self.learning_rate = None
+            return math.nan
 
     @property
     def _events(self) -> list[dict[str, Any]]:

@@ -29,6 +29,8 @@ def _dtype(t: Any) -> str:
         return "category"
     if pa.types.is_boolean(t):
         return "bool"
+    if pa.types.is_list(t):
+        return "object"  # ``lrs``: None or a list of floats per step
     if pa.types.is_floating(t):
         return "float64"  # the report computes in float64 (statistics are float32 on disk)
     return str(t)  # int64, int32
@@ -94,6 +96,8 @@ def _conform(df: pd.DataFrame, dtypes: dict[str, str]) -> pd.DataFrame:
         if want == "category":
             if not isinstance(s.dtype, pd.CategoricalDtype):
                 out = out.assign(**{col: s.astype(str).astype("category")})
+        elif want == "object":
+            continue
         elif s.dtype != np.dtype(want):
             vals = s.to_numpy()
             if want == "bool":

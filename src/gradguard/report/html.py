@@ -38,6 +38,7 @@ def _run_json(v: RunViews, group: int, result: dict[str, Any] | None) -> dict[st
         "summary": v.summary,
         "norm": v.norm,
         "rate": v.rate,
+        "lr": v.lr,
         "heatmap": v.heatmap.to_json() if v.heatmap is not None else None,
         "flow": v.flow,
         "ratio": v.ratio,

@@ -1,6 +1,7 @@
 """``gradguard inspect RUN``: a terminal summary of a run through ``rich``.
 
-Shows the step count, clip rate, skips, the events with their top layers, the worst layers and a
+Shows the step count, clip rate, skips, the learning rate (every param group's at the last
+step, and a sparkline when it changes), the events with their top layers, the worst layers and a
 sparkline of the gradient norm. Every name from the run is printed as plain text (``rich.text.Text``),
 never as markup, so a layer called ``[bold]x`` prints as written, and with its control characters
 escaped (:func:`gradguard.report.text.printable`), so a name cannot move the cursor, clear the
@@ -67,6 +68,14 @@ def _f(x: Any) -> str:
     return f"{f:.4g}"
 
 
+def _lr_text(lr: dict[str, Any]) -> str:
+    """The last step's learning rate(s): ``1e-3`` or ``2 groups: 0.1, 0.01``; ``constant``
+    when it never changed."""
+    last = ", ".join(_f(x) for x in lr["last"])
+    head = last if lr["groups"] == 1 else f"{lr['groups']} groups: {last}"
+    return f"{head} (last step{', constant' if lr['constant'] else ''})"
+
+
 def inspect_run(run: RunData, *, console: Any = None, top: int = 10, width: int = 60) -> None:
     """Print the summary of ``run`` to ``console`` (a ``rich.console.Console``; stdout if None)."""
     from rich.console import Console
@@ -100,6 +109,8 @@ def inspect_run(run: RunData, *, console: Any = None, top: int = 10, width: int 
         ("events", str(s["events"])),
     ):
         stats.add_row(k, Text(val))
+    if v.lr is not None:
+        stats.add_row("lr", Text(_lr_text(v.lr)))
     console.print(stats)
 
     step, norm, _loss = v.norm_series
@@ -109,6 +120,11 @@ def inspect_run(run: RunData, *, console: Any = None, top: int = 10, width: int 
         fin = norm[np.isfinite(norm) & (norm > 0)]
         if len(fin):
             line.append(f"  log scale {_f(fin.min())}..{_f(fin.max())}", style="dim")
+        console.print(line)
+    if v.lr is not None and not v.lr["constant"]:
+        line = Text("lr    ", style="bold")
+        line.append(sparkline(np.asarray(v.lr["series"][0], dtype=np.float64), width), style="green")
+        line.append(f"  {v.lr['labels'][0]}, log scale", style="dim")
         console.print(line)
 
     for note in v.notes + v.meta["notes"]:

@@ -29,12 +29,15 @@ def write_synthetic_run(
     rank: int = 0,
     window_steps: int = 16,
     mode: str = "new",
+    lr_groups: int = 1,
 ) -> Path:
     """Write a run of ``steps`` steps and ``layers`` layers to ``path`` through the run store's
     writer (one shard per ``shard_steps`` steps, no compaction); return the folder written
     (``mode`` as in :class:`~gradguard.store.RunWriter`: a second rank joins the folder of the
     first, a second run of the same rank goes to a versioned sibling unless ``mode`` says
-    otherwise)."""
+    otherwise). The learning rate warms up over the first 5% of the steps to 1e-3, then
+    decays (cosine) to 1e-4; ``lr_groups`` > 1 adds groups at 1/2, 1/4, ... of it (the ``lrs``
+    column)."""
     import pyarrow as pa
 
     from ..store import LAYERS_SCHEMA, STEPS_SCHEMA, WINDOW_SCHEMA, RunWriter, layer_column
@@ -93,11 +96,17 @@ def write_synthetic_run(
     if layers >= 4:
         base_ratio[1] = -5.0  # a layer that barely updates
     lstep = step[::layer_every]
+    warm = max(1, steps // 20)
+    frac = np.clip((step - warm) / max(1, steps - warm), 0.0, 1.0)
+    lr = np.where(step < warm, 1e-3 * (step + 1) / warm, 1e-4 + 0.45e-3 * (1 + np.cos(np.pi * frac)))
+    lrs = None if lr_groups < 2 else [[float(v) / 2**g for g in range(lr_groups)] for v in lr]
+    list_type = STEPS_SCHEMA.field("lrs").type
     for lo in range(0, steps, shard_steps):
         hi = min(steps, lo + shard_steps)
         sl = slice(lo, hi)
         writer.write_shard("steps", pa.table({
-            "step": step[sl], "time": time[sl], "loss": loss[sl], "lr": np.full(hi - lo, 1e-3),
+            "step": step[sl], "time": time[sl], "loss": loss[sl], "lr": lr[sl],
+            "lrs": pa.nulls(hi - lo, list_type) if lrs is None else pa.array(lrs[lo:hi], list_type),
             "total_norm": norm[sl], "total_norm_after": after[sl], "clip_coef": coef[sl],
             "threshold": threshold[sl], "clipped": clipped[sl], "skipped": skipped[sl],
             "nonfinite": nonfinite[sl], "loss_scale": np.full(hi - lo, np.nan),

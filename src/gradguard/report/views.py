@@ -205,6 +205,9 @@ class RunViews:
     norm_series: tuple[np.ndarray, np.ndarray, np.ndarray] = field(
         repr=False, default=(np.zeros(0), np.zeros(0), np.zeros(0))
     )
+    #: the learning rate per step (every param group: ``lr``, or ``lrs`` where stored), or
+    #: None when the run recorded none
+    lr: dict[str, Any] | None = None
 
 
 def _primary_rank(steps: pd.DataFrame) -> pd.DataFrame:
@@ -256,6 +259,38 @@ def _norm_view(s: pd.DataFrame, buckets: int) -> dict[str, Any] | None:
         "n": int(len(s)),
         "shown": int(len(idx)),
     }
+
+
+def _lr_view(s: pd.DataFrame, buckets: int) -> dict[str, Any] | None:
+    """The learning rate of every param group per step (min/max per bucket kept), the last
+    step's rates and whether a log axis reads better; None when no step recorded one."""
+    from ..store.reader import learning_rate_matrix
+
+    if not len(s):
+        return None
+    m = learning_rate_matrix(s)
+    if not np.isfinite(m).any():
+        return None
+    step = s["step"].to_numpy()
+    idx = select_indices(len(s), [m[:, g] for g in range(m.shape[1])], buckets=buckets)
+    last = m[-1]
+    return {
+        "x": [int(v) for v in step[idx]],
+        "groups": int(m.shape[1]),
+        "labels": ["lr"] if m.shape[1] == 1 else [f"group {g}" for g in range(m.shape[1])],
+        "series": [floats(m[idx, g]) for g in range(m.shape[1])],
+        "last": [num(v) for v in last],
+        "log": spans_decades(m[np.isfinite(m)], 1.0),
+        "constant": bool(np.all(_finite_span(m) == 0)),
+    }
+
+
+def _finite_span(m: np.ndarray) -> np.ndarray:
+    """Per column, max - min of the finite values (0 for a column with none)."""
+    fin = np.isfinite(m)
+    hi = np.where(fin, m, -np.inf).max(axis=0)
+    lo = np.where(fin, m, np.inf).min(axis=0)
+    return np.where(fin.any(axis=0), hi - lo, 0.0)
 
 
 def _rate_view(s: pd.DataFrame, buckets: int) -> dict[str, Any] | None:
@@ -507,6 +542,7 @@ def build_views(
         group=run_group(run),
         incident=incident,
         norm_series=(step, norm, loss),
+        lr=_lr_view(s, buckets),
     )
 
 

@@ -62,9 +62,13 @@ def write_options(schema: pa.Schema) -> dict[str, Any]:
     time and saves nothing; split bytes compress well when values change slowly);
     statistics (for row-group pruning) on ``step`` and ``rank`` only."""
     floats = [f.name for f in schema if pa.types.is_floating(f.type)]
+    lists = [f.name for f in schema if pa.types.is_list(f.type)]
+    # a list of floats (``lrs``) is split on its leaf column
+    split = floats + [f"{f.name}.list.element" for f in schema if pa.types.is_list(f.type)
+                      and pa.types.is_floating(f.type.value_type)]
     return {"compression": "zstd",
-            "use_dictionary": [f.name for f in schema if f.name not in floats],
-            "use_byte_stream_split": floats or False,
+            "use_dictionary": [f.name for f in schema if f.name not in floats + lists],
+            "use_byte_stream_split": split or False,
             "write_statistics": [c for c in ("step", "rank") if c in schema.names]}
 
 

@@ -615,6 +615,12 @@ class Run:
         df = pa.concat_tables([pq.read_table(f, schema=WINDOW_SCHEMA) for f in files]).to_pandas()
         return df.sort_values(["step", "layer"], kind="stable").reset_index(drop=True)
 
+    def learning_rates(self):
+        """One row per step: ``step``, ``rank`` and every param group's learning rate as
+        ``lr0``, ``lr1``, ... (from ``lrs``; a step with a single learning rate has it as
+        ``lr0`` and NaN in the others)."""
+        return learning_rate_frame(self.steps)
+
     def windows(self) -> list[int]:
         """Steps that have a flight-recorder dump."""
         return sorted({s for _r, s, _p in self._window_files()})
@@ -638,6 +644,30 @@ def load_run(path: str | os.PathLike, rank: int | Iterable[int] | None = None) -
         warnings.warn(f"gradguard load_run {t.path}: {n}", RunStoreWarning, stacklevel=2)
     return Run(path=t.path, meta=t.meta, steps=t.steps, layers=t.layers,
                events=events_frame(t.events), notes=t.notes, ranks=_ranks(rank))
+
+
+def learning_rate_matrix(steps) -> np.ndarray:
+    """``(steps, groups)`` float64: every param group's learning rate of each row of a steps
+    frame (``lrs`` where stored, else ``lr`` as group 0; NaN where a group is absent)."""
+    n = len(steps)
+    lr = steps["lr"].to_numpy(dtype=np.float64) if "lr" in steps else np.full(n, np.nan)
+    lists = steps["lrs"].to_numpy() if "lrs" in steps else np.full(n, None, dtype=object)
+    width = max([1] + [len(v) for v in lists if v is not None])
+    out = np.full((n, width), np.nan)
+    out[:, 0] = lr
+    for i, v in enumerate(lists):
+        if v is not None and len(v):
+            out[i, :len(v)] = np.asarray(v, dtype=np.float64)
+    return out
+
+
+def learning_rate_frame(steps):
+    import pandas as pd
+
+    m = learning_rate_matrix(steps)
+    cols = {"step": steps["step"].to_numpy(), "rank": steps["rank"].to_numpy()}
+    cols.update({f"lr{g}": m[:, g] for g in range(m.shape[1])})
+    return pd.DataFrame(cols)
 
 
 def nan_or(x: Any) -> float:

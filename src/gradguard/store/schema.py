@@ -16,6 +16,15 @@ Layout of a run folder (``rank`` is the writer's rank, ``seq`` its flush counter
     resume-r{rank}.jsonl                        resume marks: rows written before a mark with a
                                                 step after it are superseded
     writer-r{rank}.lock                         held while a writer of that rank is open
+
+Learning rates: ``lr`` (float64) is the learning rate of the first param group of the first
+optimizer stepped, the one to plot. ``lrs`` (list of float64) holds every param group's
+learning rate, in order (the groups of every optimizer stepped in that step, as the Guard
+passes them), only when the step had more than one; it is null when there was a single
+learning rate (then ``lr`` is the whole story) or when the writer did not know them. A list
+column keeps the schema fixed whatever the number of groups; ``Run.learning_rates()`` spreads
+it into one column per group (``lr0``, ``lr1``, ...). Shards written before ``lrs`` existed
+read it as null.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import pyarrow as pa
 
 STEPS_SCHEMA = pa.schema([
     ("step", pa.int64()), ("time", pa.float64()), ("loss", pa.float64()), ("lr", pa.float64()),
-    ("total_norm", pa.float64()), ("total_norm_after", pa.float64()),
+    ("lrs", pa.list_(pa.float64())), ("total_norm", pa.float64()), ("total_norm_after", pa.float64()),
     ("clip_coef", pa.float64()), ("threshold", pa.float64()), ("clipped", pa.bool_()),
     ("skipped", pa.bool_()), ("nonfinite", pa.bool_()), ("loss_scale", pa.float64()),
     ("rank", pa.int32()),

@@ -530,6 +530,8 @@
       (res.seed0_verdict ? " (" + res.seed0_verdict + ")" : ""), b);
   }
 
+  var LR_COLORS = ["#059669", "#7c3aed", "#d97706", "#0891b2", "#be185d", "#4d7c0f"];
+
   function runBody(sec, run, rid) {
     el("p", "sub path", run.path, sec);
     resultBox(sec, run.result);
@@ -560,6 +562,16 @@
         { label: "non-finite loss", values: nv.loss_nonfinite || [], color: "#6b7280", marker: true, size: 9, top: true, scale: "loss", hollow: true },
       ], { ylabel: "gradient norm", second: { scale: "loss", label: "loss", log: nv.loss_log } });
     } else noData(body, rid + "-norm", "no step records yet");
+
+    var lv = run.lr;
+    if (lv) {  // the learning rate of every param group, under the norm it scales
+      body = card(sec, rid + "-lr", "Learning rate",
+        (lv.groups > 1 ? lv.groups + " param groups" : "the first param group") + (lv.log ? " (log axis)" : "") +
+        (lv.constant ? "; constant" : "") + "; last step " + lv.last.map(fmt).join(", "));
+      linePlot(body, rid + "-lr", lv.x, lv.series.map(function (vals, g) {
+        return { label: lv.labels[g], values: vals, color: LR_COLORS[g % LR_COLORS.length] };
+      }), { log: lv.log, ylabel: "learning rate", height: 200 });
+    }
 
     var rv = run.rate;
     body = card(sec, rid + "-rate", "Clip rate", rv ? "fraction of steps clipped and skipped, rolling over " + rv.window + " steps" : null);
