@@ -183,6 +183,51 @@ def test_same_script_twice_gives_two_runs(tmp_path):
         assert load_run(tmp_path / folder).steps.step.tolist() == list(range(1, 11))
 
 
+HOLDER = """
+    import sys, time, torch, gradguard as gg
+    m = gg.Monitor(sys.argv[1], flush_every=2, detectors=[])
+    p = torch.nn.Parameter(torch.ones(3))
+    for _ in range(4):
+        p.grad = torch.ones(3)
+        m.record(gg.NormClip(1.0)([p]))
+    m.flush(wait=True)
+    print("ready", flush=True)
+    sys.stdin.readline()           # holds the folder until the test says
+    m.close()
+"""
+
+
+def test_a_second_live_writer_is_refused_across_processes(tmp_path):
+    """Another process is writing runs/x: resume or overwrite would mix two runs in one
+    folder, so the store refuses (a warning naming the pid and the lock; training goes on);
+    "new" writes a sibling. The live run keeps exactly its own steps."""
+    run_dir = tmp_path / "x"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOLDER), str(run_dir)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert holder.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
+        for mode in ("resume", "overwrite", "new"):
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                mon = Monitor(run_dir, flush_every=2, detectors=[], mode=mode)
+                _steps(mon, 1, 3)
+                mon.close()
+            msgs = [str(m.message) for m in w]
+            if mode == "new":
+                assert mon.run_dir == tmp_path / "x-2"
+                assert load_run(mon.run_dir).steps.step.tolist() == [1, 2, 3]
+            else:
+                hit = [m for m in msgs if "another live writer" in m]
+                assert len(hit) == 1 and f"pid {holder.pid}" in hit[0], msgs
+                assert "cannot write to the run folder" in hit[0] and "writer-r0.lock" in hit[0]
+        assert load_run(run_dir).steps.step.tolist() == [1, 2, 3, 4]  # nothing mixed in
+    finally:
+        holder.communicate("\n", timeout=60)
+    assert holder.returncode == 0
+    assert load_run(run_dir).steps.total_norm.tolist() == pytest.approx([3 ** 0.5] * 4, rel=1e-6)
+    assert not (run_dir / "writer-r0.lock").exists()
+
+
 def test_resume_from_a_checkpoint_older_than_the_last_flush(tmp_path):
     """Steps 16-30 written by the first process are superseded by the resumed one: each step
     once, events once, values those of the resumed run."""

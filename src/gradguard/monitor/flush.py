@@ -144,10 +144,13 @@ class Flusher:
                 self._writer.open()
             except OSError as exc:
                 self._writer = None
+                from ..store import RunLockedError
+
+                what = "cannot write to the run folder" if isinstance(exc, RunLockedError) \
+                    else "cannot create the run folder"
                 self.notices.fail(
-                    "store", exc, f"gradguard monitor: cannot create the run folder "
-                    f"{self.requested_dir}: {exc}; the run store is off, sinks still get the "
-                    "statistics")
+                    "store", exc, f"gradguard monitor: {what} {self.requested_dir}: {exc}; the "
+                    "run store is off, sinks still get the statistics")
             self._claimed = True
             if self._writer is not None:
                 used = Path(self._writer.path)
