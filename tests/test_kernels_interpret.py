@@ -163,3 +163,39 @@ def test_scale_mixed_dtypes(kern):
     kern.multi_tensor_scale_(ts, c, allow_cpu=True)
     for t, w in zip(ts, want):
         assert torch.equal(t, w)
+
+
+@needs_interp
+def test_one_grouping_for_the_norm_and_the_scale(kern, monkeypatch):
+    """``Groups`` built once: the norm pass and the scale look each group's chunk table up
+    once between them, and the results are the per-group kernels' own."""
+    ts = _tensors(torch.float32, seed=7)[:3] + _tensors(torch.bfloat16, seed=8)[:3]
+    ts = [ts[0], ts[3], ts[1], ts[4], ts[2], ts[5]]  # dtypes interleaved
+    groups = kern.Groups(ts)
+    assert groups.dtypes == [torch.float32, torch.bfloat16] and not groups.single
+    assert groups.index == [[0, 2, 4], [1, 3, 5]]
+    calls = []
+    real = kern._layout
+    monkeypatch.setattr(kern, "_layout", lambda t: calls.append(len(t)) or real(t))
+    per, total, _ = kern.group_norms(groups, 2.0, allow_cpu=True)
+    assert total is None  # several groups: the caller forms the total from per_tensor
+    want_per, _ = _ref_norms(ts, 2.0)
+    np.testing.assert_allclose(per.double().numpy(), want_per, rtol=2e-6, atol=0)
+    want = [t * 0.5 for t in ts]  # exact in every dtype
+    kern.multi_tensor_scale_(ts, torch.tensor(0.5), allow_cpu=True, groups=groups)
+    assert calls == [3, 3]  # one lookup per group for both passes
+    for t, w in zip(ts, want):
+        assert torch.equal(t, w)
+    kern.multi_tensor_scale_(ts, torch.tensor(0.5), allow_cpu=True, groups=kern.Groups(ts[:2]))
+    assert calls == [3, 3, 3, 3]  # the Groups of another list: grouped again
+
+
+@needs_interp
+def test_one_group_gives_the_kernels_total(kern):
+    ts = _tensors(torch.float32, seed=9)
+    per, total, mx = kern.group_norms(kern.Groups(ts), 2.0, with_max_abs=True, allow_cpu=True)
+    want_per, want_total = _ref_norms(ts, 2.0)
+    np.testing.assert_allclose(per.double().numpy(), want_per, rtol=2e-6, atol=0)
+    assert math.isclose(float(total), want_total, rel_tol=2e-6)
+    assert torch.equal(mx, torch.stack([t.abs().max() if t.numel() else torch.zeros(())
+                                        for t in ts]))

@@ -198,11 +198,11 @@ def test_cpu_scale_is_bit_identical_to_torch_foreach_mul(threads, monkeypatch):
 
     monkeypatch.setattr(_pool, "threads", lambda: threads)
     torch.manual_seed(0)
-    big = torch.randn(3 * kernels._CPU_CHUNK + 11)
+    big = torch.randn(3 * cpu.CHUNK + 11)
     tensors = [big, torch.randn(0), torch.randn(7, 5).t(), torch.randn(100, dtype=torch.float64),
                torch.randn(50).half(), torch.randn(50).bfloat16(), torch.tensor([1e-40, -3e38, 7.0]),
-               torch.randn(2 * kernels._CPU_CHUNK) * 1e-3]
-    monkeypatch.setattr(kernels, "_CPU_PARALLEL_MIN", 0)  # the pool even for small inputs
+               torch.randn(2 * cpu.CHUNK) * 1e-3]
+    monkeypatch.setattr(cpu, "PARALLEL_MIN", 0)  # the pool even for small inputs
     for coef_value in (0.3, 1e-30, 7.5, float("nan")):
         coef = torch.tensor(coef_value, dtype=torch.float32)
         want = [t.clone() for t in tensors]

@@ -170,7 +170,8 @@ class ScalarClipper(Clipper):
         thr = self.step_threshold(total)
         coef = self._coef(total, thr, nonfinite, propagate_nonfinite)
         if apply and grads:
-            multi_tensor_scale_(grads, coef)  # no host read on CUDA; skips coef == 1 on CPU
+            # no host read on CUDA; skips coef == 1 on CPU; the norm pass's grouping reused
+            multi_tensor_scale_(grads, coef, groups=norms.groups)
         return ClipStats(norms.total, coef, coef < 1.0, nonfinite, norms.per_tensor, thr)
 
 

@@ -12,18 +12,10 @@ overflow when the per-tensor norms are finite:
 
 For p = inf, ``n_i = max |g_i|`` and the total is ``max_i n_i``.
 
-Fast paths (same results, more accurate than torch's):
-
-* CPU, p = 2: ``gradguard.kernels.cpu.l2_norms``: small tensors packed together and summed
-  in float64, large ones as BLAS dot products of 256K-element chunks on the thread pool
-  (float16/bfloat16 widened per chunk by the same worker), sums added in float64, and on
-  request ``max |g|`` of each chunk while it is in the cache. A chunk whose squares overflow
-  or underflow float32 is recomputed in float64 (exact zeros are not), so the result stays
-  finite and correct when the norm is.
-* CUDA with Triton: one persistent multi-tensor kernel plus one small reduction
-  (``gradguard.kernels``), for p in {1, 2, inf}, float16/bfloat16/float32.
-* Otherwise, and while ``torch.compile`` traces: ``torch._foreach_norm(dtype=float32)``
-  (float64 for float64).
+The norms come from ``gradguard.kernels`` (``Groups`` + ``group_norms``, the one dispatcher:
+the CPU kernel for p = 2, Triton on CUDA for p in {1, 2, inf}, ``torch._foreach_norm``
+otherwise and while ``torch.compile`` traces; same results, more accurate than torch's). This
+module forms the total, reduces across ranks (``gradguard.distributed``) and checks inputs.
 """
 
 from __future__ import annotations
@@ -33,13 +25,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from . import _validate
-from .kernels import cpu as _cpu
-from .kernels import is_compiling
+from . import _validate, kernels
+from .kernels import _torch as _torch_kernels
 
 
 @dataclass(frozen=True)
@@ -69,6 +59,9 @@ class GradNorms:
     #: ``gradguard.distributed.DistPlan`` of a distributed call (the groups the norms were
     #: reduced over, for rules that reduce more, e.g. the default clipper's cosine), else None
     plan: Any = None
+    #: ``gradguard.kernels.Groups`` of the gradients the norms were read from (the scale of
+    #: the same list reuses it), None for a distributed call
+    groups: Any = None
 
     @property
     def nonfinite(self) -> Tensor:
@@ -94,124 +87,10 @@ def collect_grads(parameters: Tensor | Iterable[Tensor]) -> tuple[list[Tensor], 
     return params, grads
 
 
-# The CPU kernel's chunk and dtypes live with it (gradguard.kernels.cpu); one is_compiling.
-_FAST_CPU_DTYPES = _cpu.DTYPES
-#: p-norms computed max-normalised on the torch path: every p but 1, 2 (rescued by the
-#: kernels) and inf (a max cannot overflow); |x|**p leaves float32's range for |x| > 3e4 at
-#: p = 8, and underflows for |x| < 1e-6
-_PLAIN_P = (1.0, 2.0, math.inf)
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a gradient of ``dtype`` is normed in: float64 for float64, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _use_cpu_fast_path(grads: list[Tensor], norm_type: float) -> bool:
-    return (norm_type == 2.0 and grads[0].device.type == "cpu" and not is_compiling())
-
-
-def _scaled_norms(full: list[Tensor], norm_type: float, out: torch.dtype) -> list[Tensor]:
-    """p-norms of non-empty tensors, max-normalised: ``||g||_p = m * ||g / m||_p`` with
-    ``m = max |g|`` (exact, cannot overflow), so ``|g/m|**p <= 1`` neither overflows nor
-    (for the elements that matter) underflows; the scaled norms accumulate in float64 where
-    the device has it. NaN and Inf propagate (m non-finite: the norm of g itself)."""
-    m = torch._foreach_norm(full, math.inf)
-    scale = [torch.where((x > 0) & torch.isfinite(x), x, torch.ones_like(x)).to(_acc_dtype(g.dtype))
-             for x, g in zip(m, full)]
-    scaled = torch._foreach_div([g.to(_acc_dtype(g.dtype)) for g in full], scale)
-    wide = torch.float32 if full[0].device.type == "mps" else torch.float64
-    got = torch._foreach_norm(scaled, norm_type, dtype=wide)
-    return [(n * s.to(wide)).to(out) for n, s in zip(got, scale)]
-
-
-def _foreach_norms(group: list[Tensor], norm_type: float) -> list[Tensor]:
-    """``torch._foreach_norm`` in float32 (float64 for float64); p not in {1, 2, inf}
-    max-normalised (``_scaled_norms``); empty tensors get 0 (torch refuses their inf-norm)."""
-    full = [g for g in group if g.numel()]
-    out = _acc_dtype(group[0].dtype)
-    if not full:
-        got: list[Tensor] = []
-    elif norm_type in _PLAIN_P:
-        got = list(torch._foreach_norm(full, norm_type, dtype=out))
-    else:
-        got = _scaled_norms(full, norm_type, out)
-    if len(full) == len(group):
-        return got
-    it = iter(got)
-    zero = torch.zeros((), dtype=out, device=group[0].device)
-    return [next(it) if g.numel() else zero for g in group]
-
-
-def _max_abs_cpu(grads: list[Tensor]) -> Tensor:
-    """``max |g|`` per CPU tensor (float32; float64 for float64), block by block through numpy's ``max`` and ``min``
-    (4x faster than ``torch.aminmax``; ``_foreach_norm(inf)`` is 20x slower on the CPU)."""
-    out = np.zeros(len(grads), dtype=np.float64)
-    for j, g in enumerate(grads):
-        if g.numel() == 0:
-            continue
-        if g.dtype in (torch.float32, torch.float64, torch.float16) and g.layout == torch.strided:
-            a = g.detach().reshape(-1).numpy()
-            # block by block: min reads what max just brought into the cache
-            blocks = [a[s: s + _cpu.CHUNK] for s in range(0, a.size, _cpu.CHUNK)]
-            ext = np.array([(b.max(), -b.min()) for b in blocks], dtype=np.float64)
-            with np.errstate(invalid="ignore"):
-                out[j] = ext.max()  # numpy's max propagates NaN
-        else:
-            lo_t, hi_t = torch.aminmax(g.detach().reshape(-1))
-            out[j] = float(torch.maximum(hi_t, -lo_t).double())
-    wide = bool(grads) and grads[0].dtype == torch.float64
-    return torch.from_numpy(out.astype(np.float64 if wide else np.float32))
-
-
-def _max_abs(group: list[Tensor]) -> Tensor:
-    if group[0].device.type == "cpu" and not is_compiling():
-        return _max_abs_cpu(group)
-    return torch.stack(_foreach_norms(group, math.inf))
-
-
-def _per_tensor(grads: list[Tensor], norm_type: float,
-                with_max_abs: bool) -> tuple[Tensor, Tensor | None]:
-    if not grads:
-        empty = torch.zeros(0, dtype=torch.float32)
-        return empty, (empty if with_max_abs else None)
-    device = grads[0].device
-    out: list[Tensor | None] = [None] * len(grads)
-    out_max: list[Tensor | None] = [None] * len(grads)
-    # Group indices by dtype so each multi-tensor call gets a homogeneous list.
-    dtypes = [g.dtype for g in grads]
-    groups: dict[torch.dtype, list[int]] = {}
-    if dtypes.count(dtypes[0]) == len(dtypes):
-        groups[dtypes[0]] = list(range(len(grads)))
-    else:
-        for i, dt in enumerate(dtypes):
-            groups.setdefault(dt, []).append(i)
-    # float64 if any gradient is float64 (torch's total is then float64 too), else float32
-    out_dtype = torch.float64 if torch.float64 in groups else torch.float32
-    for dtype, idx in groups.items():
-        group = grads if len(groups) == 1 else [grads[i] for i in idx]
-        norms: Tensor | list[Tensor] | None = None
-        mx: Tensor | None = None
-        if dtype in _FAST_CPU_DTYPES and _use_cpu_fast_path(group, norm_type):
-            norms, mx = _cpu.l2_norms(group, with_max_abs)
-        elif device.type == "cuda":
-            from . import kernels
-            res = kernels.multi_tensor_norms(group, norm_type)
-            norms = None if res is None else res[0]
-        if norms is None:
-            norms = _foreach_norms(group, norm_type)
-        if not isinstance(norms, Tensor):
-            norms = torch.stack(norms)
-        if with_max_abs and mx is None:
-            mx = norms if math.isinf(norm_type) else _max_abs(group)
-        if len(groups) == 1:
-            return norms, mx
-        for j, i in enumerate(idx):
-            out[i] = norms[j]
-            out_max[i] = None if mx is None else mx[j]
-    stacked = torch.stack([t.to(out_dtype) for t in out])  # type: ignore[union-attr]
-    return stacked, (torch.stack([t.to(out_dtype) for t in out_max])  # type: ignore[union-attr]
-                     if with_max_abs else None)
+# The torch fallback (``kernels._torch``) and the CPU max |g| under their old names here
+# (``monitor.layer_stats`` and tests import them)
+_foreach_norms = _torch_kernels.foreach_norms
+_max_abs = kernels.max_abs
 
 
 def per_tensor_norms(grads: list[Tensor], norm_type: float = 2.0) -> Tensor:
@@ -225,7 +104,7 @@ def per_tensor_norms(grads: list[Tensor], norm_type: float = 2.0) -> Tensor:
     """
     if _any_dtensor(grads):
         return compute_norms(grads, norm_type).per_tensor  # the global norms
-    return _per_tensor(grads, norm_type, False)[0]
+    return kernels.group_norms(kernels.Groups(grads), norm_type)[0]
 
 
 def _any_dtensor(grads: list[Tensor]) -> bool:
@@ -241,7 +120,7 @@ def total_from_per_tensor(per_tensor: Tensor, norm_type: float = 2.0) -> Tensor:
         return per_tensor.max()
     m = per_tensor.max()
     scale = torch.where((m > 0) & torch.isfinite(m), m, torch.ones_like(m))
-    if norm_type in _PLAIN_P or per_tensor.device.type == "mps":
+    if norm_type in _torch_kernels.PLAIN_P or per_tensor.device.type == "mps":
         return torch.linalg.vector_norm(per_tensor / scale, norm_type) * scale
     # other p: (n_i/m)**p summed and raised to 1/p in float64 (for p < 1 the sum exceeds 1)
     wide = torch.linalg.vector_norm(per_tensor.double() / scale.double(), norm_type)
@@ -281,20 +160,15 @@ def compute_norms(grads: list[Tensor], norm_type: float = 2.0, *,
             return GradNorms(total=red.total, per_tensor=red.per_tensor, norm_type=norm_type,
                              max_abs=red.max_abs, reduced_nonfinite=red.nonfinite,
                              loss=red.loss, plan=plan)
-    if grads and grads[0].device.type == "cuda" and all(g.dtype == grads[0].dtype for g in grads):
-        from . import kernels
-        res = kernels.multi_tensor_norms(grads, norm_type)
-        if res is not None:
-            mx = None
-            if with_max_abs:
-                mx = res[0] if math.isinf(norm_type) else _max_abs(grads)
-            return GradNorms(total=res[1], per_tensor=res[0], norm_type=norm_type, max_abs=mx)
-    per, mx = _per_tensor(grads, norm_type, with_max_abs)
-    if grads:
-        per = per.to(grads[0].device)
-        mx = None if mx is None else mx.to(grads[0].device)
-    return GradNorms(total=total_from_per_tensor(per, norm_type), per_tensor=per,
-                     norm_type=norm_type, max_abs=mx)
+    groups = kernels.Groups(grads)
+    per, total, mx = kernels.group_norms(groups, norm_type, with_max_abs=with_max_abs)
+    if total is None:
+        if grads:
+            per = per.to(grads[0].device)
+            mx = None if mx is None else mx.to(grads[0].device)
+        total = total_from_per_tensor(per, norm_type)
+    return GradNorms(total=total, per_tensor=per, norm_type=norm_type, max_abs=mx,
+                     groups=groups)
 
 
 def grad_norm(parameters: Tensor | Iterable[Tensor], norm_type: float = 2.0, *,

@@ -1,24 +1,37 @@
-"""Multi-tensor norm and scale kernels, chosen per call.
+"""Multi-tensor norm and scale kernels behind one dispatcher.
 
-``multi_tensor_norms(tensors, p)``
-    Per-tensor and total p-norms (float32) of same-dtype tensors from one read. On CUDA with
-    Triton importable, p in {1, 2, inf} and float16/bfloat16/float32 contiguous tensors: two
-    Triton launches (a persistent chunked pass writing float64 partials, then a segmented
-    reduction; see ``_triton``). Returns None where it does not apply; the caller then uses
-    ``torch._foreach_norm``.
+Size: the dispatcher, the Triton chunk tables and their launches stay together (tests patch
+``CHUNK``, ``BLOCK``, ``_layout`` and ``_cpu_scale_`` here); the kernels live in ``cpu.py``,
+``_triton.py`` and ``_torch.py``.
 
-``multi_tensor_scale_(tensors, coef)``
+Implementations: ``kernels.cpu`` (CPU: chunked L2 norms, max |g|, the threaded scale),
+``kernels._triton`` (CUDA: a persistent multi-tensor norm and scale), ``kernels._torch``
+(``torch._foreach_norm``, everywhere else and while ``torch.compile`` traces).
+
+``Groups(tensors)``
+    The tensors of one call grouped once by dtype (on one device), built by
+    ``norms.compute_norms`` and handed on in ``GradNorms.groups``: the norm pass and the
+    scale of the same list share it and each group's Triton chunk table.
+
+``group_norms(groups, p, with_max_abs)``
+    The one norm dispatcher: per group the CPU kernel (p = 2), the Triton kernel (CUDA, p in
+    {1, 2, inf}, float16/bfloat16/float32 contiguous tensors: two launches, a persistent
+    chunked pass writing float64 partials, then a segmented reduction) or ``torch._foreach_norm``.
+    ``multi_tensor_norms(tensors, p)`` is the Triton kernel alone (None where it does not apply).
+
+``multi_tensor_scale_(tensors, coef, groups=None)``
     ``t <- t * coef`` for every tensor, ``coef`` a 0-d float32 tensor on their device, never
-    read on the host on CUDA. On CUDA with Triton: one launch that returns at once when
-    ``coef == 1``. On the CPU: ``coef`` is read (a CPU tensor: no device to wait for), the
-    pass is skipped when it is 1, and otherwise float32/float64 tensors are multiplied in
-    256K-element chunks by numpy (``_cpu_scale_``) on ``torch.get_num_threads()`` threads
-    handed chunks one at a time (an OpenMP region waits for its slowest thread: with the
-    other core busy torch's own multiply took 10x longer), in reverse order, so the first
-    chunks scaled are the last ones the norm pass read, still in the last-level cache;
-    float16/bfloat16 through ``torch._foreach_mul_``. Elsewhere ``torch._foreach_mul_``. The result is the same on
-    every path: ``x * coef`` computed in float32, rounded to the tensor's dtype. DTensors
-(FSDP2, TP) are scaled through their local shards.
+    read on the host on CUDA. On CUDA with Triton: one launch per group that returns at once
+    when ``coef == 1``. On the CPU: ``coef`` is read (a CPU tensor: no device to wait for),
+    the pass is skipped when it is 1, and otherwise ``kernels.cpu.scale_`` (numpy chunks on
+    the thread pool, small tensors and half dtypes through ``torch._foreach_mul_``).
+    Elsewhere ``torch._foreach_mul_``. The result is the same on every path: ``x * coef``
+    computed in float32, rounded to the tensor's dtype. DTensors (FSDP2, TP) are scaled
+    through their local shards.
+
+Chunk sizes are each kernel's unit of work and stay two: ``cpu.CHUNK`` (256K elements, one
+thread's share) and ``CHUNK`` here (64K, one Triton program iteration); changing either
+changes the float32 partial sums, so the norms' last bits.
 
 No host synchronisation happens on CUDA: the chunk tables the kernels read are built once
 per gradient layout (data pointers, sizes, dtype), copied to the device from pinned memory
@@ -37,9 +50,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from .cpu import CHUNK as _CPU_CHUNK  # one CPU chunk for the norm and the scale
-from .cpu import PARALLEL_MIN as _CPU_PARALLEL_MIN
-from .cpu import SMALL as _CPU_SMALL
+from . import _torch
+from . import cpu as _cpu
 
 #: elements per chunk (the unit of work of one program iteration) and per tile
 CHUNK = int(os.environ.get("GRADGUARD_TRITON_CHUNK", 1 << 16))
@@ -205,21 +217,46 @@ def _usable(tensors: list[Tensor], allow_cpu: bool) -> bool:
     return backend(dev) == "triton"
 
 
-def multi_tensor_norms(tensors: list[Tensor], norm_type: float = 2.0, *,
-                       allow_cpu: bool = False) -> tuple[Tensor, Tensor] | None:
-    """``(per_tensor, total)`` float32 p-norms of same-dtype tensors, or None (no kernel).
+class Groups:
+    """The tensors of one call grouped once by dtype (on one device), reused by every pass.
 
-    ``per_tensor[i] = ||t_i||_p`` and ``total = ||concat(t)||_p`` for p in {1, 2, inf},
-    accumulated in float32 per chunk and in float64 across chunks; finite whenever the true
-    norm is representable (see ``_triton``). ``allow_cpu`` lets the Triton interpreter run on
-    CPU tensors (tests).
+    ``compute_norms`` builds it for the norm pass and hands it on in ``GradNorms.groups``;
+    the scale of the same list (``ScalarClipper.clip_``) takes it instead of grouping again.
+    Group ``i`` is ``members[i]`` (the whole list when ``single``), at positions ``index[i]``
+    of ``tensors``, all of dtype ``dtypes[i]``. ``layout(i)`` is that group's Triton chunk
+    table, looked up once per ``Groups`` (the tables themselves are cached across steps by
+    data pointers and sizes, ``_LAYOUTS``: a training loop whose gradients stay where they are
+    builds none after its first step). The device is the first tensor's: the callers'
+    tensors share one (``norms.collect_grads`` checks), and a chunk table refuses a list that
+    does not (its group then takes the torch path).
     """
-    p = _P_CODE.get(float(norm_type))
-    if p is None or not _usable(tensors, allow_cpu):
-        return None
-    lay = _layout(tensors)
-    if lay is None:
-        return None
+
+    def __init__(self, tensors: list[Tensor]):
+        self.tensors = tensors
+        self.device = tensors[0].device if tensors else torch.device("cpu")
+        dtypes = [t.dtype for t in tensors]
+        self.single = bool(tensors) and dtypes.count(dtypes[0]) == len(dtypes)
+        if self.single or not tensors:
+            self.dtypes = dtypes[:1]
+            self.index: list[list[int]] = [list(range(len(tensors)))] if tensors else []
+            self.members: list[list[Tensor]] = [tensors] if tensors else []
+        else:
+            at: dict[torch.dtype, list[int]] = {}
+            for i, dt in enumerate(dtypes):
+                at.setdefault(dt, []).append(i)
+            self.dtypes = list(at)
+            self.index = list(at.values())
+            self.members = [[tensors[i] for i in idx] for idx in self.index]
+        self._layouts: dict[int, _Layout | None] = {}
+
+    def layout(self, i: int) -> _Layout | None:
+        """Group ``i``'s Triton chunk table, or None if it does not suit the kernels."""
+        if i not in self._layouts:
+            self._layouts[i] = _layout(self.members[i])
+        return self._layouts[i]
+
+
+def _triton_norms(tensors: list[Tensor], lay: _Layout, p: int) -> tuple[Tensor, Tensor]:
     k = triton_kernels()
     dev = tensors[0].device
     n_t = len(tensors)
@@ -234,8 +271,104 @@ def multi_tensor_norms(tensors: list[Tensor], norm_type: float = 2.0, *,
     return out[:n_t], out[n_t]
 
 
-def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor, *, allow_cpu: bool = False) -> None:
-    """``t <- t * coef`` in place for every tensor; see the module docstring for the paths."""
+def multi_tensor_norms(tensors: list[Tensor], norm_type: float = 2.0, *,
+                       allow_cpu: bool = False) -> tuple[Tensor, Tensor] | None:
+    """``(per_tensor, total)`` float32 p-norms of same-dtype tensors, or None (no kernel).
+
+    ``per_tensor[i] = ||t_i||_p`` and ``total = ||concat(t)||_p`` for p in {1, 2, inf},
+    accumulated in float32 per chunk and in float64 across chunks; finite whenever the true
+    norm is representable (see ``_triton``). ``allow_cpu`` lets the Triton interpreter run on
+    CPU tensors (tests).
+    """
+    p = _P_CODE.get(float(norm_type))
+    if p is None or not _usable(tensors, allow_cpu):
+        return None
+    lay = _layout(tensors)
+    return None if lay is None else _triton_norms(tensors, lay, p)
+
+
+def _group_triton_norms(groups: Groups, i: int, norm_type: float,
+                        allow_cpu: bool) -> tuple[Tensor, Tensor] | None:
+    p = _P_CODE.get(float(norm_type))
+    if (p is None or (groups.device.type != "cuda" and not allow_cpu)
+            or not _usable(groups.members[i], allow_cpu)):
+        return None
+    lay = groups.layout(i)
+    return None if lay is None else _triton_norms(groups.members[i], lay, p)
+
+
+def max_abs(tensors: list[Tensor]) -> Tensor:
+    """``max |t_i|`` per tensor of one dtype (float32; float64 for float64), 0 when empty."""
+    if tensors[0].device.type == "cpu" and not _is_compiling():
+        return _cpu.max_abs(tensors)
+    return torch.stack(_torch.foreach_norms(tensors, math.inf))
+
+
+def group_norms(groups: Groups, norm_type: float = 2.0, *, with_max_abs: bool = False,
+                allow_cpu: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(per_tensor, total, max_abs)`` of ``groups.tensors``: the one norm dispatcher.
+
+    Per group: on the CPU, p = 2, ``kernels.cpu.l2_norms`` (and ``max |g|`` in the same
+    pass); on CUDA with Triton, p in {1, 2, inf}, float16/bfloat16/float32: the Triton
+    kernel; otherwise ``torch._foreach_norm`` (``kernels._torch``). ``total`` is the Triton
+    kernel's own (reduced in float64 from its partials) when one group took it, else None
+    (the caller forms it from ``per_tensor``). Norms are float32, float64 when a gradient is
+    float64; ``max_abs`` only when asked for. ``allow_cpu``: the Triton interpreter takes CPU
+    tensors (tests), in place of the CPU kernel.
+    """
+    tensors = groups.tensors
+    if not tensors:
+        empty = torch.zeros(0, dtype=torch.float32)
+        return empty, None, (empty if with_max_abs else None)
+    if groups.single:
+        res = _group_triton_norms(groups, 0, norm_type, allow_cpu)
+        if res is not None:
+            mx = None
+            if with_max_abs:
+                mx = res[0] if math.isinf(norm_type) else max_abs(tensors)
+            return res[0], res[1], mx
+    cpu_l2 = (norm_type == 2.0 and groups.device.type == "cpu" and not _is_compiling()
+              and not allow_cpu)
+    per: list[Tensor] = []
+    maxes: list[Tensor | None] = []
+    for i, (dtype, group) in enumerate(zip(groups.dtypes, groups.members)):
+        norms: Tensor | list[Tensor] | None = None
+        mx: Tensor | None = None
+        if cpu_l2 and dtype in _cpu.DTYPES:
+            norms, mx = _cpu.l2_norms(group, with_max_abs)
+        elif groups.device.type == "cuda" or allow_cpu:
+            res = _group_triton_norms(groups, i, norm_type, allow_cpu)
+            norms = None if res is None else res[0]
+        if norms is None:
+            norms = _torch.foreach_norms(group, norm_type)
+        if not isinstance(norms, Tensor):
+            norms = torch.stack(norms)
+        if with_max_abs and mx is None:
+            mx = norms if math.isinf(norm_type) else max_abs(group)
+        per.append(norms)
+        maxes.append(mx)
+    if groups.single:
+        return per[0], None, maxes[0]
+    # float64 if any gradient is float64 (torch's total is then float64 too), else float32
+    out_dtype = torch.float64 if torch.float64 in groups.dtypes else torch.float32
+    return (_scatter(per, groups, out_dtype), None,
+            _scatter(maxes, groups, out_dtype) if with_max_abs else None)  # type: ignore[arg-type]
+
+
+def _scatter(parts: list[Tensor], groups: Groups, dtype: torch.dtype) -> Tensor:
+    """The groups' 1-d results back in the tensors' order, as ``dtype``."""
+    out: list[Tensor | None] = [None] * len(groups.tensors)
+    for part, idx in zip(parts, groups.index):
+        for j, i in enumerate(idx):
+            out[i] = part[j]
+    return torch.stack([t.to(dtype) for t in out])  # type: ignore[union-attr]
+
+
+def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor, *, allow_cpu: bool = False,
+                        groups: Groups | None = None) -> None:
+    """``t <- t * coef`` in place for every tensor; see the module docstring for the paths.
+    ``groups``: the ``Groups`` of this same list from the norm pass (rebuilt when it is of
+    another list)."""
     if not tensors:
         return
     if any(type(t).__name__ == "DTensor" for t in tensors):
@@ -247,13 +380,12 @@ def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor, *, allow_cpu: bool 
     dev = tensors[0].device
     if _usable(tensors, allow_cpu):
         coef32 = coef.reshape(1).to(torch.float32)
-        groups: dict[torch.dtype, list[Tensor]] = {}
-        for t in tensors:
-            groups.setdefault(t.dtype, []).append(t)
+        if groups is None or groups.tensors is not tensors:
+            groups = Groups(tensors)
         rest: list[Tensor] = []
         k = triton_kernels()
-        for group in groups.values():
-            lay = _layout(group)
+        for i, group in enumerate(groups.members):
+            lay = groups.layout(i)
             if lay is None:
                 rest.extend(group)
             elif lay.n_chunks:
@@ -275,45 +407,4 @@ def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor, *, allow_cpu: bool 
     torch._foreach_mul_(tensors, coef)
 
 
-
-
-def _cpu_scale_(tensors: list[Tensor], coef: Tensor, c: float) -> None:
-    """``t *= c`` for CPU tensors, ``c`` the value of ``coef`` (float32, or float64 when
-    ``coef`` is): bit for bit what
-    ``torch._foreach_mul_(tensors, coef)`` writes (one IEEE float32/float64 multiply)."""
-    import numpy as np
-
-    from .. import _pool
-
-    arrays: list = []
-    scalars: list = []
-    rest: list[Tensor] = []
-    c32 = np.float32(c)
-    c64 = np.float64(c)  # c is float32 (then c64 == c32 exactly) or a float64 factor
-    done: list[Tensor] = []
-    for t in reversed(tensors):
-        # small tensors go to one torch._foreach_mul_ (a C++ loop, the same bits): per
-        # tensor, numpy's setup costs more than the multiply
-        if (t.dtype in (torch.float32, torch.float64) and t.numel() > _CPU_SMALL
-                and t.is_contiguous() and not t.is_neg() and not t.requires_grad):
-            done.append(t)
-            a = t.detach().view(-1).numpy()
-            sc = c32 if t.dtype == torch.float32 else c64
-            for start in range(((a.size - 1) // _CPU_CHUNK) * _CPU_CHUNK, -1, -_CPU_CHUNK):
-                arrays.append(a[start: start + _CPU_CHUNK])
-                scalars.append(sc)
-        else:
-            rest.append(t)
-
-    def work(j: int) -> None:
-        np.multiply(arrays[j], scalars[j], out=arrays[j])
-
-    total = sum(a.size for a in arrays)
-    _pool.run_indexed(len(arrays), work, _pool.threads() if total >= _CPU_PARALLEL_MIN else 1,
-                      context=lambda: np.errstate(all="ignore"))
-    if done:
-        # as an in-place torch op would: autograd sees that these tensors changed
-        from torch.autograd.graph import increment_version
-        increment_version(done)
-    if rest:
-        torch._foreach_mul_(rest[::-1], coef)
+_cpu_scale_ = _cpu.scale_  # the CPU scale (a module attribute: tests spy on it)
