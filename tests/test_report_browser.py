@@ -158,7 +158,7 @@ def test_report_draws_every_view_offline(browser, two_runs, tmp_path):
     page = Page(browser, out)
     assert_clean(page)
     plots = page.plots()
-    views = ["norm", "rate", "heatmap", "flow", "ratio", "ratio-layers"]
+    views = ["norm", "lr", "rate", "heatmap", "flow", "ratio", "ratio-layers"]
     assert_drawn(plots, ["exp0-norm", "exp0-loss"] + [f"run{i}-{v}" for i in (0, 1) for v in views])
     # the events table: 5 incidents per run, each opens to rule, values, top layers and its window
     summaries = browser.find_elements("css selector", "#run0-events details.event > summary")
@@ -173,6 +173,21 @@ def test_report_draws_every_view_offline(browser, two_runs, tmp_path):
     assert_drawn(page.plots(), ["run0-incident-window"])
     assert page.screenshot(tmp_path / "report.png").stat().st_size > 50_000
     assert_clean(page)  # opening the event logged nothing either
+
+
+def test_learning_rate_chart_draws_every_group(browser, tmp_path):
+    d = write_synthetic_run(tmp_path / "lr", steps=3000, layers=3, lr_groups=3, name="three groups")
+    out, failed = make_report([d], tmp_path / "report.html")
+    assert failed == []
+    page = Page(browser, out)
+    assert_clean(page)
+    assert_drawn(page.plots(), ["run0-lr"])
+    card = browser.find_element("css selector", "#run0-lr").text
+    assert "Learning rate" in card and "3 param groups" in card and "log axis" in card
+    axes = page.plots()["run0-lr"]["status"]["axes"]
+    left = [a for a in axes if a["scale"] == "y"][0]
+    assert left["label"] == "learning rate" and left["log"] and len([t for t in left["ticks"] if t]) >= 2
+    assert [ln["label"] for ln in page.plots()["run0-lr"]["status"]["lines"]] == ["group 0", "group 1", "group 2"]
 
 
 def test_names_render_as_text_and_run_nothing(browser, tmp_path):
