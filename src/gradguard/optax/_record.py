@@ -12,6 +12,12 @@
                   store as ``gg.Monitor`` (``gradguard.store.RunWriter``), layers named by leaf
                   path, so ``gradguard report`` / ``inspect`` / ``gg.load_run`` read JAX runs.
 
+Durability: with ``history``, the recorder keeps a reference to the last history's ring
+buffers it was given (small arrays, not the optimizer state), so ``close()`` without an
+``opt_state``, the end of a ``with Recorder(...)`` block left by an exception and interpreter
+exit (an unclosed recorder) still write every step recorded so far; without ``history`` the
+steps since the last sample need ``close(opt_state)``.
+
 Failures of the store (full disk, read-only folder) warn once and are noted in the run's
 meta; they never raise into the training loop. ``max_consecutive_skips`` makes ``record``
 raise ``GradientExplosionError`` when a read shows that many refused updates in a row (the
@@ -23,6 +29,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+import weakref
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
@@ -208,10 +215,13 @@ class Recorder:
         self._steps: list[dict[str, Any]] = []
         self._layer_rows: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
         self._failed = False
+        self._last_history: HistoryState | None = None
         self._writer = RunWriter(run_dir, mode=mode)
         self.path = self._writer.path
         self.name = name or self.path.name
         self._meta()
+        # an unclosed recorder is closed at interpreter exit (an uncaught exception included)
+        self._finalizer = weakref.finalize(self, _close_at_exit, weakref.ref(self))
 
     # -- reading the device ----------------------------------------------------------------
     def record(self, opt_state: Any) -> None:
@@ -222,6 +232,9 @@ class Recorder:
         self.calls += 1
         hist = _first_history(opt_state)
         if hist is not None:
+            # the ring buffers only (never the inner state): what close() reads if not given
+            self._last_history = HistoryState(None, hist.history_step, hist.history_steps,
+                                              hist.history)
             if self.calls % hist.history_steps.shape[0] == 0:
                 self._read_history(hist)
         elif self.calls % self.every == 0:
@@ -351,12 +364,13 @@ class Recorder:
             self._fail(exc)
 
     def close(self, opt_state: Any = None) -> None:
-        """Write what is left (pass the final ``opt_state`` to get the steps since the last
-        read), finish the meta, release the folder."""
+        """Write what is left (with ``history``, the steps since the last read, from the last
+        state ``record`` saw unless ``opt_state`` is given; without it, pass the final
+        ``opt_state``), finish the meta, release the folder. Never raises."""
         if self.closed:
             return
-        if opt_state is not None:
-            hist = _first_history(opt_state)
+        if opt_state is not None or self._last_history is not None:
+            hist = _first_history(opt_state) if opt_state is not None else self._last_history
             try:
                 if hist is not None:
                     self._read_history(hist)
@@ -364,7 +378,11 @@ class Recorder:
                     self._read_last(opt_state, self.calls - 1)
             except Exception as exc:  # noqa: BLE001 - closing never raises into the loop
                 self._fail(exc)
-        self._flush()
+        self._last_history = None
+        try:
+            self._flush()
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
         self.closed = True
         self._meta()
         try:
@@ -377,6 +395,15 @@ class Recorder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _close_at_exit(ref: Any) -> None:
+    rec = ref()
+    if rec is not None:
+        try:
+            rec.close()
+        except BaseException:  # noqa: BLE001 - an exit hook never raises
+            pass
 
 
 def _first_history(state: Any) -> HistoryState | None:

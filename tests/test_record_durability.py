@@ -1,0 +1,77 @@
+"""The JAX recorder keeps its story too: an exception leaving the loop, a close() without the
+final state and interpreter exit all write every recorded step (issue 12)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+jax = pytest.importorskip("jax")
+optax = pytest.importorskip("optax")
+import jax.numpy as jnp  # noqa: E402
+
+from gradguard import optax as ggo  # noqa: E402
+from gradguard.store import load_run  # noqa: E402
+
+
+def _tx(length=5):
+    return ggo.history(ggo.skip_nonfinite(optax.chain(ggo.clip_by_global_norm(1.0),
+                                                      optax.sgd(0.1))), length=length)
+
+
+def _train(rec, tx, n, fail_at=None):
+    params = {"w": jnp.ones(3)}
+    st = tx.init(params)
+    update = jax.jit(tx.update)
+    for k in range(n):
+        if k == fail_at:
+            raise RuntimeError("data loader died")
+        u, st = update({"w": jnp.full(3, 1.0 + k)}, st, params)
+        params = optax.apply_updates(params, u)
+        rec.record(st)
+    return st
+
+
+def test_an_exception_leaving_the_with_block_keeps_every_step(tmp_path):
+    tx = _tx()
+    with pytest.raises(RuntimeError, match="data loader"):
+        with ggo.Recorder(tmp_path / "run", {"w": jnp.ones(3)}) as rec:
+            _train(rec, tx, 20, fail_at=7)  # read at 5; steps 5 and 6 only in the history
+    run = load_run(tmp_path / "run")
+    assert run.steps.step.tolist() == list(range(7))
+    assert run.steps.total_norm.tolist() == pytest.approx([3 ** 0.5 * (1 + k) for k in range(7)])
+    assert run.meta["finished"]
+
+
+def test_close_without_the_final_state_writes_the_last_steps(tmp_path):
+    rec = ggo.Recorder(tmp_path / "run", {"w": jnp.ones(3)})
+    _train(rec, _tx(length=4), 11)
+    rec.close()
+    assert load_run(tmp_path / "run").steps.step.tolist() == list(range(11))
+
+
+def test_an_unclosed_recorder_is_written_at_interpreter_exit(tmp_path):
+    code = textwrap.dedent("""
+        import sys, jax, jax.numpy as jnp, optax
+        from gradguard import optax as ggo
+        tx = ggo.history(optax.chain(ggo.clip_by_global_norm(1.0), optax.sgd(0.1)), length=10)
+        params = {"w": jnp.ones(3)}
+        st = tx.init(params)
+        rec = ggo.Recorder(sys.argv[1], params)      # plain form, never closed
+        for k in range(100):
+            if k == 13:
+                raise RuntimeError("diverged")        # uncaught
+            u, st = tx.update({"w": jnp.full(3, 1.0 + k)}, st, params)
+            rec.record(st)
+    """)
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 1 and "diverged" in out.stderr, out.stderr[-2000:]
+    assert "Exception ignored" not in out.stderr
+    run = load_run(tmp_path / "run")
+    assert run.steps.step.tolist() == list(range(13))
+    assert run.meta["finished"]
