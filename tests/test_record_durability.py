@@ -75,3 +75,59 @@ def test_an_unclosed_recorder_is_written_at_interpreter_exit(tmp_path):
     run = load_run(tmp_path / "run")
     assert run.steps.step.tolist() == list(range(13))
     assert run.meta["finished"]
+
+
+KERAS_FIT = """
+import sys
+import numpy as np
+import keras
+import gradguard as gg
+from gradguard import keras as ggk
+
+class Dies(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 29:
+            raise RuntimeError("data loader died")
+
+x = np.random.default_rng(0).normal(size=(400, 3)).astype("float32")
+
+keras.utils.set_random_seed(0)
+mon = ggk.Monitor(sys.argv[1], flush_every=100, layer_every=5)
+opt = ggk.GuardedOptimizer(keras.optimizers.SGD(0.01), clipper=gg.NormClip(1.0), monitor=mon)
+model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.Dense(1)])
+model.compile(optimizer=opt, loss="mse")
+"""
+
+
+def _keras_steps(run_dir):
+    run = load_run(run_dir)
+    n = len(run.steps)
+    assert n >= 25 and run.steps.step.tolist() == list(range(1, n + 1))
+    assert run.meta["finished"]
+    return n
+
+
+def test_keras_fit_left_by_an_exception_keeps_every_step(tmp_path):
+    pytest.importorskip("tensorflow")
+    ns: dict = {"sys": sys}
+    sys_argv = sys.argv
+    try:
+        sys.argv = ["x", str(tmp_path / "run")]
+        exec(KERAS_FIT, ns)  # noqa: S102 - the same program as the subprocess below
+    finally:
+        sys.argv = sys_argv
+    with pytest.raises(RuntimeError, match="data loader"):
+        with ns["mon"]:
+            ns["model"].fit(ns["x"], ns["x"][:, :1], batch_size=8, epochs=1, verbose=0,
+                            callbacks=[ns["mon"], ns["Dies"]()])
+    assert _keras_steps(tmp_path / "run") == int(ns["opt"].steps_seen.numpy()) == 30
+
+
+def test_keras_unclosed_monitor_is_written_at_interpreter_exit(tmp_path):
+    pytest.importorskip("tensorflow")
+    code = KERAS_FIT + "model.fit(x, x[:, :1], batch_size=8, verbose=0, callbacks=[mon, Dies()])\n"
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 1 and "data loader died" in out.stderr, out.stderr[-2000:]
+    assert "Exception ignored" not in out.stderr
+    _keras_steps(tmp_path / "run")

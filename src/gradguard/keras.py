@@ -807,7 +807,9 @@ class Monitor(keras.callbacks.Callback):
     step) and appends the rows to the run folder through ``gradguard.store.RunWriter``, so
     ``gradguard report`` and ``gg.load_run`` read a Keras run as they read a torch one. In a
     custom loop call ``monitor.after_step()`` once per step (it reads nothing except at a
-    flush) and ``monitor.close()`` at the end.
+    flush) and ``monitor.close()`` at the end, or use ``with Monitor(...) as monitor:``; an
+    unclosed Monitor is closed at interpreter exit, so an exception leaving ``fit`` loses no
+    recorded step.
 
     ``time`` is the wall time of the flush that wrote the row; ``update_ratio`` is not measured
     (NaN); ``loss`` is the loss Keras hands to ``optimizer.scale_loss`` (NaN in a custom loop
@@ -839,6 +841,11 @@ class Monitor(keras.callbacks.Callback):
         self._failed = False
         self._closed = False
         self._started = _now()
+        import weakref
+
+        # an unclosed Monitor (fit left by an exception, a script that never calls close) is
+        # flushed and closed at interpreter exit; holds only a weak reference to the Monitor
+        self._finalizer = weakref.finalize(self, Monitor._close_at_exit, weakref.ref(self))
 
     # -- wiring ---------------------------------------------------------------------------------
     def _attach(self, opt, var_list, names, index) -> None:
@@ -971,6 +978,23 @@ class Monitor(keras.callbacks.Callback):
         if self._writer is not None:
             self._safe(self._writer.write_meta, self._meta())
             self._safe(self._writer.close)
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """``with Monitor(...) as mon:``: every recorded step is written however the block
+        ends (an exception leaving ``fit`` included)."""
+        self.close()
+
+    @staticmethod
+    def _close_at_exit(ref) -> None:
+        mon = ref()
+        if mon is not None:
+            try:
+                mon.close()
+            except BaseException:  # noqa: BLE001 - an exit hook never raises
+                pass
 
     def __repr__(self) -> str:
         return f"Monitor({str(self.run_dir)!r}, flush_every={self.flush_every}, layer_every={self.layer_every})"
