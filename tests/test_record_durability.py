@@ -131,3 +131,41 @@ def test_keras_unclosed_monitor_is_written_at_interpreter_exit(tmp_path):
     assert out.returncode == 1 and "data loader died" in out.stderr, out.stderr[-2000:]
     assert "Exception ignored" not in out.stderr
     _keras_steps(tmp_path / "run")
+
+
+def test_optax_resume_supersedes_what_the_abandoned_run_wrote(tmp_path):
+    """Checkpoint after 6 updates; the first process goes on to 12 with 10x gradients (read
+    at 8 and 12), then dies; the resumed recorder writes 6..11 again. Each step once, with the
+    resumed run's values, no 'stored twice' note, its events only."""
+    import warnings
+
+    tx = _tx(length=4)
+    update = jax.jit(tx.update)
+    params = {"w": jnp.ones(3)}
+
+    def steps(rec, st, ks, scale=1.0, nan_at=9):
+        for k in ks:
+            g = {"w": jnp.full(3, (1.0 + k) * scale).at[0].set(jnp.nan if k == nan_at else 1.0 + k)}
+            _, st = update(g, st, params)
+            rec.record(st)
+        return st
+
+    a = ggo.Recorder(tmp_path / "run", params)
+    st = steps(a, tx.init(params), range(6))
+    ckpt = jax.tree.map(jnp.copy, st)
+    steps(a, st, range(6, 12), scale=10.0, nan_at=7)
+    a._finalizer.detach()  # the process dies: no close, nothing after the last read
+    a._writer.close()
+
+    b = ggo.Recorder(tmp_path / "run", params, mode="resume")
+    b.close(steps(b, ckpt, range(6, 12)))
+    ref = ggo.Recorder(tmp_path / "ref", params)
+    ref.close(steps(ref, tx.init(params), range(12)))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RunStoreWarning: nothing stored twice
+        run = load_run(tmp_path / "run")
+    want = load_run(tmp_path / "ref")
+    assert run.steps.step.tolist() == list(range(12))
+    assert run.steps.total_norm.equals(want.steps.total_norm)
+    assert run.events.step.tolist() == want.events.step.tolist() == [9]  # not the abandoned 7

@@ -172,7 +172,9 @@ class Recorder:
 
     Args:
         run_dir: the run folder (``gradguard.store.RunWriter`` policy ``mode``: "new" picks a
-            fresh sibling when it holds a run, "resume", "overwrite").
+            fresh sibling when it holds a run, "resume", "overwrite"). With ``history`` and
+            ``mode="resume"`` the first ``record`` reads the restored state's update count:
+            what the abandoned continuation wrote after the checkpoint is superseded.
         params: the parameter pytree (its leaf paths become the layer names).
         every: without ``ggo.history`` in the state, read the last step's stats every
             ``every`` calls of ``record`` (one small transfer each time); with it, the
@@ -216,6 +218,7 @@ class Recorder:
         self._layer_rows: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
         self._failed = False
         self._last_history: HistoryState | None = None
+        self._resuming = mode == "resume"
         self._writer = RunWriter(run_dir, mode=mode)
         self.path = self._writer.path
         self.name = name or self.path.name
@@ -231,6 +234,8 @@ class Recorder:
             return
         self.calls += 1
         hist = _first_history(opt_state)
+        if hist is not None and self._resuming:
+            self._resume(hist)
         if hist is not None:
             # the ring buffers only (never the inner state): what close() reads if not given
             self._last_history = HistoryState(None, hist.history_step, hist.history_steps,
@@ -239,6 +244,20 @@ class Recorder:
                 self._read_history(hist)
         elif self.calls % self.every == 0:
             self._read_last(opt_state, self.calls - 1)
+
+    def _resume(self, hist: HistoryState) -> None:
+        """``mode="resume"``, first ``record``: the state comes from a checkpoint taken after
+        ``k`` updates (one read of the history's step counter). Rows and events the abandoned
+        continuation wrote for steps ``>= k`` are superseded (``RunWriter.resume_from``), and
+        the restored ring's steps before ``k`` are not written again."""
+        self._resuming = False
+        try:
+            k = int(jax.device_get(hist.history_step)) - 1  # updates before this call's one
+            self.written = max(self.written, k)
+            if k >= 1:
+                self._writer.resume_from(k - 1)
+        except Exception as exc:  # noqa: BLE001 - recording never raises into training
+            self._fail(exc)
 
     def _read_history(self, hist: HistoryState) -> None:
         steps, data = jax.device_get((hist.history_steps, hist.history))
