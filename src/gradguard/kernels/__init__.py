@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -238,16 +239,26 @@ class Groups:
         self.single = bool(tensors) and dtypes.count(dtypes[0]) == len(dtypes)
         if self.single or not tensors:
             self.dtypes = dtypes[:1]
-            self.index: list[list[int]] = [list(range(len(tensors)))] if tensors else []
+            self.index: list[Sequence[int]] = [range(len(tensors))] if tensors else []
             self.members: list[list[Tensor]] = [tensors] if tensors else []
         else:
             at: dict[torch.dtype, list[int]] = {}
             for i, dt in enumerate(dtypes):
                 at.setdefault(dt, []).append(i)
             self.dtypes = list(at)
-            self.index = list(at.values())
+            self.index = list(at.values())  # type: ignore[arg-type]
             self.members = [[tensors[i] for i in idx] for idx in self.index]
         self._layouts: dict[int, _Layout | None] = {}
+        self._order: Tensor | None = None
+
+    def order(self) -> Tensor:
+        """int64 CPU tensor: where tensor ``i``'s result sits in the groups' results joined."""
+        if self._order is None:
+            at = torch.empty(len(self.tensors), dtype=torch.int64)
+            at[torch.tensor([i for idx in self.index for i in idx], dtype=torch.int64)] = (
+                torch.arange(len(self.tensors)))
+            self._order = at
+        return self._order
 
     def layout(self, i: int) -> _Layout | None:
         """Group ``i``'s Triton chunk table, or None if it does not suit the kernels."""
@@ -357,6 +368,9 @@ def group_norms(groups: Groups, norm_type: float = 2.0, *, with_max_abs: bool = 
 
 def _scatter(parts: list[Tensor], groups: Groups, dtype: torch.dtype) -> Tensor:
     """The groups' 1-d results back in the tensors' order, as ``dtype``."""
+    if parts[0].device.type == "cpu":
+        # one gather (the positions are host data: no copy to a device)
+        return torch.cat([part.to(dtype) for part in parts])[groups.order()]
     out: list[Tensor | None] = [None] * len(groups.tensors)
     for part, idx in zip(parts, groups.index):
         for j, i in enumerate(idx):
