@@ -300,3 +300,28 @@ def test_report_and_inspect_show_every_groups_rate(tmp_path):
 
     one = build_views(open_run(write_synthetic_run(tmp_path / "c", steps=20, layers=2)))
     assert one.lr["groups"] == 1 and one.lr["labels"] == ["lr"]
+
+
+def test_sinks_get_every_groups_rate(tmp_path):
+    import csv
+
+    from gradguard.monitor import CSVSink, Sink
+    from gradguard.monitor.sinks import scalar_rows
+
+    class Keep(Sink):
+        def __init__(self):
+            self.rows = []
+
+        def write(self, batch):
+            self.rows += scalar_rows(batch)
+
+    keep = Keep()
+    net, opt, sched = _model_opt()
+    mon = Monitor(None, flush_every=3, detectors=[], sinks=[keep, CSVSink(tmp_path / "csv")])
+    with gg.Guard(net, clipper=gg.NormClip(1.0), monitor=mon) as guard:
+        used = _steps(guard, net, opt, sched, 1, 5)
+    assert [(d["train/lr"], d["train/lr_group0"], d["train/lr_group1"]) for _, d in keep.rows] == \
+        [(u[0], u[0], u[1]) for u in used]
+    with open(tmp_path / "csv" / "steps.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [json.loads(r["lrs"]) for r in rows] == used
