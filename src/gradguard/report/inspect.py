@@ -123,8 +123,11 @@ def inspect_run(run: RunData, *, console: Any = None, top: int = 10, width: int 
         console.print(line)
     if v.lr is not None and not v.lr["constant"]:
         line = Text("lr    ", style="bold")
-        line.append(sparkline(np.asarray(v.lr["series"][0], dtype=np.float64), width), style="green")
-        line.append(f"  {v.lr['labels'][0]}, log scale", style="dim")
+        rate = np.asarray(v.lr["series"][0], dtype=np.float64)
+        line.append(sparkline(rate, width), style="green")
+        fin = rate[np.isfinite(rate) & (rate > 0)]
+        span = f" {_f(fin.min())}..{_f(fin.max())}" if len(fin) else ""
+        line.append(f"  {v.lr['labels'][0]}, log scale{span}", style="dim")
         console.print(line)
 
     for note in v.notes + v.meta["notes"]:
