@@ -7,8 +7,10 @@ finite input, and differ where TensorFlow's own are wrong or silent:
 * norms accumulate in float32 whatever the gradient dtype (float64 stays float64), so a float16
   list ``[300] * 4`` has norm 600, not ``inf``; a list may mix float16, bfloat16, float32 and
   float64 tensors (``tf.linalg.global_norm`` raises); a sum of squares that overflows its
-  accumulator (bfloat16 or float32 values near 1e20 and above) is recomputed scaled by the
-  largest element, so the norm is ``inf`` only when it really exceeds the float range;
+  accumulator (bfloat16 or float32 values near 1e20 and above) or underflows it (squares below
+  float32's normal range, which TensorFlow flushes to zero: values below ~1e-19) is recomputed
+  scaled by the largest element, so the norm is ``inf`` only when it really exceeds the float
+  range and 0 only when the tensors are zero;
 * a non-finite norm gets an explicit policy, ``on_nonfinite``: ``"keep"`` (default: return the
   tensors unscaled and the non-finite norm, so the caller can skip the update), ``"zero"``
   (NaN/Inf elements set to 0, the rest clipped by their own norm) or ``"propagate"``
@@ -31,6 +33,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 from .rules import _core, norm_clip
@@ -119,11 +122,24 @@ def _scaled_norm(x: tf.Tensor, axes: Any = None, keepdims: bool = False) -> tf.T
     return n
 
 
+def _suspect(s: tf.Tensor, count: Any) -> tf.Tensor:
+    """A sum of squares ``s`` of ``count`` elements that may have lost the norm: it overflowed
+    (inf) or is below ``count * tiny``, where squares under the accumulator's normal range
+    (flushed to zero on TensorFlow's CPU and GPU kernels) could matter: |x| below ~1e-19 in
+    float32. Exact zeros are suspects too; the scaled recomputation gives them 0."""
+    tiny = np.finfo(s.dtype.as_numpy_dtype).tiny
+    return tf.math.is_inf(s) | (s < tf.cast(count, s.dtype) * tiny)
+
+
 def _norm(x: tf.Tensor, axes: Any = None, keepdims: bool = False) -> tf.Tensor:
-    """L2 norm of ``x`` (over ``axes``) in float32 (float64 for float64), overflow-safe."""
-    n = tf.sqrt(_sum_squares(x, axes, keepdims))
-    return tf.cond(tf.reduce_any(tf.math.is_inf(n)),
-                   lambda: tf.where(tf.math.is_inf(n), _scaled_norm(x, axes, keepdims), n),
+    """L2 norm of ``x`` (over ``axes``) in float32 (float64 for float64), over- and
+    underflow-safe: only a suspect sum (``_suspect``) is recomputed scaled."""
+    s = _sum_squares(x, axes, keepdims)
+    count = tf.size(x) // tf.maximum(tf.size(s), 1)
+    bad = _suspect(s, count)
+    n = tf.sqrt(s)
+    return tf.cond(tf.reduce_any(bad),
+                   lambda: tf.where(bad, _scaled_norm(x, axes, keepdims), n),
                    lambda: n)
 
 
@@ -131,8 +147,9 @@ def norms(tensors: Any) -> tuple[list[tf.Tensor | None], tf.Tensor]:
     """``(per_tensor, total)``: the L2 norm of each tensor (None for None entries) and of all.
 
     One read of every tensor; per-tensor norms are float32 (float64 for float64 tensors), the
-    total is float32 unless the list holds a float64 tensor (then float64). Overflow-safe: a
-    sum of squares beyond the accumulator's range is recomputed scaled (only then is a tensor
+    total is float32 unless the list holds a float64 tensor (then float64). Over- and
+    underflow-safe: a sum of squares beyond the accumulator's range, or below its normal range
+    times the element count, is recomputed scaled (only then is a tensor
     read twice). An empty list (or only None) has total 0.
     """
     items, _ = _as_list(tensors, "tensors")
@@ -150,10 +167,14 @@ def norms(tensors: Any) -> tuple[list[tf.Tensor | None], tf.Tensor]:
     per = [tf.sqrt(s) for s in sumsq]
     total = tf.sqrt(tf.add_n([tf.cast(s, wide) for s in sumsq]))
 
+    bad = [_suspect(ss, tf.size(v)) for ss, v in zip(sumsq, vals)]
+
     def fixed() -> tuple[list[tf.Tensor], tf.Tensor]:
-        # the sum overflowed: per-tensor norms scaled by their max, the total as
+        # a sum overflowed or underflowed: those tensors' norms scaled by their max (each in
+        # its own branch, so the others are not read again), the total as
         # M * sqrt(sum_i (n_i / M)^2) with M = max_i n_i
-        fixed_per = [tf.where(tf.math.is_inf(n), _scaled_norm(v), n) for n, v in zip(per, vals)]
+        fixed_per = [tf.cond(b, lambda v=v: _scaled_norm(v), lambda n=n: n)
+                     for b, n, v in zip(bad, per, vals)]
         stacked = tf.stack([tf.cast(n, wide) for n in fixed_per])
         m = tf.reduce_max(stacked)
         ok = tf.math.is_finite(m) & (m > 0)
@@ -163,7 +184,8 @@ def norms(tensors: Any) -> tuple[list[tf.Tensor | None], tf.Tensor]:
         tot = tf.where(tf.reduce_any(tf.math.is_nan(stacked)), tf.constant(math.nan, wide), tot)
         return fixed_per, tot
 
-    per, total = tf.cond(tf.math.is_inf(total), fixed, lambda: (per, total))
+    per, total = tf.cond(tf.math.is_inf(total) | tf.reduce_any(tf.stack(bad)), fixed,
+                         lambda: (per, total))
     out: list[tf.Tensor | None] = []
     it = iter(per)
     for t in items:
