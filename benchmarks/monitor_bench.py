@@ -155,7 +155,8 @@ def bench_store(n_steps: int, n_layers: int, shard: int, tmp: Path) -> dict[str,
               "total_norm": rng.random(n), "total_norm_after": rng.random(n),
               "clip_coef": np.ones(n), "threshold": np.ones(n), "clipped": np.zeros(n, bool),
               "skipped": np.zeros(n, bool), "nonfinite": np.zeros(n, bool),
-              "loss_scale": np.full(n, np.nan), "rank": np.zeros(n, np.int32)}
+              "loss_scale": np.full(n, np.nan), "rank": np.zeros(n, np.int32),
+              "lrs": pa.nulls(n, STEPS_SCHEMA.field("lrs").type)}
         m = n * n_layers
         ly = {"step": np.repeat(steps, n_layers), "layer": layer_column(layer_names, n),
               "grad_norm": rng.random(m, dtype=np.float32),

@@ -95,7 +95,8 @@ def write_flushes(folder: Path, steps: int, layers: int, flush_every: int, layer
             "total_norm": norm, "total_norm_after": np.minimum(norm, 1.0),
             "clip_coef": np.minimum(1.0, 1.0 / norm), "threshold": np.ones(n),
             "clipped": norm > 1.0, "skipped": np.zeros(n, bool), "nonfinite": np.zeros(n, bool),
-            "loss_scale": np.full(n, np.nan), "rank": np.zeros(n, np.int32)}, schema=STEPS_SCHEMA))
+            "loss_scale": np.full(n, np.nan), "rank": np.zeros(n, np.int32),
+            "lrs": pa.nulls(n, STEPS_SCHEMA.field("lrs").type)}, schema=STEPS_SCHEMA))
         ls = step[step % layer_every == 0]
         if len(ls):
             k = len(ls) * layers
