@@ -187,7 +187,13 @@ def test_one_grouping_for_the_norm_and_the_scale(kern, monkeypatch):
     for t, w in zip(ts, want):
         assert torch.equal(t, w)
     kern.multi_tensor_scale_(ts, torch.tensor(0.5), allow_cpu=True, groups=kern.Groups(ts[:2]))
-    assert calls == [3, 3, 3, 3]  # the Groups of another list: grouped again
+    assert calls == [3, 3, 3, 3]  # the Groups of another list: grouped again (all scaled)
+    ts[0] = ts[0].clone()  # a tensor replaced in the same list: its old table is not used
+    assert not groups.of(ts)
+    kern.multi_tensor_scale_(ts, torch.tensor(2.0), allow_cpu=True, groups=groups)
+    assert calls == [3, 3, 3, 3, 3, 3]
+    for t, w in zip(ts, want):  # x 0.5 x 2: the clone scaled too
+        assert torch.equal(t, w)
 
 
 @needs_interp

@@ -60,7 +60,7 @@ def _step_ops(clipper, steps: int = 5) -> collections.Counter[str]:
 
 
 # measured with torch 2.13: AutoClip full history 151 (207 before the pair gathers), window
-# 78, NormClip 18
+# 77, NormClip 18
 BOUNDS = [
     ("autoclip-full-history", lambda: gg.AutoClip(), 160),
     ("autoclip-window", lambda: gg.AutoClip(window=100), 85),

@@ -234,6 +234,7 @@ class Groups:
 
     def __init__(self, tensors: list[Tensor]):
         self.tensors = tensors
+        self._held = tuple(tensors)  # what the list held: ``of`` sees a tensor replaced in it
         self.device = tensors[0].device if tensors else torch.device("cpu")
         dtypes = [t.dtype for t in tensors]
         self.single = bool(tensors) and dtypes.count(dtypes[0]) == len(dtypes)
@@ -250,6 +251,11 @@ class Groups:
             self.members = [[tensors[i] for i in idx] for idx in self.index]
         self._layouts: dict[int, _Layout | None] = {}
         self._order: Tensor | None = None
+
+    def of(self, tensors: list[Tensor]) -> bool:
+        """True when these are the tensors this was built from (the same list, unchanged)."""
+        return (tensors is self.tensors and len(tensors) == len(self._held)
+                and all(a is b for a, b in zip(tensors, self._held)))
 
     def order(self) -> Tensor:
         """int64 CPU tensor: where tensor ``i``'s result sits in the groups' results joined."""
@@ -394,8 +400,8 @@ def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor, *, allow_cpu: bool 
     dev = tensors[0].device
     if _usable(tensors, allow_cpu):
         coef32 = coef.reshape(1).to(torch.float32)
-        if groups is None or groups.tensors is not tensors:
-            groups = Groups(tensors)
+        if groups is None or not groups.of(tensors):
+            groups = Groups(tensors)  # (a stale chunk table would write where a tensor was)
         rest: list[Tensor] = []
         k = triton_kernels()
         for i, group in enumerate(groups.members):

@@ -157,11 +157,12 @@ def _interpolate(pair: Any, f: Any, n: Any, xp: Any) -> Any:
     return xp.astype(xp.where(n > 0, est, math.nan), "f32")
 
 
-def _sorted_pair(values: Any, extra_q: Any, kk: Any, xp: Any) -> Any:
+def _sorted_pair(values: Any, extra_q: Any, kk: Any, xp: Any, capped: bool = False) -> Any:
     """The order statistics of ranks ``kk`` (float64 [2]) of ``values`` (finite or NaN) and
-    ``extra_q`` (finite or NaN): one sort (NaN last in every backend), one gather."""
+    ``extra_q`` (finite or NaN): one sort (NaN last in every backend), one gather. ``capped``:
+    ``kk`` is known to lie inside (else it is clamped into) the sorted array."""
     srt = xp.sort(xp.concat([values, extra_q]))
-    return xp.astype(xp.take(srt, xp.clamp(kk, hi=values.shape[0])), "f64")
+    return xp.astype(xp.take(srt, kk if capped else xp.clamp(kk, hi=values.shape[0])), "f64")
 
 
 def _hist_pair(cfg: Config, counts: Any, cum: Any, bin_min: Any, bin_max: Any, kk: Any,
@@ -216,7 +217,8 @@ def percentile(cfg: Config, state: WindowState | HistoryState, extra: Any, xp: A
         n = xp.clamp(state.count, hi=cfg.window) + xp.astype(ok, "i64")
         kk, f = _ranks(n, cfg.percentile, xp)
         extra_q = xp.where(ok, xp.astype(extra, "f32"), math.nan)
-        return _interpolate(_sorted_pair(state.values, extra_q, kk, xp), f, n, xp)
+        # n <= window + 1: the ranks lie inside the sorted window and extra
+        return _interpolate(_sorted_pair(state.values, extra_q, kk, xp, capped=True), f, n, xp)
     ok, e32, extra_bin, cum = _with_extra(cfg, state.counts, extra, xp)
     n = state.n + xp.astype(ok, "i64")  # equals the last cumulative count
     kk, f = _ranks(n, cfg.percentile, xp)
