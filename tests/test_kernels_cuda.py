@@ -280,3 +280,21 @@ def test_monitored_guard_no_host_sync_on_cuda(tmp_path):
     got = run.steps["total_norm"].to_numpy()
     np.testing.assert_allclose(got, [float(w) for w in want], rtol=1e-5)
     assert len(run.layers) > 0 and np.isfinite(run.layers["grad_norm"]).all()
+
+
+@needs_triton
+def test_clip_groups_once_and_looks_each_chunk_table_up_once(monkeypatch):
+    """The norm pass's ``Groups`` goes to the scale (``GradNorms.groups``): one chunk-table
+    lookup per dtype group for both passes, mixed dtypes included, results as torch's."""
+    gs = _grads(torch.float32, seed=11, scale=4.0) + _grads(torch.bfloat16, seed=12, scale=4.0)
+    ps = _params(gs)
+    want = [g.float().clone() for g in gs]
+    calls = []
+    real = kernels._layout
+    monkeypatch.setattr(kernels, "_layout", lambda t: calls.append(len(t)) or real(t))
+    total = gg.clip_grad_norm_(ps, 1.0)
+    assert calls == [len(SHAPES), len(SHAPES)]  # one per group, not one per group and pass
+    coef = torch.clamp(1.0 / (total.float() + 1e-6), max=1.0)
+    for p, w in zip(ps, want):
+        torch.testing.assert_close(p.grad.float(), (w * coef).to(p.grad.dtype).float(),
+                                   rtol=2.0 ** -7, atol=0)
