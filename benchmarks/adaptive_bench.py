@@ -147,7 +147,8 @@ def _strategies(only: str | None = None):
     return rows
 
 
-def _pascanu_run(strategy, seed: int, steps: int, task: str = "adding", length: int = 10):
+def _pascanu_run(strategy, seed: int, steps: int, task: str = "adding", length: int = 10,
+                 lr: float | None = None):
     """A Pascanu et al. task with the suite's model and optimizer (tanh RNN 50, basic init, SGD
     lr 0.01, batch 20), a fixed budget of ``steps``; the loss is the task's own loss (adding:
     MSE, temporal order: cross-entropy) on 1000 fixed held-out sequences after the last step
@@ -156,6 +157,8 @@ def _pascanu_run(strategy, seed: int, steps: int, task: str = "adding", length: 
     from gradguard.experiments.loop import train
 
     cfg = pascanu.PascanuConfig(task=task, length=length)
+    if lr is not None:
+        cfg = replace(cfg, lr=lr)
     torch.manual_seed(seed)
     n_in, n_out = (6, 4) if task == "temporal" else (2, 1)
     model = pascanu.TanhRNN(n_in, n_out, cfg.hidden, cfg.init)
@@ -181,6 +184,12 @@ def _pascanu_run(strategy, seed: int, steps: int, task: str = "adding", length: 
 #: on one core
 TEMPORAL_STEPS, TEMPORAL_LENGTH = 3000, 20
 CHARLM_STEPS = 2000
+#: plain SGD at large learning rates (issue 14): the char tanh-RNN LM, and the Pascanu tasks at
+#: an lr where the unclipped run fails ((task, length, lr, steps))
+RNN_LM_LRS, RNN_LM_STEPS = (3.0, 10.0), 500
+PASCANU_BIG = (("temporal", 20, 0.2, 2000), ("adding", 50, 0.2, 2000))
+#: AdamW with a short warmup on a small transformer
+TRANSFORMER_LR, TRANSFORMER_STEPS = 0.01, 400
 
 
 def _tasks(quick: bool, extra: bool = False):
@@ -224,6 +233,30 @@ def _tasks(quick: bool, extra: bool = False):
         r = seq_lstm.run(s, seed, cfg)
         return r.history, r.extra.get("final_point_loss", math.nan)
 
+    def rnn_lm(lr):
+        def task(s, seed):
+            r = charlm.run(s, seed, charlm.CharLMConfig.rnn(lr, 100 if quick else RNN_LM_STEPS))
+            return r.history, None, r.value
+        return task
+
+    def pascanu_big(name, length, lr, steps):
+        def task(s, seed):
+            return _pascanu_run(s, seed, 300 if quick else steps, name, length, lr), None
+        return task
+
+    def transformer(s, seed):
+        cfg = charlm.CharLMConfig.transformer(TRANSFORMER_LR, 100 if quick else TRANSFORMER_STEPS)
+        r = charlm.run(s, seed, cfg)
+        return r.history, None, r.value
+
+    def spikes(optimizer, lr):
+        def task(s, seed):
+            from gradguard.experiments import spikes as sp
+
+            cfg = sp.SpikeConfig(optimizer=optimizer, lr=lr, epochs=3 if quick else 10)
+            return sp.run(s, seed, cfg).history, None
+        return task
+
     if extra:
         return {"LSTM digits, Adam, 10 epochs cosine lr (test CE, mean over the last epoch)":
                 lstm_cosine}
@@ -232,7 +265,17 @@ def _tasks(quick: bool, extra: bool = False):
             "LSTM digits, SGD momentum 0.9 (test CE)": lstm_sgd,
             "RNN adding (test MSE)": adding,
             f"RNN temporal order T={TEMPORAL_LENGTH} (test CE)": temporal,
-            "char LSTM LM, SGD lr 10 (held-out CE, nats/char)": charlm_task}
+            "char LSTM LM, SGD lr 10 (held-out CE, nats/char)": charlm_task,
+            **{f"char tanh-RNN LM, plain SGD lr {lr:g} (train CE, mean of the last 50 steps)":
+               rnn_lm(lr) for lr in RNN_LM_LRS},
+            **{f"RNN {name} T={n}, plain SGD lr {lr:g} (test {'CE' if name == 'temporal' else 'MSE'})":
+               pascanu_big(name, n, lr, steps) for name, n, lr, steps in PASCANU_BIG},
+            f"char transformer LM, AdamW peak lr {TRANSFORMER_LR:g}, warmup (train CE, mean of "
+            "the last 50 steps)": transformer,
+            "digits MLP with bad batches, SGD momentum 0.9 (test CE, mean over the last epoch)":
+                spikes("sgd", 0.05),
+            "digits MLP with bad batches, Adam (test CE, mean over the last epoch)":
+                spikes("adam", 0.003)}
 
 
 def _select(tasks: dict, only: str | None) -> dict:
@@ -259,28 +302,51 @@ def _print_table(title: str, res: dict[str, list[float]], seeds: list[int]) -> N
     sys.stdout.flush()
 
 
+def _one(job: tuple[int, int, int]) -> tuple[float, float | None]:
+    """One run of the table, by index (so a forked worker rebuilds the closures itself)."""
+    torch.set_num_threads(1)
+    t, k, seed = job
+    fn = list(_JOB["tasks"].values())[t]
+    out = fn(_JOB["strategies"][k], seed)
+    h, point = out[0], out[1]
+    value = out[2] if len(out) > 2 else h.final_loss
+    finite = h.first_nonfinite_epoch is None and math.isfinite(value)
+    return (value if finite else math.nan,
+            None if point is None else (point if finite else math.nan))
+
+
+_JOB: dict = {}
+
+
 def table(quick: bool = False, seeds: int = 3, only: str | None = None,
-          strategy: str | None = None, first_seed: int = 0, extra: bool = False) -> None:
+          strategy: str | None = None, first_seed: int = 0, extra: bool = False,
+          jobs: int = 1) -> None:
+    """Every selected task x strategy x seed; ``jobs`` > 1 runs them in that many forked
+    processes of one thread each (the same numbers: each run seeds itself)."""
     torch.set_num_threads(1)
     strategies = _strategies(strategy)
     seed_list = list(range(first_seed, first_seed + seeds))
-    for task, fn in _select(_tasks(quick, extra), only).items():
+    tasks = _select(_tasks(quick, extra), only)
+    _JOB.update(tasks=tasks, strategies=strategies)
+    for task in tasks:
+        t = list(tasks).index(task)
+        runs = [(t, k, seed) for k, st in enumerate(strategies)
+                if not (st.name in ONLY_ON and ONLY_ON[st.name] not in task) for seed in seed_list]
+        if jobs > 1:
+            import multiprocessing as mp
+
+            with mp.get_context("fork").Pool(jobs) as pool:
+                got = pool.map(_one, runs, chunksize=1)
+        else:
+            got = [_one(r) for r in runs]
         res: dict[str, list[float]] = {}
         points: dict[str, list[float]] = {}
-        for st in strategies:
-            if st.name in ONLY_ON and ONLY_ON[st.name] not in task:
-                continue
-            vals, pts = [], []
-            for seed in seed_list:
-                h, point = fn(st, seed)
-                finite = h.first_nonfinite_epoch is None
-                vals.append(h.final_loss if finite else math.nan)
-                if point is not None:
-                    pts.append(point if finite else math.nan)
-            res[st.name] = vals
-            if pts:
-                points[st.name] = pts
-            print(f"  {task} | {st.name}: {vals}", file=sys.stderr, flush=True)
+        for (_, k, _), (v, p) in zip(runs, got):
+            res.setdefault(strategies[k].name, []).append(v)
+            if p is not None:
+                points.setdefault(strategies[k].name, []).append(p)
+        for name, vals in res.items():
+            print(f"  {task} | {name}: {vals}", file=sys.stderr, flush=True)
         _print_table(task, res, seed_list)
         if points:
             _print_table(task.split(" (")[0] + " (test CE after the last step: the single-point "
@@ -302,6 +368,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="instead of the suite, the extra measurement: the Adam task with 10 "
                         "epochs and a cosine lr decay (not part of the criterion)")
     t.add_argument("--task", default=None, help="only the tasks whose name contains this")
+    t.add_argument("--jobs", type=int, default=1,
+                   help="processes (one thread each) running the table's runs side by side")
     t.add_argument("--strategy", default=None,
                    help="only the grid and the strategies whose name contains this")
     args = ap.parse_args(argv)
@@ -311,7 +379,8 @@ def main(argv: list[str] | None = None) -> None:
         worst = max(late / early for _, early, late in rows)
         print(f"worst ratio {worst:.2f} (target <= 1.1)")
     else:
-        table(args.quick, args.seeds, args.task, args.strategy, args.first_seed, args.extra)
+        table(args.quick, args.seeds, args.task, args.strategy, args.first_seed, args.extra,
+              args.jobs)
 
 
 if __name__ == "__main__":

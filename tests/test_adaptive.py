@@ -441,15 +441,18 @@ def test_guard_default_is_overshootclip_and_none_means_none():
 def test_overshoot_modes_follow_the_optimizer():
     for opt_fn, mode in [
         (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "momentum"),
-        (lambda p: torch.optim.SGD(p, lr=0.1), "cap"),
-        (lambda p: torch.optim.Adam(p, lr=0.1), "cap"),
+        (lambda p: torch.optim.SGD(p, lr=0.1), "trust"),
+        (lambda p: torch.optim.Adam(p, lr=0.1), "level"),
+        (lambda p: torch.optim.AdamW(p, lr=0.1), "level"),
+        (lambda p: torch.optim.RMSprop(p, lr=0.1), "level"),
+        (lambda p: torch.optim.Rprop(p, lr=0.1), "cap"),
     ]:
         c = gg.OvershootClip()
         c.bind_optimizer(opt_fn(_model().parameters()))
         assert c.mode == mode
     for opt_fn, mode in [  # optimizer_scale=True
         (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), "momentum"),
-        (lambda p: torch.optim.SGD(p, lr=0.1), "cap"),
+        (lambda p: torch.optim.SGD(p, lr=0.1), "trust"),
         (lambda p: torch.optim.Adam(p, lr=0.1), "adaptive"),
         (lambda p: torch.optim.AdamW(p, lr=0.1), "adaptive"),
         (lambda p: torch.optim.RMSprop(p, lr=0.1), "adaptive"),
@@ -515,14 +518,14 @@ def test_overshoot_caps_spikes_with_adaptive_optimizers():
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     guard = gg.Guard(model)
     _train(model, opt, guard, 6)
-    assert guard.clipper.mode == "cap"
-    level = math.exp(float(guard.clipper.state_dict()["log_level"]))
+    assert guard.clipper.mode == "level"
+    level = math.exp(float(guard.clipper.state_dict()["log_raw"]))
     opt.zero_grad()
     x, y = _batch(3)
     (1000.0 * torch.nn.functional.mse_loss(model(x), y)).backward()  # a 1000x gradient spike
     stats = guard.step(opt)
-    assert float(stats.threshold) == pytest.approx(3.0 * level, rel=1e-5)
-    assert float(stats.total_norm_after) == pytest.approx(3.0 * level, rel=1e-4)
+    assert float(stats.threshold) == pytest.approx(2.0 * level, rel=1e-5)
+    assert float(stats.total_norm_after) == pytest.approx(2.0 * level, rel=1e-4)
     assert float(stats.clip_coef) < 0.01
 
 

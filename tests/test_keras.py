@@ -93,6 +93,36 @@ def test_same_steps_as_the_torch_guard(name, clipper, skip):
     assert int(opt.iterations.numpy()) == len(grads) - guard.skipped_steps
 
 
+@pytest.mark.parametrize("inner", ["sgd", "adam"])
+def test_default_without_momentum_and_with_adam_matches_the_torch_guard(inner):
+    """The default's trust region (plain SGD: lr 0.5 makes it bind) and level cap (Adam) in
+    Keras and in the torch Guard: the same weights after every step and the same mode."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    w0 = rng.normal(size=(3, 4)).astype(np.float32)
+    base = rng.normal(size=(len(GRAD_SCALES), 3, 4)).astype(np.float32)
+    grads = [b * np.float32(s) for b, s in zip(base, GRAD_SCALES)]
+    w = keras.Variable(w0, name="kernel")
+    kopt = keras.optimizers.SGD(0.5) if inner == "sgd" else keras.optimizers.Adam(0.01)
+    opt = ggk.GuardedOptimizer(kopt, clipper="auto")
+    opt.build([w])
+    step = tf.function(lambda g: opt.apply([g], [w]), jit_compile=True)
+    p = torch.nn.Parameter(torch.tensor(w0))
+    topt = torch.optim.SGD([p], lr=0.5) if inner == "sgd" else torch.optim.Adam([p], lr=0.01)
+    guard = gg.Guard([p])
+    clipped = 0
+    for i, g in enumerate(grads):
+        step(tf.constant(g))
+        p.grad = torch.tensor(g)
+        st = guard.step(topt)
+        clipped += int(st.clipped)
+        np.testing.assert_allclose(w.numpy(), p.detach().numpy(), rtol=2e-5, atol=1e-6,
+                                   err_msg=f"step {i}")
+    assert guard.clipper.mode == ("trust" if inner == "sgd" else "level")
+    assert opt._clip.mode == guard.clipper.mode
+    assert clipped >= 2
+
+
 # -- skipping --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("jit", [False, True], ids=["graph", "xla"])
 @pytest.mark.parametrize("inner", ["sgd_momentum", "adam", "adamw"])

@@ -194,11 +194,11 @@ def test_bad_arguments_name_themselves():
         ggo.spike_skip(optax.sgd(0.1), watch_loss="no")
 
 
-@pytest.mark.parametrize("mode", ["momentum", "cap"])
+@pytest.mark.parametrize("mode", ["momentum", "trust", "level"])
 def test_auto_matches_torch_overshootclip_training_the_seed_mlp(mode):
-    """Same weights, same batches: torch Guard(OvershootClip) + SGD(momentum) against
-    ggo.auto + optax.sgd(momentum): the per-step thresholds agree (step-size control
-    replicates SGD's momentum buffer on its sample)."""
+    """Same weights, same batches: torch Guard(OvershootClip) against ggo.auto before the
+    same optax optimizer (SGD with momentum, plain SGD, Adam): the per-step thresholds agree
+    (step-size control replicates SGD's momentum buffer on its sample)."""
     import gradguard as gg
     from gradguard.experiments import jax_seed
 
@@ -213,9 +213,12 @@ def test_auto_matches_torch_overshootclip_training_the_seed_mlp(mode):
     if mode == "momentum":
         opt = torch.optim.SGD(model.parameters(), lr=0.07, momentum=0.8)
         tx = optax.chain(ggo.auto(learning_rate=0.07, momentum=0.8), optax.sgd(0.07, momentum=0.8))
+    elif mode == "trust":
+        opt = torch.optim.SGD(model.parameters(), lr=0.07)
+        tx = optax.chain(ggo.auto(learning_rate=0.07), optax.sgd(0.07))
     else:
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        tx = optax.chain(ggo.auto(), optax.adam(1e-2))
+        tx = optax.chain(ggo.auto(adaptive=True), optax.adam(1e-2))
     guard = gg.Guard(model, clipper=gg.OvershootClip())
     s = tx.init(p)
 

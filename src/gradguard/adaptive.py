@@ -273,6 +273,8 @@ _SGD_MOMENTUM = "momentum"   # update direction: SGD's momentum buffer
 _SGD_PLAIN = "sgd"           # update direction: the last accepted gradient (a sample of it)
 _ADAPTIVE = "adaptive"       # optimizer_scale with Adam & co.: the cap follows the optimizer's v
 _CAP_ONLY = "cap"            # no step-size control, geometric spike cap only
+_TRUST = "trust"             # plain SGD: no step longer than trust * ||theta_0||
+_LEVEL = "level"             # Adam & co.: cap at level_factor x the recent raw level
 
 #: optimizers that divide the update by a running RMS of the gradient (a global gradient scale
 #: does not change their step); any optimizer whose defaults have ``betas`` counts too
@@ -306,59 +308,60 @@ class _Direction(NamedTuple):
 
 
 class OvershootClip(_RuleClipper):
-    """The threshold-free default: clip the global norm to ``min(S, spike_factor * level)``
-    (``rules.overshoot`` has the math).
+    """The threshold-free default: a global-norm clip whose threshold no user sets, chosen by
+    the optimizer (``rules.overshoot`` has the math, ``docs/adaptive.md`` the measurements).
 
-    **Step-size control S** (for ``torch.optim.SGD``, where the clip threshold *is* the step
-    length ``lr * min(||g||, S)``). At each step the new gradient ``g_t`` is compared with the
-    direction of the last update ``u_{t-1}`` (SGD's momentum buffer; without momentum only
-    with ``use_last_gradient=True``, the last gradient): ``c_t = cos(g_t, u_{t-1})``.
-    ``-g_t . u_{t-1}`` is the derivative of the loss with respect to the last step's length
-    (the "hypergradient" of Baydin et al. 2018), so
+    * **SGD with momentum: step-size control S.** The clip threshold sets the step length
+      ``lr * min(||g||, S)``. At each step the new gradient ``g_t`` is compared with the
+      direction of the last update ``u_{t-1}`` (SGD's momentum buffer):
+      ``c_t = cos(g_t, u_{t-1})``; ``-g_t . u_{t-1}`` is the derivative of the loss with
+      respect to the last step's length (the "hypergradient" of Baydin et al. 2018), so
 
-        c_t < 0 (the step overshot):        S <- min(S, ||g_{t-1}||) * exp(beta * c_t)
-        c_t > 0 and the last step clipped:  S <- S * exp(beta * c_t)
-        otherwise                           S unchanged
-        always                              S >= floor * geometric-mean level of raw norms
+          c_t < 0 (the step overshot):        S <- min(S, ||g_{t-1}||) * exp(beta * c_t)
+          c_t > 0 and the last step clipped:  S <- S * exp(beta * c_t)
+          otherwise                           S unchanged
+          always                              S >= floor * geometric-mean level of raw norms
 
-    S starts at ``init_step * ||theta_0|| / lr``, a first step that moves the parameters by
-    ``init_step`` (1 %) of their norm, and finds the edge of stability from below. The floor
-    keeps S from collapsing to 0 in the noise-dominated end of training. The S in force at a
-    step comes from the evidence of the step before, so the threshold of a step depends on
-    the state alone (``coefficient()`` and ``clip_(apply=False)`` agree from the first step).
-    ``c_t`` only moves the S of the next step: ``clip_`` measures it from the gradients before
-    it scales them (the measurement of the step in progress), and the ``observe`` that follows
-    feeds it to the rule and commits the state.
+      S starts at ``init_step * ||theta_0|| / lr`` (a first step that moves the parameters
+      by 1 % of their norm) and finds the edge of stability from below.
+    * **SGD without momentum: a relative trust region.** No step moves the parameters by more
+      than ``trust`` (3 %) of their initial norm: ``S_t = trust * ||theta_0|| / lr_t`` with
+      the learning rate of each step (schedules and warmup included). Successive minibatch
+      gradients are too noisy a direction to learn S from (``use_last_gradient=True`` keeps
+      that older controller, opt-in).
+    * **Adam, AdamW, RMSprop, ... (the update does not scale with the gradient): the level
+      cap.** ``threshold = level_factor * exp(level_raw)``, twice the geometric mean of the
+      recent raw norms (EMA ``ema`` of their log): a batch far above the others is held to
+      twice the level, so it cannot dominate the first moment nor inflate the second; a rise
+      of all norms is followed at the EMA's pace.
 
-    **Spike cap** (every optimizer): ``level`` is the EMA (``ema``) of the log of accepted,
-    clipped norms, so a norm above ``spike_factor * exp(level)`` is clipped; feeding the
-    clipped value keeps an explosion from dragging the cap up with it. With adaptive
-    optimizers (Adam, RMSprop, ...; the update does not scale with the gradient), with SGD
-    without momentum (unless ``use_last_gradient``) and when no optimizer is known
-    (``Guard.clip``), only the cap acts.
+    **Spike cap** (SGD and unknown optimizers): ``level`` is the EMA (``ema``) of the log of
+    accepted, clipped norms, so a norm above ``spike_factor * exp(level)`` is clipped;
+    feeding the clipped value keeps an explosion from dragging the cap up with it. When no
+    optimizer is known (``Guard.clip``) only this cap acts.
 
-    **Opt-in, adaptive optimizers** (``optimizer_scale=True``; Adam, AdamW, RMSprop, ...):
-    the cap is measured in the optimizer's own scale instead, ``spike_factor * sqrt(v)``,
-    where ``v`` is the bias-corrected EMA of the squared accepted, clipped global norm with the
-    optimizer's second-moment decay (Adam's ``betas[1]``), the global-norm counterpart of
-    Adam's ``v`` (which also sees the clipped gradient). It follows the early rise of the norms
-    as Adam's ``v`` does, so it clips almost no normal step, and still holds a spike to
-    ``spike_factor`` times what ``v`` holds. Measured, it is no better than the default
-    geometric cap (``docs/adaptive.md``), so it is not the default.
+    **Opt-in, adaptive optimizers** (``optimizer_scale=True``): instead of the level cap,
+    ``spike_factor * sqrt(v)``, ``v`` the bias-corrected EMA of the squared accepted, clipped
+    global norm with the optimizer's second-moment decay (Adam's ``betas[1]``).
 
-    The rule needs the optimizer: the Guard hands it over through ``bind_optimizer``. Cost per
-    step: one cosine over at most ``sample`` strided gradient elements (the whole gradient for
-    models below that size) and O(1) scalar updates; memory O(sample).
+    The S in force at a step comes from the evidence of the step before, so the threshold of
+    a step depends on the state alone (``coefficient()`` and ``clip_(apply=False)`` agree).
+    The rule needs the optimizer: the Guard hands it over through ``bind_optimizer`` at every
+    step (which also reads the current learning rate). Cost per step: with momentum one cosine
+    over at most ``sample`` strided gradient elements; O(1) scalar updates otherwise.
     """
 
     def __init__(self, *, beta: float = 0.1, init_step: float = 1e-2, floor: float = 0.02,
                  spike_factor: float = 3.0, ema: float = 0.95, sample: int = 65536,
-                 use_last_gradient: bool = False, optimizer_scale: bool = False):
+                 use_last_gradient: bool = False, optimizer_scale: bool = False,
+                 trust: float = 0.03, level_factor: float = 2.0):
         self._kw = {"beta": beta, "init_step": init_step, "floor": floor,
-                    "spike_factor": spike_factor, "ema": ema}
+                    "spike_factor": spike_factor, "ema": ema, "trust": trust,
+                    "level_factor": level_factor}
         self.cfg = _overshoot.config(_CAP_ONLY, **self._kw)
         self.beta, self.init_step, self.floor = self.cfg.beta, self.cfg.init_step, self.cfg.floor
         self.spike_factor, self.ema = self.cfg.spike_factor, self.cfg.ema
+        self.trust, self.level_factor = self.cfg.trust, self.cfg.level_factor
         self.sample = _int_at_least(sample, "sample", 1)
         self.use_last_gradient = bool(use_last_gradient)
         self.optimizer_scale = bool(optimizer_scale)
@@ -375,13 +378,15 @@ class OvershootClip(_RuleClipper):
 
     def __repr__(self) -> str:
         return (f"OvershootClip(beta={self.beta}, init_step={self.init_step}, floor={self.floor}, "
-                f"spike_factor={self.spike_factor}, ema={self.ema}, mode={self.mode!r})")
+                f"spike_factor={self.spike_factor}, ema={self.ema}, trust={self.trust}, "
+                f"level_factor={self.level_factor}, mode={self.mode!r})")
 
     @property
     def mode(self) -> str:
-        """"momentum", "sgd" (step-size control on), "adaptive" (``optimizer_scale``: cap at
-        ``spike_factor`` times the RMS level of the optimizer's second moment) or "cap"
-        (geometric spike cap only)."""
+        """"momentum", "sgd" (step-size control on), "trust" (plain SGD: relative trust
+        region), "level" (Adam & co.: cap at ``level_factor`` times the raw level), "adaptive"
+        (``optimizer_scale``: cap at ``spike_factor`` times the RMS level of the optimizer's
+        second moment) or "cap" (geometric spike cap only)."""
         return self.cfg.mode
 
     @property
@@ -401,12 +406,12 @@ class OvershootClip(_RuleClipper):
         The first time step-size control is on, ``S_0 = init_step * ||theta|| / lr`` is set
         from the parameters that have a gradient (all of them when none has)."""
         groups = optimizer.param_groups
-        self._lr = groups[0].get("lr") if groups else None
+        self._lr = _step_lr(groups)
         if optimizer is not self._optimizer:
             self._optimizer = optimizer
             self.cfg = _overshoot.config(self._mode_for(optimizer), beta2=self._beta2_for(
                 optimizer), **self._kw)
-        if self.mode in _overshoot.STEP_CONTROL and not self._have_init:
+        if self.mode in (*_overshoot.STEP_CONTROL, _TRUST) and not self._have_init:
             params = [p for g in groups for p in g["params"]]
             with_grad = [p for p in params if p.grad is not None]
             params = with_grad or params
@@ -420,7 +425,8 @@ class OvershootClip(_RuleClipper):
                         torch._foreach_norm([p.detach() for p in params]))).to(torch.float32)
                 st = self._ensure(pnorm)
                 s0 = _overshoot.initial_limit(self.cfg, pnorm, self._lr, TORCH)
-                self._state = st._replace(init_limit=s0)  # a constant of the run
+                # constants of the run
+                self._state = st._replace(init_limit=s0, param_norm=pnorm.reshape(()))
                 self._have_init = True
 
     def _mode_for(self, optimizer: torch.optim.Optimizer) -> str:
@@ -428,11 +434,11 @@ class OvershootClip(_RuleClipper):
             if all(g.get("momentum", 0.0) > 0 for g in optimizer.param_groups):
                 return _SGD_MOMENTUM
             # without momentum the only direction is the last minibatch gradient, a noisy
-            # proxy: measured on the adding problem it over-clips, so it is opt-in
-            return _SGD_PLAIN if self.use_last_gradient else _CAP_ONLY
-        if self.optimizer_scale and (isinstance(optimizer, _ADAPTIVE_OPTIMIZERS)
-                                     or "betas" in getattr(optimizer, "defaults", {})):
-            return _ADAPTIVE
+            # proxy biased towards "shorter": measured, it over-clips, so it is opt-in
+            return _SGD_PLAIN if self.use_last_gradient else _TRUST
+        if isinstance(optimizer, _ADAPTIVE_OPTIMIZERS) or "betas" in getattr(
+                optimizer, "defaults", {}):
+            return _ADAPTIVE if self.optimizer_scale else _LEVEL
         return _CAP_ONLY
 
     def _beta2_for(self, optimizer: torch.optim.Optimizer) -> float:
@@ -445,13 +451,14 @@ class OvershootClip(_RuleClipper):
         return _overshoot.init(self.cfg, TORCH, like)
 
     def step_threshold(self, total: Tensor) -> Tensor:
-        return _overshoot.threshold(self.cfg, self._ensure(total), TORCH)
+        return _overshoot.threshold(self.cfg, self._ensure(total), TORCH, self._lr)
 
     def threshold(self, like: Tensor) -> Tensor:
-        """``min(S, spike_factor * exp(level))``; in the "adaptive" mode ``spike_factor *
+        """``min(S, spike_factor * exp(level))`` (mode "trust": ``S = trust * ||theta_0|| /
+        lr``); "level": ``level_factor * exp(level_raw)``; "adaptive": ``spike_factor *
         sqrt(v)``; inf before the first accepted step (unless S was set from the parameter
         norm)."""
-        return _overshoot.threshold(self.cfg, self._ensure(like), TORCH)
+        return _overshoot.threshold(self.cfg, self._ensure(like), TORCH, self._lr)
 
     def _flat_sample(self, tensors: list[Tensor]) -> Tensor:
         total = sum(t.numel() for t in tensors)
@@ -518,7 +525,8 @@ class OvershootClip(_RuleClipper):
             measured = self._direction(total, params, [p.grad for p in params],
                                        getattr(norms, "plan", None))
         cos = None if measured is None else measured.cos
-        _, self._state = _overshoot.update(self.cfg, st, _overshoot.Observation(total, cos),
+        _, self._state = _overshoot.update(self.cfg, st,
+                                           _overshoot.Observation(total, cos, self._lr),
                                            TORCH, accept=accept)
         new_prev = None if measured is None else measured.sample
         if new_prev is not None:
@@ -546,16 +554,26 @@ class OvershootClip(_RuleClipper):
             self._state, self._layout, self._have_init = None, None, False
             self._prev_sample = None
             return
-        fields = {k: state_dict[k].clone() for k in _overshoot.State._fields if k != "sq_level"}
-        sq = state_dict.get("sq_level")  # absent in states saved before the adaptive mode
-        fields["sq_level"] = sq.clone() if sq is not None else torch.zeros_like(
-            fields["log_level"])
+        late = ("sq_level", "param_norm")  # absent in states saved before those modes
+        fields = {k: state_dict[k].clone() for k in _overshoot.State._fields if k not in late}
+        for k in late:
+            v = state_dict.get(k)
+            fields[k] = v.clone() if v is not None else torch.zeros_like(fields["log_level"])
         self._state = _overshoot.State(**fields)
         ps = state_dict.get("prev_sample")
         self._prev_sample = ps.clone() if ps is not None and ps.numel() else None
         self._have_init = bool(state_dict.get("have_init", False))
         lay = state_dict.get("layout")
         self._layout = None if lay is None else (len(lay), tuple(int(n) for n in lay))
+
+
+def _step_lr(groups: list[dict[str, Any]]) -> Any:
+    """The learning rate the rule reads: the largest over the groups when they are numbers
+    (the fastest group bounds the step), else the first group's (a tensor lr)."""
+    lrs = [g.get("lr") for g in groups]
+    if lrs and all(isinstance(v, (int, float)) for v in lrs):
+        return max(lrs)
+    return lrs[0] if lrs else None
 
 
 def default_clipper() -> OvershootClip:

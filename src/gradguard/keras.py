@@ -113,7 +113,8 @@ def clipper_config(spec: Any, name: str = "clipper") -> dict[str, Any] | None:
     if kind == "AGC":
         return _checked({"rule": "agc", "clipping": float(spec.clipping), "eps": float(spec.eps)}, name)
     if kind == "OvershootClip":
-        cfg = {k: getattr(spec, k) for k in ("beta", "init_step", "floor", "spike_factor", "ema")}
+        cfg = {k: getattr(spec, k) for k in ("beta", "init_step", "floor", "spike_factor", "ema",
+                                             "trust", "level_factor")}
         return _checked({"rule": "overshoot", **cfg, "optimizer_scale": bool(spec.optimizer_scale)}, name)
     if kind in _RULE_OF and hasattr(spec, "cfg"):
         return _checked({"rule": _RULE_OF[kind], **spec.cfg._asdict()}, name)
@@ -704,12 +705,17 @@ class _RuleClip(_ScalarClip):
         st = self.state.read()
         if self.spec["rule"] != "overshoot":
             return self.mod.update(self.cfg, st, total, TF)
-        cos = None
+        cos = lr = None
         if self.mode == "momentum":
             st = st._replace(init_limit=tf.where((st.count == 0) & ~st.started,
                                                  _initial_limit(self.cfg, params, opt), st.init_limit))
             cos = _momentum_cosine(grads, opt.inner_optimizer)
-        return self.mod.update(self.cfg, st, self.mod.Observation(total, cos), TF)
+        elif self.mode == "trust":
+            # ||theta_0|| once, at the first step (a branch: no parameter pass afterwards)
+            st = st._replace(param_norm=tf.cond(st.param_norm > 0, lambda: st.param_norm,
+                                                lambda: _param_norm(params)))
+            lr = tf.cast(opt.inner_optimizer._get_current_learning_rate(), tf.float32)
+        return self.mod.update(self.cfg, st, self.mod.Observation(total, cos, lr), TF)
 
     def commit(self, accept, decision, opt) -> None:
         from . import rules
@@ -718,21 +724,29 @@ class _RuleClip(_ScalarClip):
 
 def _overshoot_cfg(spec: dict[str, Any], inner) -> Any:
     """The default's mode from the inner optimizer, as the torch facade picks it: step-size
-    control with SGD + momentum, the optimizer-scale cap with ``optimizer_scale`` and an
-    Adam-like optimizer (``beta_2``), else the geometric spike cap."""
-    if isinstance(inner, keras.optimizers.SGD) and float(inner.momentum) > 0:
-        return _rule_cfg(spec, mode="momentum")
-    if spec.get("optimizer_scale") and hasattr(inner, "beta_2"):
-        return _rule_cfg(spec, mode="adaptive", beta2=float(inner.beta_2))
+    control with SGD + momentum, the trust region with plain SGD, the level cap with an
+    Adam-like optimizer (``beta_2``, RMSprop, Adagrad; the optimizer-scale cap with
+    ``optimizer_scale``), else the geometric spike cap."""
+    if isinstance(inner, keras.optimizers.SGD):
+        return _rule_cfg(spec, mode="momentum" if float(inner.momentum) > 0 else "trust")
+    if hasattr(inner, "beta_2") or isinstance(inner, (keras.optimizers.RMSprop,
+                                                      keras.optimizers.Adagrad)):
+        if spec.get("optimizer_scale") and hasattr(inner, "beta_2"):
+            return _rule_cfg(spec, mode="adaptive", beta2=float(inner.beta_2))
+        return _rule_cfg(spec, mode="level")
     return _rule_cfg(spec, mode="cap")
+
+
+def _param_norm(params):
+    floats = [tf.convert_to_tensor(p) for p in params if p.dtype.is_floating]
+    return tf.cast(ggtf.global_norm(floats), tf.float32)
 
 
 def _initial_limit(cfg, params, opt):
     from .rules import overshoot
-    floats = [tf.convert_to_tensor(p) for p in params if p.dtype.is_floating]
-    pnorm = ggtf.global_norm(floats)
+    pnorm = _param_norm(params)
     lr = tf.cast(opt.inner_optimizer._get_current_learning_rate(), tf.float32)
-    return overshoot.initial_limit(cfg, tf.cast(pnorm, tf.float32), lr, TF)
+    return overshoot.initial_limit(cfg, pnorm, lr, TF)
 
 
 def _momentum_cosine(grads, inner):

@@ -130,9 +130,10 @@ def _flat_sample(tree: Any, stride: int) -> jax.Array:
 
 
 def auto(*, learning_rate: float | None = None, momentum: float | None = None,
-         use_last_gradient: bool = False, optimizer_scale: bool = False, b2: float = 0.999,
-         beta: float = 0.1, init_step: float = 1e-2, floor: float = 0.02,
-         spike_factor: float = 3.0, ema: float = 0.95, sample: int = 65536,
+         adaptive: bool = False, use_last_gradient: bool = False, optimizer_scale: bool = False,
+         b2: float = 0.999, beta: float = 0.1, init_step: float = 1e-2, floor: float = 0.02,
+         spike_factor: float = 3.0, ema: float = 0.95, trust: float = 0.03,
+         level_factor: float = 2.0, sample: int = 65536,
          axis_name: Any = None) -> optax.GradientTransformation:
     """The threshold-free default (``gg.OvershootClip``, ``rules.overshoot``): clip the global
     norm to ``min(S, spike_factor * exp(level))``.
@@ -140,12 +141,19 @@ def auto(*, learning_rate: float | None = None, momentum: float | None = None,
     optax transformations cannot see the optimizer after them, so say what it is:
 
     * nothing (default): mode "cap", the geometric spike cap only (what the torch Guard uses
-      with Adam & co.);
+      when it knows no optimizer);
+    * ``learning_rate=lr`` alone, for plain ``optax.sgd(lr)``: mode "trust", no step longer
+      than ``trust * ||params_0||`` (``S = trust * ||params_0|| / lr``, the norm from
+      ``init(params)``), and the spike cap;
     * ``momentum=m`` (and ``learning_rate=lr``) for ``optax.sgd(lr, momentum=m)``: mode
       "momentum", step-size control against SGD's momentum buffer, which this transformation
       replicates on its ``sample`` (``u <- m u + clipped g``; exact for ``sgd`` without
       nesterov or weight decay); ``S_0 = init_step * ||params|| / lr`` from ``init(params)``;
-    * ``use_last_gradient=True`` (plain SGD): mode "sgd", the last gradient as the direction;
+    * ``adaptive=True`` for Adam, AdamW, RMSprop & co.: mode "level", the cap at
+      ``level_factor * exp(level_raw)`` (twice the recent geometric-mean raw norm): what the
+      torch Guard uses with those optimizers;
+    * ``use_last_gradient=True`` (plain SGD, opt-in): mode "sgd", the last gradient as the
+      direction;
     * ``optimizer_scale=True`` (Adam & co., ``b2`` their second-moment decay): mode
       "adaptive", the cap at ``spike_factor * sqrt(v)``.
 
@@ -162,6 +170,10 @@ def auto(*, learning_rate: float | None = None, momentum: float | None = None,
         mode, m = "sgd", 0.0
     elif optimizer_scale:
         mode, m = "adaptive", 0.0
+    elif _flag(adaptive, "adaptive"):
+        mode, m = "level", 0.0
+    elif learning_rate is not None:
+        mode, m = "trust", 0.0
     else:
         mode, m = "cap", 0.0
     if learning_rate is not None:
@@ -169,29 +181,34 @@ def auto(*, learning_rate: float | None = None, momentum: float | None = None,
     else:
         lr = None
     cfg = overshoot.config(mode, beta=beta, init_step=init_step, floor=floor,
-                           spike_factor=spike_factor, ema=ema, beta2=b2)
+                           spike_factor=spike_factor, ema=ema, beta2=b2, trust=trust,
+                           level_factor=level_factor)
     sample = _args.int_at_least(sample, "sample", 1)
     control = mode in overshoot.STEP_CONTROL
-    if control and axis_name is not None:
-        # the direction sample would be per-device state of a sharded shape; the cap and
-        # adaptive modes (scalar state) work over a named axis
-        raise ValueError(f"auto(): step-size control (momentum / use_last_gradient) with "
-                         f"axis_name={axis_name!r} is not supported; give replicated "
-                         f"(pmean-ed) gradients without axis_name, or use the cap mode")
+    if (control or mode == "trust") and axis_name is not None:
+        # the direction sample would be per-device state of a sharded shape, and the trust
+        # region's parameter norm is taken at init; the cap, level and adaptive modes
+        # (scalar state) work over a named axis
+        raise ValueError(f"auto(): step-size control (momentum / use_last_gradient) or the "
+                         f"trust region (learning_rate alone) with axis_name={axis_name!r} "
+                         f"is not supported; give replicated (pmean-ed) gradients without "
+                         f"axis_name, or use the cap, level or adaptive mode")
 
     def init_rule(params: Any) -> AutoState:
         st = overshoot.init(cfg, JAX)
-        if control:
+        n = 0
+        if control or mode == "trust":
             pnorm = tree_norms(params).total
-            st = st._replace(init_limit=overshoot.initial_limit(cfg, pnorm, lr, JAX))
+            st = st._replace(init_limit=overshoot.initial_limit(cfg, pnorm, lr, JAX),
+                             param_norm=pnorm)
+        if control:
             n = int(_flat_sample(params, _stride(params, sample)).shape[0])
-        else:
-            n = 0
         return AutoState(st, jnp.zeros((n,), F32))
 
     def step_rule(st: AutoState, n: Any, updates: Any) -> tuple[jax.Array, AutoState]:
         if not control:
-            thr, prop = overshoot.update(cfg, st.overshoot, overshoot.Observation(n.total), JAX)
+            thr, prop = overshoot.update(cfg, st.overshoot,
+                                         overshoot.Observation(n.total, None, lr), JAX)
             return thr, AutoState(prop, st.direction)
         g_s = _flat_sample(updates, _stride(updates, sample))
         u_s = st.direction
@@ -245,9 +262,9 @@ def spike_skip(inner: Any, threshold: float = 6.0, window: int = 128, *,
     return guarded(inner, axis_name=axis_name, spike=_Spike(cfg))
 
 
-def _flag(v: Any) -> bool:
+def _flag(v: Any, name: str = "watch_loss") -> bool:
     if not isinstance(v, bool):
-        raise TypeError(f"watch_loss must be True or False, got {type(v).__name__} {v!r}")
+        raise TypeError(f"{name} must be True or False, got {type(v).__name__} {v!r}")
     return v
 
 

@@ -1,14 +1,14 @@
-"""OvershootClip, the threshold-free default: clip the global norm to ``min(S, cap)``.
+"""OvershootClip, the threshold-free default: clip the global norm to a threshold that no
+user sets, chosen by the kind of optimizer (``docs/adaptive.md`` has the reasoning and the
+measurements). All state is O(1) scalars; the mode is picked by the adapter from the
+optimizer:
 
-gradguard's own rule (``docs/adaptive.md`` has the reasoning and the measurements). Two
-parts, both O(1) scalar state:
-
-**Step-size control S** (modes "momentum" and "sgd", for ``torch.optim.SGD``, where the clip
-threshold *is* the step length ``lr * min(||g||, S)``). The observation ``cos`` is
-``cos(g_t, u_{t-1})``, the new gradient against the direction of the last update (SGD's
-momentum buffer, or in mode "sgd" the last gradient); ``-g_t . u_{t-1}`` is the derivative
-of the loss with respect to the last step's length (the "hypergradient", Baydin et al. 2018,
-"Online Learning Rate Adaptation with Hypergradient Descent", arXiv 1703.04782). So
+**"momentum": step-size control S** (SGD with momentum, where the clip threshold sets the
+step length ``lr * min(||g||, S)``). The observation ``cos`` is ``cos(g_t, u_{t-1})``, the new
+gradient against the direction of the last update (SGD's momentum buffer; in the opt-in mode
+"sgd" the last gradient); ``-g_t . u_{t-1}`` is the derivative of the loss with respect to
+the last step's length (the "hypergradient", Baydin et al. 2018, "Online Learning Rate
+Adaptation with Hypergradient Descent", arXiv 1703.04782). So
 
     cos < 0 (the step overshot):         S <- min(S, ||g_{t-1}||) * exp(beta * cos)
     cos > 0 and the last step clipped:   S <- S * exp(beta * cos)
@@ -19,17 +19,37 @@ S starts at ``init_limit = init_step * ||theta_0|| / lr`` (``initial_limit``), a
 that moves the parameters by ``init_step`` of their norm. The S in force at step t is the one
 made from the evidence of step t - 1, so this step's threshold does not depend on ``cos``.
 
-**Spike cap** (every mode): ``cap = spike_factor * exp(log_level)``, ``log_level`` the EMA
-(``ema``) of the log of accepted, clipped norms, ``log_raw`` the same of raw norms. In mode
-"adaptive" (opt-in ``optimizer_scale`` with Adam & co.) the cap is ``spike_factor * sqrt(v)``
-instead, v the bias-corrected EMA (decay ``beta2``) of the squared accepted, clipped norm,
-updated as ``v <- v + w (x^2 - v)``, ``w = (1 - beta2) / (1 - beta2^n)``. In mode "cap" only
-the cap acts.
+**"trust": a relative trust region** (plain SGD, no momentum). Without momentum the cosine
+of successive minibatch gradients is noise around a negative mean (the short-horizon bias of
+greedy step-size rules: it says "shorter" at every step size), so S is not learned; instead
+no step may move the parameters by more than ``trust`` of their initial norm:
 
-Threshold: ``min(S, cap)`` ("adaptive": ``spike_factor * sqrt(v)``); inf before the first
-accepted step unless S was set from the parameter norm. A step is fed only when its norm is
-finite and > 0 (``log`` of it), and only if accepted (``commit``). Units: norms and S in the
-gradients' units; state float32, ``count`` int64, ``started`` bool.
+    S_t = trust * ||theta_0|| / lr_t      (lr_t: the learning rate of this step)
+
+so ``lr_t * min(||g||, S_t) <= trust * ||theta_0||`` whatever the lr schedule does. On top of
+it the spike cap below.
+
+**"level": a cap at the recent raw level** (Adam, AdamW, RMSprop, ...: the update does not
+scale with the gradient, what hurts is one batch far above the others, which dominates the
+first moment and inflates the second). ``threshold = level_factor * exp(log_raw)``, the
+geometric mean of the recent raw norms (EMA ``ema`` of their log) times ``level_factor``:
+it follows a rise of the norms as fast as the EMA does, and holds a spike to twice the level.
+
+**Spike cap** (modes "momentum", "sgd", "trust", "cap"): ``cap = spike_factor *
+exp(log_level)``, ``log_level`` the EMA (``ema``) of the log of accepted, *clipped* norms,
+``log_raw`` the same of raw norms. Fed clipped values, the cap grows at most
+``spike_factor ** (1 - ema)`` per step and cannot follow an explosion. In mode "adaptive"
+(opt-in ``optimizer_scale`` with Adam & co.) the cap is ``spike_factor * sqrt(v)`` instead,
+v the bias-corrected EMA (decay ``beta2``) of the squared accepted, clipped norm, updated as
+``v <- v + w (x^2 - v)``, ``w = (1 - beta2) / (1 - beta2^n)``. In mode "cap" (no optimizer
+known) only the cap acts.
+
+Threshold: ``min(S, cap)`` ("trust": ``min(S_t, cap)``, "level": ``level_factor *
+exp(log_raw)``, "adaptive": ``spike_factor * sqrt(v)``); inf before the first accepted step
+unless S is known from the parameter norm. A step is fed only when its norm is finite and > 0
+(``log`` of it), and only if accepted (``commit``). Units: norms and S in the gradients'
+units, ``lr`` in parameter units per gradient unit; state float32, ``count`` int64,
+``started`` bool.
 """
 
 from __future__ import annotations
@@ -39,7 +59,7 @@ from typing import Any, NamedTuple
 
 from . import _core
 
-MODES = ("momentum", "sgd", "adaptive", "cap")
+MODES = ("momentum", "sgd", "trust", "level", "adaptive", "cap")
 STEP_CONTROL = ("momentum", "sgd")
 
 
@@ -51,6 +71,8 @@ class Config(NamedTuple):
     spike_factor: float = 3.0
     ema: float = 0.95
     beta2: float = 0.999
+    trust: float = 0.03
+    level_factor: float = 2.0
 
 
 class State(NamedTuple):
@@ -62,25 +84,31 @@ class State(NamedTuple):
     count: Any        # i64, accepted steps
     started: Any      # bool, S has been updated once
     init_limit: Any   # f32, S_0 (a constant of the run; inf when unknown)
+    param_norm: Any   # f32, ||theta_0|| for mode "trust" (0: unknown)
 
 
 class Observation(NamedTuple):
     total: Any        # 0-d f32 global norm
     cos: Any = None   # 0-d f32 cos(g_t, u_{t-1}) in [-1, 1] (step-control modes; else None)
+    lr: Any = None    # this step's learning rate (mode "trust"; else unused)
 
 
 def config(mode: str = "cap", *, beta: Any = 0.1, init_step: Any = 1e-2, floor: Any = 0.02,
-           spike_factor: Any = 3.0, ema: Any = 0.95, beta2: Any = 0.999) -> Config:
+           spike_factor: Any = 3.0, ema: Any = 0.95, beta2: Any = 0.999, trust: Any = 0.03,
+           level_factor: Any = 2.0) -> Config:
     """Checked configuration; errors name the argument."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     k = _core.nonneg(spike_factor, "spike_factor", positive=True)
     if k < 1.0:
         raise ValueError(f"spike_factor must be >= 1, got {spike_factor!r}")
+    lf = _core.nonneg(level_factor, "level_factor", positive=True)
+    if lf < 1.0:
+        raise ValueError(f"level_factor must be >= 1, got {level_factor!r}")
     return Config(mode, _core.nonneg(beta, "beta", positive=True),
                   _core.nonneg(init_step, "init_step", positive=True),
                   _core.nonneg(floor, "floor"), k, _core.open_unit(ema, "ema"),
-                  _core.open_unit(beta2, "beta2"))
+                  _core.open_unit(beta2, "beta2"), _core.nonneg(trust, "trust", positive=True), lf)
 
 
 def init(cfg: Config, xp: Any, like: Any = None) -> State:
@@ -88,7 +116,8 @@ def init(cfg: Config, xp: Any, like: Any = None) -> State:
     return State(xp.full((), inf, "f32", like), xp.full((), 0.0, "f32", like),
                  xp.full((), 0.0, "f32", like), xp.full((), 0.0, "f32", like),
                  xp.full((), 0.0, "f32", like), xp.full((), 0, "i64", like),
-                 xp.full((), False, "bool", like), xp.full((), inf, "f32", like))
+                 xp.full((), False, "bool", like), xp.full((), inf, "f32", like),
+                 xp.full((), 0.0, "f32", like))
 
 
 def initial_limit(cfg: Config, param_norm: Any, lr: Any, xp: Any) -> Any:
@@ -98,6 +127,16 @@ def initial_limit(cfg: Config, param_norm: Any, lr: Any, xp: Any) -> Any:
         return xp.full((), math.inf, "f32", param_norm)
     s0 = cfg.init_step * xp.astype(param_norm, "f32") / lr
     return xp.where(xp.isfinite(s0) & (s0 > 0), s0, math.inf)
+
+
+def trust_limit(cfg: Config, state: State, lr: Any, xp: Any) -> Any:
+    """Mode "trust": ``S_t = trust * ||theta_0|| / lr_t`` (0-d f32); inf when the parameter
+    norm is unknown (0) or ``lr`` is None or not a positive finite number."""
+    pn = state.param_norm
+    if lr is None:
+        return xp.full((), math.inf, "f32", pn)
+    s = cfg.trust * pn / lr
+    return xp.where(xp.isfinite(s) & (s > 0), xp.astype(s, "f32"), math.inf)
 
 
 def cosine(dot: Any, g_norm: Any, u_norm: Any, xp: Any) -> Any:
@@ -113,11 +152,17 @@ def _v(state: State, xp: Any) -> Any:
     return xp.where(state.sq_level > 0, state.sq_level, xp.exp(2 * state.log_level))
 
 
-def threshold(cfg: Config, state: State, xp: Any) -> Any:
-    """The threshold in force for the next step (0-d f32)."""
+def threshold(cfg: Config, state: State, xp: Any, lr: Any = None) -> Any:
+    """The threshold in force for the next step (0-d f32); ``lr`` is that step's learning
+    rate (used by mode "trust" only)."""
     if cfg.mode == "adaptive":
         return xp.where(state.count > 0, cfg.spike_factor * xp.sqrt(_v(state, xp)), math.inf)
-    S = xp.where(state.started, state.step_limit, state.init_limit)
+    if cfg.mode == "level":
+        return xp.where(state.count > 0, cfg.level_factor * xp.exp(state.log_raw), math.inf)
+    if cfg.mode == "trust":
+        S = trust_limit(cfg, state, lr, xp)
+    else:
+        S = xp.where(state.started, state.step_limit, state.init_limit)
     cap = xp.where(state.count > 0, cfg.spike_factor * xp.exp(state.log_level), math.inf)
     return xp.minimum(S, cap)
 
@@ -127,7 +172,7 @@ def update(cfg: Config, state: State, obs: Observation, xp: Any,
     """``(threshold, proposed)``: this step's threshold (from the state alone) and the state
     after it; the proposal is the state itself when the norm is not finite or is 0. With
     ``accept`` (0-d bool) the proposal is already committed (``commit`` folded in)."""
-    thr = threshold(cfg, state, xp)
+    thr = threshold(cfg, state, xp, obs.lr)
     total = obs.total
     st = state
     step_limit, started = st.step_limit, st.started
@@ -157,5 +202,5 @@ def update(cfg: Config, state: State, obs: Observation, xp: Any,
     if accept is not None:
         ok = ok & accept
     proposed = State(step_limit, log_level, log_raw, sq_level, total, st.count + 1, started,
-                     st.init_limit)
+                     st.init_limit, st.param_norm)
     return thr, _core.commit(ok, proposed, st, xp)
