@@ -69,7 +69,7 @@ def test_trust_mode_bounds_every_step_and_follows_the_schedule():
     assert guard.clipper.mode == "trust"
     norms = [r[0] for r in rows]
     ref = _cap_reference(lambda t: 0.03 * theta0 / rows[t][2], norms)
-    for t, ((_, thr, lr, moved), want) in enumerate(zip(rows, ref)):
+    for t, ((_, thr, _lr, moved), want) in enumerate(zip(rows, ref)):
         assert thr == pytest.approx(want, rel=1e-5), t
         # the promise: no step moves the parameters by more than 3 % of their initial norm
         assert moved <= 0.03 * theta0 * (1 + 1e-4), (t, moved, 0.03 * theta0)
