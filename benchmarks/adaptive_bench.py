@@ -140,7 +140,8 @@ def _strategies(only: str | None = None):
                  on_nonfinite="propagate"),
     ]
     if only is not None:
-        keep = [r for r in rows if only.lower() in r.name.lower()]
+        wanted = [w.strip().lower() for w in only.split(",")]
+        keep = [r for r in rows if any(w in r.name.lower() for w in wanted)]
         # the grid is always run: the ratios are to its best value
         rows = [r for r in rows if r.name.startswith("global norm")] + [
             r for r in keep if not r.name.startswith("global norm")]
@@ -186,10 +187,10 @@ TEMPORAL_STEPS, TEMPORAL_LENGTH = 3000, 20
 CHARLM_STEPS = 2000
 #: plain SGD at large learning rates (issue 14): the char tanh-RNN LM, and the Pascanu tasks at
 #: an lr where the unclipped run fails ((task, length, lr, steps))
-RNN_LM_LRS, RNN_LM_STEPS = (3.0, 10.0), 500
-PASCANU_BIG = (("temporal", 20, 0.2, 2000), ("adding", 50, 0.2, 2000))
+RNN_LM_LRS, RNN_LM_STEPS = (3.0, 10.0), 300
+PASCANU_BIG = (("temporal", 20, 0.2, 2000),)
 #: AdamW with a short warmup on a small transformer
-TRANSFORMER_LR, TRANSFORMER_STEPS = 0.01, 400
+TRANSFORMER_LR, TRANSFORMER_STEPS = 0.01, 300
 
 
 def _tasks(quick: bool, extra: bool = False):
@@ -281,21 +282,32 @@ def _tasks(quick: bool, extra: bool = False):
 def _select(tasks: dict, only: str | None) -> dict:
     if only is None:
         return tasks
-    picked = {k: v for k, v in tasks.items() if only.lower() in k.lower()}
+    wanted = [w.strip().lower() for w in only.split(",")]
+    picked = {k: v for k, v in tasks.items() if any(w in k.lower() for w in wanted)}
     if not picked:
         raise SystemExit(f"no task matches {only!r}; tasks: {list(tasks)}")
     return picked
 
 
+#: tasks solved to a loss far below what the evaluation resolves: in the ratios a loss under
+#: the floor counts as the floor, for every row alike (temporal order at lr 0.2: a CE of 3e-4
+#: against 5e-4 on 1000 held-out sequences is two solved runs, not a 1.6x gap)
+RESOLUTION = {"plain SGD lr 0.2": 0.01}
+
+
 def _print_table(title: str, res: dict[str, list[float]], seeds: list[int]) -> None:
     n = len(seeds)
-    best = [min((res[f"global norm {c:g}"][i] for c in GRID), key=lambda v: (math.isnan(v), v))
+    floor = next((f for k, f in RESOLUTION.items() if k in title), 0.0)
+    res_f = {k: [max(v, floor) if math.isfinite(v) else v for v in vals] for k, vals in res.items()}
+    best = [min((res_f[f"global norm {c:g}"][i] for c in GRID), key=lambda v: (math.isnan(v), v))
             for i in range(n)]
     print(f"\n### {title}\n")
+    if floor:
+        print(f"(ratios count a loss below {floor:g} as {floor:g}: solved)\n")
     print("| strategy | " + " | ".join(f"seed {s}" for s in seeds) + " | worst ratio to best grid |")
     print("|---" * (n + 2) + "|")
     for name, vals in res.items():
-        ratios = [v / b if math.isfinite(v) else math.inf for v, b in zip(vals, best)]
+        ratios = [v / b if math.isfinite(v) else math.inf for v, b in zip(res_f[name], best)]
         cells = " | ".join("diverged" if not math.isfinite(v) else f"{v:.4g}" for v in vals)
         print(f"| {name} | {cells} | {max(ratios):.2f} |")
     print("| best of grid | " + " | ".join(f"{b:.4g}" for b in best) + " | 1.00 |")
@@ -371,7 +383,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--jobs", type=int, default=1,
                    help="processes (one thread each) running the table's runs side by side")
     t.add_argument("--strategy", default=None,
-                   help="only the grid and the strategies whose name contains this")
+                   help="only the grid and the strategies whose name contains this (or one "
+                        "of these, comma-separated)")
     args = ap.parse_args(argv)
     if args.cmd == "cost":
         torch.set_num_threads(1)

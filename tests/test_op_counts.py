@@ -88,3 +88,23 @@ def test_op_count_does_not_grow_with_the_history():
         clip.observe(norms, yes)
     assert int(clip.count()) == 1106 and int(clip._state.n_exact) == 1024  # histogram phase
     assert sum(_step_ops(clip, steps=0).values()) == early
+
+
+def test_ring_window_percentile_reads_nothing_on_the_host():
+    """``sketch.RingWindow.percentile`` (the exact window quantile of ``rules._ring``, used by
+    the monitor's window detectors) gathers its two order statistics on the device: no
+    ``_local_scalar_dense`` (``x[t]`` with a 0-d index tensor made two per call)."""
+    import numpy as np
+
+    from gradguard.sketch import RingWindow
+
+    w = RingWindow(16)
+    vals = [1.0 + 0.37 * ((7 * i) % 11) for i in range(20)]
+    for v in vals:
+        w.add(torch.tensor(v), torch.ones((), dtype=torch.bool))
+    mode = _Count()
+    with mode:
+        got = w.percentile(30.0, torch.tensor(2.5))
+    assert mode.ops["_local_scalar_dense"] == 0, dict(mode.ops)
+    want = np.percentile(np.asarray(vals[-16:] + [2.5], np.float64), 30.0)
+    assert float(got) == pytest.approx(want, rel=1e-6)

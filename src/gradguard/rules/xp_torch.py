@@ -109,6 +109,9 @@ class TorchOps:
 
     @staticmethod
     def take(x: Tensor, i: Tensor) -> Tensor:
+        if isinstance(i, Tensor) and i.dim() == 0 and x.dim() == 1:
+            # x[i] with a 0-d index tensor calls .item() (a host sync); a gather does not
+            return x.index_select(0, i.reshape(1)).reshape(())
         return x[i]
 
     @staticmethod
