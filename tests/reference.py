@@ -144,9 +144,10 @@ def spike_decisions(norms, threshold: float, window: int, min_history: int) -> l
 
 
 def overshoot_plain_sgd(grads, s0: float, beta: float, floor: float, k: float,
-                        ema: float) -> list[float]:
+                        ema: float, deadband: float = 0.3) -> list[float]:
     """OvershootClip thresholds per step for plain SGD (update direction = last gradient),
-    every step accepted; ``grads`` is a list of 1-d float64 arrays (the whole gradient)."""
+    every step accepted; ``grads`` is a list of 1-d float64 arrays (the whole gradient). A
+    cosine in [-deadband, 0) counts as agreement shifted by the band."""
     S = s0
     log_level = log_raw = 0.0
     prev = None
@@ -163,10 +164,10 @@ def overshoot_plain_sgd(grads, s0: float, beta: float, floor: float, k: float,
             c = 0.0
         else:
             c = float(np.clip(g @ prev / (n * np.linalg.norm(prev)), -1, 1))
-        if c < 0:
+        if c < -deadband:
             new_s = min(S, prev_n) * math.exp(beta * c)
         elif count and prev_n > S:
-            new_s = S * math.exp(beta * c)
+            new_s = S * math.exp(beta * (c + deadband))
         else:
             new_s = S
         if count:

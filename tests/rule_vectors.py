@@ -85,6 +85,15 @@ CASES: list[dict[str, Any]] = [
      "init_limit": 0.8},
     {"rule": "overshoot", "config": {"mode": "sgd", "beta": 0.5, "floor": 0.0}, "seq": "rise",
      "init_limit": 0.05},
+    {"rule": "overshoot", "config": {"mode": "momentum", "beta": 0.3, "deadband": 0.0},
+     "seq": "spiky", "init_limit": 0.8},
+    {"rule": "overshoot", "config": {"mode": "level"}, "seq": "spiky"},
+    {"rule": "overshoot", "config": {"mode": "level", "level_factor": 1.5, "ema": 0.8},
+     "seq": "rise"},
+    {"rule": "overshoot", "config": {"mode": "trust"}, "seq": "spiky", "param_norm": 4.0,
+     "lr": 0.5},
+    {"rule": "overshoot", "config": {"mode": "trust", "trust": 0.1}, "seq": "rise",
+     "param_norm": 2.0, "lr": 0.05},
     {"rule": "overshoot", "config": {"mode": "adaptive", "beta2": 0.9}, "seq": "spiky"},
     {"rule": "overshoot", "config": {"mode": "adaptive", "beta2": 0.99, "spike_factor": 2.0},
      "seq": "rise"},
@@ -172,7 +181,8 @@ def _ref_spike(seq, threshold=6.0, window=128, min_history=None, watch_loss=True
 
 
 def _ref_overshoot(seq, init_limit=INF, mode="cap", beta=0.1, init_step=1e-2, floor=0.02,
-                   spike_factor=3.0, ema=0.95, beta2=0.999):
+                   spike_factor=3.0, ema=0.95, beta2=0.999, trust=0.03, level_factor=2.0,
+                   deadband=0.3, param_norm=0.0, lr=None):
     S = INF
     started = False
     log_level = log_raw = v = prev_n = 0.0
@@ -181,18 +191,22 @@ def _ref_overshoot(seq, init_limit=INF, mode="cap", beta=0.1, init_step=1e-2, fl
     for g, ok, c in zip(seq["norms"], seq["accepted"], seq["cos"]):
         if mode == "adaptive":
             thr = spike_factor * math.sqrt(v) if count else INF
+        elif mode == "level":
+            thr = level_factor * math.exp(log_raw) if count else INF
         else:
             s_now = S if started else init_limit
+            if mode == "trust":
+                s_now = trust * param_norm / lr if param_norm > 0 and lr else INF
             thr = min(s_now, spike_factor * math.exp(log_level) if count else INF)
         out.append(thr)
         if not (ok and math.isfinite(g) and g > 0):
             continue
         if mode in ("momentum", "sgd"):
             s_now = S if started else init_limit
-            if c < 0:
+            if c < -deadband:
                 new = min(s_now, prev_n) * math.exp(beta * c)
             elif count and prev_n > s_now:
-                new = s_now * math.exp(beta * c)
+                new = s_now * math.exp(beta * (c + deadband))
             else:
                 new = s_now
             if count:
@@ -228,7 +242,8 @@ def expected(case: dict) -> list[dict[str, Any]]:
     elif rule == "zclip":
         thr = _ref_zclip(seq, **cfg)
     elif rule == "overshoot":
-        thr = _ref_overshoot(seq, case.get("init_limit", INF), **cfg)
+        thr = _ref_overshoot(seq, case.get("init_limit", INF), **cfg,
+                             param_norm=case.get("param_norm", 0.0), lr=case.get("lr"))
     else:
         raise KeyError(rule)
     return [{"threshold": t, "coef": _coef(g, t)} for t, g in zip(thr, seq["norms"])]
@@ -248,6 +263,8 @@ def drive(case: dict, xp: Any, like: Any = None, *, to_float=float) -> list[dict
     state = mod.init(cfg, xp, like)
     if case["rule"] == "overshoot" and "init_limit" in case:
         state = state._replace(init_limit=xp.full((), case["init_limit"], "f32", like))
+    if case["rule"] == "overshoot" and "param_norm" in case:
+        state = state._replace(param_norm=xp.full((), case["param_norm"], "f32", like))
     out = []
     for i, (g, ok) in enumerate(zip(seq["norms"], seq["accepted"])):
         total = xp.full((), g, "f32", like)
@@ -259,7 +276,7 @@ def drive(case: dict, xp: Any, like: Any = None, *, to_float=float) -> list[dict
             out.append({"skip": bool(to_float(skip))})
             continue
         if case["rule"] == "overshoot":
-            obs = mod.Observation(total, xp.full((), seq["cos"][i], "f32", like))
+            obs = mod.Observation(total, xp.full((), seq["cos"][i], "f32", like), case.get("lr"))
             thr, prop = mod.update(cfg, state, obs, xp)
         else:
             thr, prop = mod.update(cfg, state, total, xp)

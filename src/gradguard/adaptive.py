@@ -317,11 +317,12 @@ class OvershootClip(_RuleClipper):
       ``c_t = cos(g_t, u_{t-1})``; ``-g_t . u_{t-1}`` is the derivative of the loss with
       respect to the last step's length (the "hypergradient" of Baydin et al. 2018), so
 
-          c_t < 0 (the step overshot):        S <- min(S, ||g_{t-1}||) * exp(beta * c_t)
-          c_t > 0 and the last step clipped:  S <- S * exp(beta * c_t)
+          c_t < -c0 (the step overshot):      S <- min(S, ||g_{t-1}||) * exp(beta * c_t)
+          c_t >= -c0, last step clipped:      S <- S * exp(beta * (c_t + c0))
           otherwise                           S unchanged
           always                              S >= floor * geometric-mean level of raw norms
 
+      ``c0 = deadband`` (0.3): a weakly negative cosine is minibatch noise, not overshoot.
       S starts at ``init_step * ||theta_0|| / lr`` (a first step that moves the parameters
       by 1 % of their norm) and finds the edge of stability from below.
     * **SGD without momentum: a relative trust region.** No step moves the parameters by more
@@ -354,14 +355,15 @@ class OvershootClip(_RuleClipper):
     def __init__(self, *, beta: float = 0.1, init_step: float = 1e-2, floor: float = 0.02,
                  spike_factor: float = 3.0, ema: float = 0.95, sample: int = 65536,
                  use_last_gradient: bool = False, optimizer_scale: bool = False,
-                 trust: float = 0.03, level_factor: float = 2.0):
+                 trust: float = 0.03, level_factor: float = 2.0, deadband: float = 0.3):
         self._kw = {"beta": beta, "init_step": init_step, "floor": floor,
                     "spike_factor": spike_factor, "ema": ema, "trust": trust,
-                    "level_factor": level_factor}
+                    "level_factor": level_factor, "deadband": deadband}
         self.cfg = _overshoot.config(_CAP_ONLY, **self._kw)
         self.beta, self.init_step, self.floor = self.cfg.beta, self.cfg.init_step, self.cfg.floor
         self.spike_factor, self.ema = self.cfg.spike_factor, self.cfg.ema
         self.trust, self.level_factor = self.cfg.trust, self.cfg.level_factor
+        self.deadband = self.cfg.deadband
         self.sample = _int_at_least(sample, "sample", 1)
         self.use_last_gradient = bool(use_last_gradient)
         self.optimizer_scale = bool(optimizer_scale)
@@ -379,7 +381,8 @@ class OvershootClip(_RuleClipper):
     def __repr__(self) -> str:
         return (f"OvershootClip(beta={self.beta}, init_step={self.init_step}, floor={self.floor}, "
                 f"spike_factor={self.spike_factor}, ema={self.ema}, trust={self.trust}, "
-                f"level_factor={self.level_factor}, mode={self.mode!r})")
+                f"level_factor={self.level_factor}, deadband={self.deadband}, "
+                f"mode={self.mode!r})")
 
     @property
     def mode(self) -> str:

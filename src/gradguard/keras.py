@@ -114,7 +114,7 @@ def clipper_config(spec: Any, name: str = "clipper") -> dict[str, Any] | None:
         return _checked({"rule": "agc", "clipping": float(spec.clipping), "eps": float(spec.eps)}, name)
     if kind == "OvershootClip":
         cfg = {k: getattr(spec, k) for k in ("beta", "init_step", "floor", "spike_factor", "ema",
-                                             "trust", "level_factor")}
+                                             "trust", "level_factor", "deadband")}
         return _checked({"rule": "overshoot", **cfg, "optimizer_scale": bool(spec.optimizer_scale)}, name)
     if kind in _RULE_OF and hasattr(spec, "cfg"):
         return _checked({"rule": _RULE_OF[kind], **spec.cfg._asdict()}, name)

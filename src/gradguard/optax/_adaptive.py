@@ -133,7 +133,7 @@ def auto(*, learning_rate: float | None = None, momentum: float | None = None,
          adaptive: bool = False, use_last_gradient: bool = False, optimizer_scale: bool = False,
          b2: float = 0.999, beta: float = 0.1, init_step: float = 1e-2, floor: float = 0.02,
          spike_factor: float = 3.0, ema: float = 0.95, trust: float = 0.03,
-         level_factor: float = 2.0, sample: int = 65536,
+         level_factor: float = 2.0, deadband: float = 0.3, sample: int = 65536,
          axis_name: Any = None) -> optax.GradientTransformation:
     """The threshold-free default (``gg.OvershootClip``, ``rules.overshoot``): clip the global
     norm to ``min(S, spike_factor * exp(level))``.
@@ -182,7 +182,7 @@ def auto(*, learning_rate: float | None = None, momentum: float | None = None,
         lr = None
     cfg = overshoot.config(mode, beta=beta, init_step=init_step, floor=floor,
                            spike_factor=spike_factor, ema=ema, beta2=b2, trust=trust,
-                           level_factor=level_factor)
+                           level_factor=level_factor, deadband=deadband)
     sample = _args.int_at_least(sample, "sample", 1)
     control = mode in overshoot.STEP_CONTROL
     if (control or mode == "trust") and axis_name is not None:

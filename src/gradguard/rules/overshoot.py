@@ -10,10 +10,16 @@ gradient against the direction of the last update (SGD's momentum buffer; in the
 the last step's length (the "hypergradient", Baydin et al. 2018, "Online Learning Rate
 Adaptation with Hypergradient Descent", arXiv 1703.04782). So
 
-    cos < 0 (the step overshot):         S <- min(S, ||g_{t-1}||) * exp(beta * cos)
-    cos > 0 and the last step clipped:   S <- S * exp(beta * cos)
+    cos < -c0 (the step overshot):       S <- min(S, ||g_{t-1}||) * exp(beta * cos)
+    cos >= -c0, the last step clipped:   S <- S * exp(beta * (cos + c0))
     otherwise                            S unchanged
     always                               S >= floor * exp(log_raw)   (after the first step)
+
+``c0`` (``deadband``, 0.3) treats a weakly negative cosine as noise, not overshoot: in the
+noise-dominated phase of training successive gradients are slightly anti-aligned at any step
+length (the short-horizon bias of greedy step-size rules), and without the band S ratchets
+down to its floor (measured: 1.39x the best fixed threshold on the digits MLP with momentum
+SGD; 1.23x with it).
 
 S starts at ``init_limit = init_step * ||theta_0|| / lr`` (``initial_limit``), a first step
 that moves the parameters by ``init_step`` of their norm. The S in force at step t is the one
@@ -73,6 +79,7 @@ class Config(NamedTuple):
     beta2: float = 0.999
     trust: float = 0.03
     level_factor: float = 2.0
+    deadband: float = 0.3
 
 
 class State(NamedTuple):
@@ -95,7 +102,7 @@ class Observation(NamedTuple):
 
 def config(mode: str = "cap", *, beta: Any = 0.1, init_step: Any = 1e-2, floor: Any = 0.02,
            spike_factor: Any = 3.0, ema: Any = 0.95, beta2: Any = 0.999, trust: Any = 0.03,
-           level_factor: Any = 2.0) -> Config:
+           level_factor: Any = 2.0, deadband: Any = 0.3) -> Config:
     """Checked configuration; errors name the argument."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -108,7 +115,15 @@ def config(mode: str = "cap", *, beta: Any = 0.1, init_step: Any = 1e-2, floor: 
     return Config(mode, _core.nonneg(beta, "beta", positive=True),
                   _core.nonneg(init_step, "init_step", positive=True),
                   _core.nonneg(floor, "floor"), k, _core.open_unit(ema, "ema"),
-                  _core.open_unit(beta2, "beta2"), _core.nonneg(trust, "trust", positive=True), lf)
+                  _core.open_unit(beta2, "beta2"), _core.nonneg(trust, "trust", positive=True), lf,
+                  _deadband(deadband))
+
+
+def _deadband(v: Any) -> float:
+    d = _core.nonneg(v, "deadband")
+    if d >= 1.0:
+        raise ValueError(f"deadband must lie in [0, 1), got {v!r}")
+    return d
 
 
 def init(cfg: Config, xp: Any, like: Any = None) -> State:
@@ -180,9 +195,10 @@ def update(cfg: Config, state: State, obs: Observation, xp: Any,
         cos = obs.cos
         S = xp.where(st.started, st.step_limit, st.init_limit)
         prev_n = st.prev_norm
-        grow = xp.where((st.count > 0) & (prev_n > S), S * xp.exp(cfg.beta * cos), S)
+        c0 = cfg.deadband
+        grow = xp.where((st.count > 0) & (prev_n > S), S * xp.exp(cfg.beta * (cos + c0)), S)
         shrink = xp.minimum(S, prev_n) * xp.exp(cfg.beta * cos)
-        new_S = xp.where(cos < 0, shrink, grow)
+        new_S = xp.where(cos < -c0, shrink, grow)
         floor = xp.where(st.count > 0, cfg.floor * xp.exp(st.log_raw), 0.0)
         step_limit = xp.maximum(new_S, floor)
         started = xp.full((), True, "bool", st.started)
