@@ -368,7 +368,11 @@ def test_demo_exploded_run_opens_on_its_first_incident(browser, demo_report, tmp
     rid = det.get_attribute("id")
     assert "diverged" in det.find_element("css selector", "summary").text
     det.find_element("css selector", "summary").click()
-    card = browser.find_element("css selector", f"#{rid}-incident")
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    # the run's body is drawn when it opens: wait for it (a loaded CI machine is slow)
+    card = WebDriverWait(browser, 20).until(
+        lambda b: b.find_element("css selector", f"#{rid}-incident"))
     assert card.text.startswith("First incident: step") and "Top layers" in card.text
     sections = [e.get_attribute("id") for e in det.find_elements("css selector", ".runbody > .card")]
     assert sections[0] == f"{rid}-incident"  # at the top of the run's section

@@ -295,7 +295,7 @@ def train_fsdp2_or_ddp(kind: str, sgd: bool = False) -> None:
         err = float((a - b).abs().max() / b.abs().max())
         assert err < tol, f"{kind}: parameter {i} differs from the single-process run by {err:.3g}"
     assert guard.skipped_steps == 0 and rguard.skipped_steps == 0
-    assert guard.clipper.mode == ("momentum" if sgd else "cap"), guard.clipper.mode
+    assert guard.clipper.mode == ("momentum" if sgd else "level"), guard.clipper.mode
     if sgd:  # the step-size control acted: thresholds were finite and some steps clipped
         assert math.isfinite(float(guard.clipper.threshold(torch.zeros(()))))
     assert identical_across_ranks(clipper_state(guard)), "clipper state differs across ranks"
