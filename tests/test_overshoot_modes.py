@@ -8,22 +8,9 @@ import math
 
 import pytest
 import torch
+from test_adaptive import _batch, _model  # the same model and batches (spikes at 40x)
 
 import gradguard as gg
-
-
-def _model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-
-
-def _batch(i):
-    g = torch.Generator().manual_seed(1000 + i)
-    x = torch.randn(32, 6, generator=g)
-    y = x[:, :1] * 3.0 + torch.randn(32, 1, generator=g)
-    if i % 11 == 7:
-        x = x * 40.0  # a spike now and then
-    return x, y
 
 
 def _run(model, opt, guard, steps, sched=None, start=0):

@@ -42,3 +42,14 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
         frame = frame.f_back
         level += 1
     warnings.warn(message, category, stacklevel=level if frame is not None else 1)
+
+
+def close_at_exit(ref) -> None:
+    """``weakref.finalize`` hook of a recorder: close the object behind the weak reference
+    ``ref`` if it is still alive; an exit hook never raises."""
+    obj = ref()
+    if obj is not None:
+        try:
+            obj.close()
+        except BaseException:  # noqa: BLE001 - an exit hook never raises
+            pass

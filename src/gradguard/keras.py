@@ -54,6 +54,7 @@ import tensorflow as tf
 from keras import ops
 
 from . import tensorflow as ggtf
+from .errors import close_at_exit
 from .rules.xp_tf import TF
 
 try:  # the decorator LossScaleOptimizer.build uses: variables made in build are tracked once
@@ -859,7 +860,7 @@ class Monitor(keras.callbacks.Callback):
 
         # an unclosed Monitor (fit left by an exception, a script that never calls close) is
         # flushed and closed at interpreter exit; holds only a weak reference to the Monitor
-        self._finalizer = weakref.finalize(self, Monitor._close_at_exit, weakref.ref(self))
+        self._finalizer = weakref.finalize(self, close_at_exit, weakref.ref(self))
 
     # -- wiring ---------------------------------------------------------------------------------
     def _attach(self, opt, var_list, names, index) -> None:
@@ -1000,15 +1001,6 @@ class Monitor(keras.callbacks.Callback):
         """``with Monitor(...) as mon:``: every recorded step is written however the block
         ends (an exception leaving ``fit`` included)."""
         self.close()
-
-    @staticmethod
-    def _close_at_exit(ref) -> None:
-        mon = ref()
-        if mon is not None:
-            try:
-                mon.close()
-            except BaseException:  # noqa: BLE001 - an exit hook never raises
-                pass
 
     def __repr__(self) -> str:
         return f"Monitor({str(self.run_dir)!r}, flush_every={self.flush_every}, layer_every={self.layer_every})"

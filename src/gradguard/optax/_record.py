@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ..errors import close_at_exit
 from . import _args
 from ._tree import F32, leaf_names
 
@@ -224,7 +225,7 @@ class Recorder:
         self.name = name or self.path.name
         self._meta()
         # an unclosed recorder is closed at interpreter exit (an uncaught exception included)
-        self._finalizer = weakref.finalize(self, _close_at_exit, weakref.ref(self))
+        self._finalizer = weakref.finalize(self, close_at_exit, weakref.ref(self))
 
     # -- reading the device ----------------------------------------------------------------
     def record(self, opt_state: Any) -> None:
@@ -414,15 +415,6 @@ class Recorder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _close_at_exit(ref: Any) -> None:
-    rec = ref()
-    if rec is not None:
-        try:
-            rec.close()
-        except BaseException:  # noqa: BLE001 - an exit hook never raises
-            pass
 
 
 def _first_history(state: Any) -> HistoryState | None:
