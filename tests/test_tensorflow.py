@@ -11,6 +11,7 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 tf = pytest.importorskip("tensorflow")
 hyp = pytest.importorskip("hypothesis")
+import reference as ref  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from hypothesis.extra import numpy as hnp  # noqa: E402
@@ -224,6 +225,86 @@ def test_clip_by_norm_modes_float16_nonfinite_list(mode):
     assert none is None
     np.testing.assert_allclose(z.numpy(), [1.0, 0.0], rtol=1e-6)
     assert np.isnan(p.numpy()).all()
+
+
+# -- clip_by_agc ---------------------------------------------------------------------------------
+def _torch_layout(a: np.ndarray) -> np.ndarray:
+    """A TF kernel (..., in, out) with its units (the last axis) first, as torch's rows."""
+    return np.moveaxis(a, -1, 0) if a.ndim > 1 else a
+
+
+agc_shapes = st.sampled_from([(), (3,), (4, 3), (2, 2, 3, 5)])
+
+
+@FAST
+@given(st.lists(agc_shapes, min_size=1, max_size=3), st.integers(0, 2 ** 31 - 1),
+       st.sampled_from([0.01, 0.1, 1.0]), st.floats(-3, 3))
+def test_clip_by_agc_matches_float64_nfnets(shapes_, seed, clipping, log_scale):
+    """Units are slices of the last axis (Dense columns, Conv2D output filters): the float64
+    NFNets reference on the torch layout (rows) gives the same gradients."""
+    rng = np.random.default_rng(seed)
+    ws = [rng.normal(size=s).astype(np.float32) for s in shapes_]
+    gs = [(rng.normal(size=s) * 10.0 ** log_scale).astype(np.float32) for s in shapes_]
+    ours = ggtf.clip_by_agc([tf.constant(g) for g in gs], [tf.constant(w) for w in ws], clipping)
+    want = ref.agc([_torch_layout(w) for w in ws], [_torch_layout(g) for g in gs], clipping, 1e-3)
+    for o, r in zip(ours, want):
+        np.testing.assert_allclose(_torch_layout(o.numpy()), r, rtol=2e-6, atol=1e-30)
+
+
+@MODES
+def test_clip_by_agc_modes_torch_parity_and_nonfinite(mode):
+    """The same numbers as ``gg.clip_grad_agc_`` on the transposed torch weight, eagerly, in
+    tf.function and under XLA; the non-finite policies; float16 and None entries."""
+    torch = pytest.importorskip("torch")
+    import gradguard as gg
+
+    rng = np.random.default_rng(3)
+    w, b = rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    gw, gb = (rng.normal(size=(4, 3)) * 5).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    fn = modes()[mode]
+
+    @fn
+    def run(gw, gb, w, b, bad):
+        return (ggtf.clip_by_agc([gw, None, gb], [w, w, b], 0.05),
+                ggtf.clip_by_agc([bad, gb], [w, b], 0.05),
+                ggtf.clip_by_agc([bad, gb], [w, b], 0.05, on_nonfinite="zero"),
+                ggtf.clip_by_agc([bad, gb], [w, b], 0.05, on_nonfinite="propagate"))
+
+    bad = gw.copy()
+    bad[0, 0] = np.nan
+    (cw, none, cb), keep, zero, prop = run(*map(tf.constant, (gw, gb, w, b, bad)))
+    pw, pb = torch.nn.Parameter(torch.tensor(w.T.copy())), torch.nn.Parameter(torch.tensor(b))
+    pw.grad, pb.grad = torch.tensor(gw.T.copy()), torch.tensor(gb)
+    gg.clip_grad_agc_([pw, pb], clipping=0.05)
+    np.testing.assert_allclose(cw.numpy(), pw.grad.numpy().T, rtol=2e-6)
+    np.testing.assert_allclose(cb.numpy(), pb.grad.numpy(), rtol=2e-6)
+    assert none is None and not np.allclose(cw.numpy(), gw)  # it did clip
+    np.testing.assert_array_equal(keep[0].numpy(), bad)  # "keep": a NaN step comes back unscaled
+    np.testing.assert_array_equal(keep[1].numpy(), gb)
+    cleaned = np.where(np.isnan(bad), 0.0, bad).astype(np.float32)
+    want = ref.agc([w.T, b], [cleaned.T, gb], 0.05, 1e-3)
+    np.testing.assert_allclose(zero[0].numpy(), want[0].T, rtol=2e-6)
+    np.testing.assert_allclose(zero[1].numpy(), want[1], rtol=2e-6)
+    # "propagate": the finite units are clipped, the NaN unit (column 0) is left as it is
+    np.testing.assert_array_equal(prop[0].numpy()[:, 0], bad[:, 0])
+    np.testing.assert_allclose(prop[0].numpy()[:, 1:], want[0].T[:, 1:], rtol=2e-6)
+
+
+def test_clip_by_agc_float16_overflow_and_errors():
+    w = tf.constant(np.full((2, 2), 1.0, np.float16))
+    g = tf.constant(np.full((2, 2), 3e4, np.float16))   # 9e8: its squares overflow float16
+    out = ggtf.clip_by_agc([g], [w], 0.1)[0]
+    assert out.dtype == tf.float16
+    # each column: ||g|| = 4.24e4, limit 0.1 * sqrt(2): every element 0.1 * sqrt(2) / sqrt(2) = 0.1
+    np.testing.assert_allclose(out.numpy().astype(np.float64), 0.1, rtol=1e-3)
+    with pytest.raises(ValueError, match="2 gradients for 1 params"):
+        ggtf.clip_by_agc([g, g], [w])
+    with pytest.raises(ValueError, match="clipping"):
+        ggtf.clip_by_agc([g], [w], clipping=0.0)
+    with pytest.raises(TypeError, match="list"):
+        ggtf.clip_by_agc(g, w)
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        ggtf.clip_by_agc([g], [w], on_nonfinite="raise")
 
 
 # -- clip_by_value -------------------------------------------------------------------------------

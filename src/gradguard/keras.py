@@ -630,22 +630,9 @@ class _AGC(_Clip):
         self.cfg = _rule_cfg(cfg)
 
     def _coefs(self, grads, params, opt, nonfinite):
-        from .rules import agc
-        out = []
-        for g, p in zip(grads, params):
-            if g is None:
-                continue
-            x = tf.convert_to_tensor(_vals(g))
-            acc = tf.float64 if x.dtype == tf.float64 else tf.float32
-            x = tf.cast(x, acc)
-            w = tf.cast(tf.convert_to_tensor(p), acc)
-            rank = x.shape.rank or 0
-            axis = tuple(range(rank - 1)) if rank > 1 else None
-            gn, wn = agc.unit_norm(x, axis, TF), agc.unit_norm(w, axis, TF)
-            k = agc.coefficient(self.cfg, gn, wn, TF, nonfinite=nonfinite,
-                                propagate=opt.on_nonfinite == "propagate")
-            out.append((k, gn.norm))
-        return out
+        present = [(g, p) for g, p in zip(grads, params) if g is not None]
+        return ggtf.agc_units(self.cfg, [g for g, _ in present], [p for _, p in present],
+                              nonfinite=nonfinite, propagate=opt.on_nonfinite == "propagate")
 
     def decide(self, grads, params, per, total, opt, nonfinite):
         units = self._coefs(grads, params, opt, nonfinite)

@@ -39,7 +39,7 @@ import tensorflow as tf
 from .rules import _core, norm_clip
 from .rules.xp_tf import TF
 
-__all__ = ["clip_by_global_norm", "clip_by_norm", "clip_by_value", "global_norm", "norms"]
+__all__ = ["clip_by_agc", "clip_by_global_norm", "clip_by_norm", "clip_by_value", "global_norm", "norms"]
 
 _POLICIES = ("keep", "zero", "propagate")
 
@@ -322,6 +322,74 @@ def clip_by_global_norm(tensors: Any, clip_norm: Any, use_norm: Any = None, *,
             coef = tf.where(bad, tf.constant(math.nan, coef.dtype), coef)
     out = [None if t is None else _rewrap(t, _scale(_values(t), coef)) for t in items]
     return out, norm
+
+
+def clip_by_agc(tensors: Any, params: Any, clipping: Any = 0.01, eps: Any = 1e-3, *,
+                on_nonfinite: str = "keep") -> list[Any]:
+    """Unit-wise adaptive gradient clipping (NFNets AGC, Brock et al. 2021): each unit's
+    gradient ``G_i`` scaled to at most ``clipping * max(||W_i||, eps)``.
+
+    ``tensors`` are the gradients, ``params`` the variables they belong to (same order and
+    shapes). TensorFlow and Keras kernels are ``(..., in, out)``, so a unit is one slice of the
+    **last** axis (the norm is taken over all other axes: a Dense kernel's column, a Conv2D
+    kernel's output filter); 0-d and 1-d tensors are one unit each. (torch weights are
+    ``(out, in, ...)``: ``gg.clip_grad_agc_`` takes rows, the same units.) The coefficients are
+    ``gradguard.rules.agc.coefficient``'s, norms max-normalised in float32 (float64 for
+    float64), so a unit whose squares overflow is still clipped. ``None`` gradients pass
+    through; ``IndexedSlices`` are clipped on their values against the whole variable's unit
+    norm. ``on_nonfinite``: where any gradient element is NaN or Inf, ``"keep"`` returns the
+    gradients unscaled, ``"zero"`` sets NaN/Inf elements to 0 and clips the rest,
+    ``"propagate"`` clips the finite units and leaves the rest as they are. Returns a list.
+    """
+    from .rules import agc
+
+    _policy(on_nonfinite)
+    cfg = agc.config(clipping, eps)
+    items, single = _as_list(tensors, "tensors")
+    if single:
+        raise TypeError("clip_by_agc: tensors must be a list of gradients, got a single tensor")
+    ps, _ = _as_list(params, "params")
+    if len(ps) != len(items):
+        raise ValueError(f"clip_by_agc: {len(items)} gradients for {len(ps)} params")
+    if on_nonfinite == "zero":
+        items = [None if t is None else _rewrap(t, _zero_nonfinite(_values(t))) for t in items]
+    present = [(t, p) for t, p in zip(items, ps) if t is not None]
+    units = agc_units(cfg, [t for t, _ in present], [p for _, p in present],
+                      propagate=on_nonfinite != "keep")
+    it = iter(units)
+    out = []
+    for t in items:
+        if t is None:
+            out.append(None)
+            continue
+        k, _ = next(it)
+        out.append(_rewrap(t, _scale(_values(t), k)))
+    return out
+
+
+def agc_units(cfg: Any, grads: list[Any], params: list[Any], *, propagate: bool,
+              nonfinite: Any = None) -> list[tuple[tf.Tensor, tf.Tensor]]:
+    """``[(coefficient, gradient norm)]`` per unit of each (gradient, parameter) pair, both
+    kept-dims tensors (``rules.agc``; the unit is a slice of the last axis). ``nonfinite``: the
+    step's flag (computed from the units' norms when None). Shared by ``clip_by_agc`` and the
+    Keras wrapper's ``gg.AGC``."""
+    from .rules import agc
+
+    norms = []
+    for g, p in zip(grads, params):
+        x = tf.convert_to_tensor(_values(g))
+        _check_float(x, "tensors")
+        acc = _acc_dtype(x.dtype)
+        w = tf.cast(tf.convert_to_tensor(p), acc)
+        x = tf.cast(x, acc)
+        rank = x.shape.rank or 0
+        axis = tuple(range(rank - 1)) if rank > 1 else None
+        norms.append((agc.unit_norm(x, axis, TF), agc.unit_norm(w, axis, TF)))
+    if nonfinite is None and norms:
+        nonfinite = tf.reduce_any(tf.stack([tf.reduce_any(~tf.math.is_finite(gn.root))
+                                            for gn, _ in norms]))
+    return [(agc.coefficient(cfg, gn, wn, TF, nonfinite=nonfinite, propagate=propagate), gn.norm)
+            for gn, wn in norms]
 
 
 def _global_coef(norm: tf.Tensor, clip_norm: Any, *, nonfinite: Any, propagate: bool) -> tf.Tensor:
