@@ -46,3 +46,34 @@ def test_seed_keras_lstm_fit_with_the_wrapper():
     k = keras_seed.seed_lstm_fit("keras clipvalue=1", epochs=1, max_train=256, units=8)
     assert r.final_loss == k.final_loss and r.accuracy == k.accuracy
     assert 0.0 <= r.accuracy <= 1.0 and math.isfinite(r.final_loss)
+
+
+def _tiny_mnist(folder, n=40):
+    """MNIST-shaped IDX files (28 x 28 uint8 images, labels 0-9)."""
+    from gradguard.experiments.idx import write_idx
+
+    rng = np.random.default_rng(0)
+    for prefix in ("train", "t10k"):
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)).astype(np.uint8))
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, n).astype(np.uint8))
+    return folder
+
+
+def test_demo_mnist_dir_trains_the_seed_programs_on_idx_files(tmp_path, monkeypatch):
+    """``gradguard demo --framework tensorflow|keras --mnist-dir DIR`` hands DIR to the seed's
+    LSTM programs, which read MNIST's 28 rows of 28 from the IDX files."""
+    from gradguard import cli
+
+    d = str(_tiny_mnist(tmp_path))
+    xtr, ytr, xte, _ = keras_seed.digits(d)
+    assert xtr.shape == (40, 28, 28) and xte.shape == (40, 28, 28) and ytr.max() <= 9
+    r = tf_seed.run("ggtf.clip_by_norm", training_steps=2, display_step=2, num_units=4, mnist_dir=d)
+    k = keras_seed.seed_lstm_fit("gg NormClip(1)", epochs=1, units=4, mnist_dir=d)
+    assert 0.0 <= r.accuracy <= 1.0 and 0.0 <= k.accuracy <= 1.0 and math.isfinite(k.final_loss)
+    seen = []
+    monkeypatch.setattr(tf_seed, "run", lambda *a, **kw: seen.append(kw["mnist_dir"]) or r)
+    monkeypatch.setattr(keras_seed, "seed_lstm_fit", lambda *a, **kw: seen.append(kw["mnist_dir"]) or k)
+    monkeypatch.setattr(keras_seed, "seed_mlp", lambda *a, **kw: k)
+    assert cli.main(["demo", "--framework", "tensorflow", "--tiny", "--mnist-dir", d]) == 0
+    assert cli.main(["demo", "--framework", "keras", "--tiny", "--mnist-dir", d]) == 0
+    assert seen == [d] * (len(tf_seed.CLIPS) + len(keras_seed.STRATEGIES))

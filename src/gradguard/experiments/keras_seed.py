@@ -168,7 +168,8 @@ def table(results: list[Result]) -> str:
 
 def demo(args: Any) -> int:
     """``gradguard demo --framework keras``: the seed MLP before/after and the seed's LSTM fit in
-    Keras (``--seeds``; ``--tiny``: 5 epochs, one seed, one LSTM epoch); prints two tables."""
+    Keras (``--seeds``; ``--tiny``: 5 epochs, one seed, one LSTM epoch; ``--mnist-dir``: the
+    LSTM on real MNIST from IDX files instead of the 8x8 digits); prints two tables."""
     tiny = bool(getattr(args, "tiny", False))
     seeds = 1 if tiny else int(getattr(args, "seeds", 3))
     names = getattr(args, "strategies", None) or STRATEGIES
@@ -181,7 +182,8 @@ def demo(args: Any) -> int:
         return 2
     mlp = [seed_mlp(s, k, epochs=5 if tiny else 50) for s in names for k in range(seeds)]
     print(table(mlp))
-    lstm = [seed_lstm_fit(s, 0, epochs=1 if tiny else 5) for s in names]
+    lstm = [seed_lstm_fit(s, 0, epochs=1 if tiny else 5, mnist_dir=getattr(args, "mnist_dir", None))
+            for s in names]
     print()
     print(table(lstm))
     return 0

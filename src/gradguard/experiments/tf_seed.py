@@ -104,14 +104,17 @@ def run(clip: str = "ggtf.clip_by_value", seed: int = 0, *, training_steps: int 
 
 def demo(args: Any) -> int:
     """``gradguard demo --framework tensorflow``: the seed's GradientTape LSTM classifier with
-    each clipping choice of ``CLIPS`` (``--seeds``; ``--tiny``: 50 steps, one seed)."""
+    each clipping choice of ``CLIPS`` (``--seeds``; ``--tiny``: 50 steps, one seed;
+    ``--mnist-dir``: real MNIST from IDX files instead of the 8x8 digits)."""
     tiny = bool(getattr(args, "tiny", False))
+    mnist_dir = getattr(args, "mnist_dir", None)
     seeds = 1 if tiny else int(getattr(args, "seeds", 3))
     steps = 50 if tiny else 300
     rows = ["| clip | mean train-batch loss at the end | test accuracy | skipped steps |",
             "| --- | --- | --- | --- |"]
     for clip in CLIPS:
-        rs = [run(clip, k, training_steps=steps, display_step=min(100, steps)) for k in range(seeds)]
+        rs = [run(clip, k, training_steps=steps, display_step=min(100, steps), mnist_dir=mnist_dir)
+              for k in range(seeds)]
         last = [r.losses[-1] for r in rs]
         rows.append(f"| {clip} | {np.mean(last):.4g} | {np.mean([r.accuracy for r in rs]):.3f} | "
                     f"{sum(r.skipped for r in rs)} |")
