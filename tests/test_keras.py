@@ -368,3 +368,21 @@ def test_monitor_failure_never_raises_into_fit(tmp_path):
     with pytest.warns(RuntimeWarning, match="gradguard keras monitor"):
         m.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[mon])
     assert int(m.optimizer.iterations.numpy()) == 2
+
+
+def test_other_keras_backends_are_refused_at_construction():
+    """Keras's JAX backend (a fresh process: the backend is fixed at import): the constructor
+    names the backend and the alternative, before any fit."""
+    pytest.importorskip("jax")
+    import subprocess
+    import sys
+
+    code = ("import keras, gradguard.keras as ggk\n"
+            "assert keras.backend.backend() == 'jax'\n"
+            "try:\n    ggk.GuardedOptimizer(keras.optimizers.SGD(0.1))\n"
+            "except NotImplementedError as e:\n    print('REFUSED', e)\n")
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
+                         env=env)
+    assert "REFUSED" in out.stdout, out.stderr[-2000:]
+    assert "'jax'" in out.stdout and "KERAS_BACKEND=tensorflow" in out.stdout and "optax" in out.stdout

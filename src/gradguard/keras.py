@@ -40,8 +40,10 @@ wrapper is ``register_keras_serializable`` and serialises its clipper as a plain
 Composes with mixed precision as ``LossScaleOptimizer(GuardedOptimizer(inner))``: the loss
 scale optimizer unscales, then this wrapper sees the true gradients.
 
-Backends: TensorFlow (tested, with ``MirroredStrategy`` over two logical CPUs). Units: norms
-and thresholds are L2 norms in the gradients' units.
+Backends: TensorFlow only (tested, with ``MirroredStrategy`` over two logical CPUs). On Keras's
+JAX or torch backend the constructor raises ``NotImplementedError`` naming the backend (tested
+for JAX): every step here is TensorFlow graph ops. Units: norms and thresholds are L2 norms in
+the gradients' units.
 """
 
 from __future__ import annotations
@@ -168,6 +170,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
 
     def __init__(self, inner: keras.optimizers.Optimizer, clipper: Any = "auto", skip: Any = None,
                  monitor: Any = None, on_nonfinite: str = "skip", name: str | None = None, **kwargs: Any):
+        _require_tf_backend()
         if not isinstance(inner, keras.optimizers.Optimizer):
             raise TypeError(f"inner must be a keras.optimizers.Optimizer, got {type(inner).__name__} {inner!r}")
         for k in ("clipnorm", "clipvalue", "global_clipnorm", "gradient_accumulation_steps", "use_ema"):
@@ -287,8 +290,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         if self.loss_scale_factor is not None:
             grads = [None if g is None else g / self.loss_scale_factor for g in grads]
         loss, self._pending_loss = self._pending_loss, None
-        if keras.backend.backend() != "tensorflow":
-            raise NotImplementedError("GuardedOptimizer runs on the TensorFlow backend of Keras")
+        _require_tf_backend()
         ctx = tf.distribute.get_replica_context()
         if ctx is None:
             raise ValueError("GuardedOptimizer.apply must be called in a replica context")
@@ -409,6 +411,16 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
 
     def finalize_variable_values(self, var_list):
         self.inner_optimizer.finalize_variable_values(var_list)
+
+
+def _require_tf_backend() -> None:
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        alt = {"jax": "gradguard.optax (ggo.auto(), ggo.skip_nonfinite(...))",
+               "torch": "gradguard's torch API (gg.Guard) in a PyTorch training loop"}.get(backend, "the TensorFlow backend")
+        raise NotImplementedError(
+            f"GuardedOptimizer needs Keras's TensorFlow backend; keras.backend.backend() is "
+            f"{backend!r} (KERAS_BACKEND={backend}). Set KERAS_BACKEND=tensorflow, or use {alt}")
 
 
 class _Ring:
