@@ -32,7 +32,7 @@ SCRIPT = textwrap.dedent('''
     mirror = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     single = tf.distribute.get_strategy()
 
-    def run(strategy, clipper=None, keras_kw=None, y=y, lso=False, skip=None, epochs=1, x=x):
+    def run(strategy, clipper=None, keras_kw=None, y=y, lso=False, skip=None, epochs=1, x=x, y2=None):
         with strategy.scope():
             m = keras.Sequential([keras.Input((x.shape[1],)),
                                   keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")])
@@ -43,7 +43,12 @@ SCRIPT = textwrap.dedent('''
             outer = keras.optimizers.LossScaleOptimizer(opt, initial_scale=8.0) if lso else opt
             m.compile(optimizer=outer, loss="mse")
         m.fit(x, y, batch_size=4, epochs=epochs, verbose=0, shuffle=False)
-        out = {"w": m.layers[0].kernel.numpy().ravel().tolist(), "it": int(opt.iterations.numpy())}
+        before = m.layers[0].kernel.numpy().ravel().tolist()
+        skipped_before = None if keras_kw is not None else int(opt.skipped_steps.numpy())
+        if y2 is not None:  # one more step on other targets
+            m.fit(x, y2, batch_size=4, epochs=1, verbose=0, shuffle=False)
+        out = {"w": m.layers[0].kernel.numpy().ravel().tolist(), "it": int(opt.iterations.numpy()),
+               "w_before_last": before, "skipped_before_last": skipped_before}
         if keras_kw is None:
             out["skipped"] = int(opt.skipped_steps.numpy())
             out["state"] = [v.numpy().ravel().tolist() for v in opt.variables]
@@ -71,6 +76,19 @@ SCRIPT = textwrap.dedent('''
     sk = {"rule": "spike_skip", "threshold": 3.0, "window": 4, "min_history": 2}
     res["zclip"] = {"single": run(single, zc, skip=sk, epochs=6, x=xs, y=ys),
                     "mirror": run(mirror, zc, skip=sk, epochs=6, x=xs, y=ys)}
+    # every other rule: the same weights and state on 1 and 2 replicas ("auto" with plain SGD
+    # is the trust region: ||theta_0|| read from the mirrored variables)
+    for name, spec in {"agc": {"rule": "agc", "clipping": 0.05},
+                       "autoclip": {"rule": "autoclip", "percentile": 50.0},
+                       "auto": {"rule": "overshoot"}}.items():
+        res[name] = {"single": run(single, spec, epochs=4, x=xs, y=ys),
+                     "mirror": run(mirror, spec, epochs=4, x=xs, y=ys)}
+    res["unclipped_4_epochs"] = run(single, None, epochs=4, x=xs, y=ys)
+    # a spike only in the second replica's half: SpikeSkip refuses the step on both replicas
+    spiked = ys.copy(); spiked[3, 0] = 1e4
+    sk6 = {"rule": "spike_skip", "threshold": 6.0, "window": 8, "min_history": 3}
+    res["spike_replica2"] = {"single": run(single, None, skip=sk6, epochs=5, x=xs, y=ys, y2=spiked),
+                             "mirror": run(mirror, None, skip=sk6, epochs=5, x=xs, y=ys, y2=spiked)}
     print("RESULT" + json.dumps(res))
 ''')
 
@@ -120,3 +138,26 @@ def test_adaptive_rule_state_identical_on_one_and_two_replicas(results):
     for va, vb in zip(m["state"], s["state"]):
         for a, b in zip(va, vb):
             assert (a != a and b != b) or a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["agc", "autoclip", "auto"])
+def test_every_other_rule_clips_like_one_device(results, name):
+    s, m = results[name]["single"], results[name]["mirror"]
+    assert s["w"] != results["unclipped_4_epochs"]["w"]  # the rule clipped: the check is not void
+    for a, b in zip(m["w"], s["w"]):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    for va, vb in zip(m["state"], s["state"]):
+        for a, b in zip(va, vb):
+            assert (a != a and b != b) or a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
+def test_spike_on_replica_2_is_refused_on_all(results):
+    """SpikeSkip's refusal is decided on the summed gradient: a spike in the second replica's
+    half skips the step on both, as on one device, and the weights stay as they were."""
+    s, m = results["spike_replica2"]["single"], results["spike_replica2"]["mirror"]
+    for r in (s, m):
+        assert r["skipped"] == r["skipped_before_last"] + 1, r   # the spiked step was refused
+        assert r["w"] == r["w_before_last"]
+    assert m["skipped"] == s["skipped"] and m["it"] == s["it"]
+    for a, b in zip(m["w"], s["w"]):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
