@@ -386,3 +386,35 @@ def test_other_keras_backends_are_refused_at_construction():
                          env=env)
     assert "REFUSED" in out.stdout, out.stderr[-2000:]
     assert "'jax'" in out.stdout and "KERAS_BACKEND=tensorflow" in out.stdout and "optax" in out.stdout
+
+
+def test_monitored_resume_after_load_model_continues_the_run(tmp_path):
+    """model.save -> load_model -> attach_monitor(Monitor(..., mode="resume")) -> fit: the run
+    folder holds every step once, with the numbers of an uninterrupted monitored run."""
+    x, y = data(32)
+    full_mon = ggk.Monitor(tmp_path / "full", flush_every=3, layer_every=2)
+    full = tiny_model()
+    full.compile(optimizer=ggk.GuardedOptimizer(keras.optimizers.Adam(0.01), clipper=gg.ZClip(warmup_steps=2),
+                                                monitor=full_mon), loss="mse")
+    full.fit(x, y, batch_size=4, epochs=2, verbose=0, shuffle=False, callbacks=[full_mon])
+    full_mon.close()
+
+    mon = ggk.Monitor(tmp_path / "part", flush_every=3, layer_every=2)
+    part = tiny_model()
+    part.compile(optimizer=ggk.GuardedOptimizer(keras.optimizers.Adam(0.01), clipper=gg.ZClip(warmup_steps=2),
+                                                monitor=mon), loss="mse")
+    part.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False, callbacks=[mon])
+    mon.close()
+    part.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    mon2 = ggk.Monitor(tmp_path / "part", flush_every=3, layer_every=2, mode="resume")
+    loaded.optimizer.attach_monitor(mon2)
+    loaded.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False, callbacks=[mon2])
+    mon2.close()
+
+    a, b = gg.load_run(mon2._writer.path), gg.load_run(full_mon._writer.path)
+    assert list(a.steps.step) == list(range(1, 17)) == list(b.steps.step)
+    np.testing.assert_array_equal(a.steps.total_norm.to_numpy(), b.steps.total_norm.to_numpy())
+    np.testing.assert_array_equal(a.steps.clip_coef.to_numpy(), b.steps.clip_coef.to_numpy())
+    assert sorted(set(a.layers.step)) == list(range(2, 17, 2)) == sorted(set(b.layers.step))
+    assert len(a.layers) == len(b.layers)
