@@ -165,7 +165,7 @@ def overshoot_plain_sgd(grads, s0: float, beta: float, floor: float, k: float,
         else:
             c = float(np.clip(g @ prev / (n * np.linalg.norm(prev)), -1, 1))
         if c < -deadband:
-            new_s = min(S, prev_n) * math.exp(beta * c)
+            new_s = S * math.exp(beta * c)
         elif count and prev_n > S:
             new_s = S * math.exp(beta * (c + deadband))
         else:

@@ -204,7 +204,7 @@ def _ref_overshoot(seq, init_limit=INF, mode="cap", beta=0.1, init_step=1e-2, fl
         if mode in ("momentum", "sgd"):
             s_now = S if started else init_limit
             if c < -deadband:
-                new = min(s_now, prev_n) * math.exp(beta * c)
+                new = s_now * math.exp(beta * c)
             elif count and prev_n > s_now:
                 new = s_now * math.exp(beta * (c + deadband))
             else:

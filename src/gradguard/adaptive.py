@@ -317,7 +317,7 @@ class OvershootClip(_RuleClipper):
       ``c_t = cos(g_t, u_{t-1})``; ``-g_t . u_{t-1}`` is the derivative of the loss with
       respect to the last step's length (the "hypergradient" of Baydin et al. 2018), so
 
-          c_t < -c0 (the step overshot):      S <- min(S, ||g_{t-1}||) * exp(beta * c_t)
+          c_t < -c0 (the step overshot):      S <- S * exp(beta * c_t)
           c_t >= -c0, last step clipped:      S <- S * exp(beta * (c_t + c0))
           otherwise                           S unchanged
           always                              S >= floor * geometric-mean level of raw norms

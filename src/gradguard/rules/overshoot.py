@@ -10,10 +10,16 @@ gradient against the direction of the last update (SGD's momentum buffer; in the
 the last step's length (the "hypergradient", Baydin et al. 2018, "Online Learning Rate
 Adaptation with Hypergradient Descent", arXiv 1703.04782). So
 
-    cos < -c0 (the step overshot):       S <- min(S, ||g_{t-1}||) * exp(beta * cos)
+    cos < -c0 (the step overshot):       S <- S * exp(beta * cos)
     cos >= -c0, the last step clipped:   S <- S * exp(beta * (cos + c0))
     otherwise                            S unchanged
     always                               S >= floor * exp(log_raw)   (after the first step)
+
+S shrinks from itself, not from ``min(S, ||g_{t-1}||)``: an unclipped step that
+overshoots lowers S towards the norms geometrically, one band-exceeding cosine at a time, so a
+single noisy cosine cannot drop the limit below the typical norm (measured on the digits MLP
+with bad batches and momentum SGD: 1.27x the best fixed threshold with the jump to
+``||g_{t-1}||``, 1.07x without it; the seed MLP, always clipped, is unchanged).
 
 ``c0`` (``deadband``, 0.3) treats a weakly negative cosine as noise, not overshoot: in the
 noise-dominated phase of training successive gradients are slightly anti-aligned at any step
@@ -197,7 +203,7 @@ def update(cfg: Config, state: State, obs: Observation, xp: Any,
         prev_n = st.prev_norm
         c0 = cfg.deadband
         grow = xp.where((st.count > 0) & (prev_n > S), S * xp.exp(cfg.beta * (cos + c0)), S)
-        shrink = xp.minimum(S, prev_n) * xp.exp(cfg.beta * cos)
+        shrink = S * xp.exp(cfg.beta * cos)
         new_S = xp.where(cos < -c0, shrink, grow)
         floor = xp.where(st.count > 0, cfg.floor * xp.exp(st.log_raw), 0.0)
         step_limit = xp.maximum(new_S, floor)
