@@ -21,6 +21,7 @@ module forms the total, reduces across ranks (``gradguard.distributed``) and che
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +73,10 @@ class GradNorms:
         return ~torch.isfinite(self.total)
 
 
+_LAYOUT = operator.attrgetter("layout")
+_DEVICE = operator.attrgetter("device")
+
+
 def collect_grads(parameters: Tensor | Iterable[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
     """Return ``(params, grads)`` for the parameters that have a gradient, checked."""
     params = [p for p in _validate.as_param_list(parameters) if p.grad is not None]
@@ -79,9 +84,13 @@ def collect_grads(parameters: Tensor | Iterable[Tensor]) -> tuple[list[Tensor], 
     if grads:
         # the common case checked in one pass of cheap attribute reads (thousands of small
         # tensors: this is a third of the step); check_grads then names what is wrong
-        dev = grads[0].device
-        ok = all(g.layout == torch.strided and g.is_floating_point() and g.device == dev
-                 for g in grads)
+        if kernels.is_compiling():  # (dynamo traces no attrgetter)
+            dev = grads[0].device
+            ok = all(g.layout == torch.strided and g.is_floating_point() and g.device == dev
+                     for g in grads)
+        else:  # map over C getters: a third of the generator's time for 4000 tensors
+            ok = (set(map(_LAYOUT, grads)) == {torch.strided} and len(set(map(_DEVICE, grads))) == 1
+                  and all(map(Tensor.is_floating_point, grads)))
         if not ok:
             _validate.check_grads(grads)
     return params, grads
@@ -109,7 +118,7 @@ def per_tensor_norms(grads: list[Tensor], norm_type: float = 2.0) -> Tensor:
 
 def _any_dtensor(grads: list[Tensor]) -> bool:
     # DTensor is a Tensor subclass: a type check, no import of torch.distributed needed
-    return any(type(g) is not Tensor and type(g).__name__ == "DTensor" for g in grads)
+    return any(t is not Tensor and t.__name__ == "DTensor" for t in {type(g) for g in grads})
 
 
 def total_from_per_tensor(per_tensor: Tensor, norm_type: float = 2.0) -> Tensor:

@@ -42,6 +42,7 @@ Set ``GRADGUARD_TRITON=0`` to force the ``torch._foreach_*`` paths.
 from __future__ import annotations
 
 import math
+import operator
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -149,6 +150,7 @@ class _Layout:
 
 
 _LAYOUTS: OrderedDict[tuple, _Layout] = OrderedDict()
+_DTYPE = operator.attrgetter("dtype")
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -236,7 +238,7 @@ class Groups:
         self.tensors = tensors
         self._held = tuple(tensors)  # what the list held: ``of`` sees a tensor replaced in it
         self.device = tensors[0].device if tensors else torch.device("cpu")
-        dtypes = [t.dtype for t in tensors]
+        dtypes = [t.dtype for t in tensors] if _is_compiling() else list(map(_DTYPE, tensors))
         self.single = bool(tensors) and dtypes.count(dtypes[0]) == len(dtypes)
         if self.single or not tensors:
             self.dtypes = dtypes[:1]
@@ -391,7 +393,7 @@ def multi_tensor_scale_(tensors: list[Tensor], coef: Tensor, *, allow_cpu: bool 
     another list)."""
     if not tensors:
         return
-    if any(type(t).__name__ == "DTensor" for t in tensors):
+    if any(t.__name__ == "DTensor" for t in {type(t) for t in tensors}):
         # FSDP2 / TP gradients: scale each rank's local shard in place (the same factor on
         # every rank: ``coef`` comes from the global norm, gradguard.distributed)
         tensors = [t.to_local() if type(t).__name__ == "DTensor" else t for t in tensors]
