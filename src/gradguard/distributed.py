@@ -67,8 +67,8 @@ except ImportError:  # pragma: no cover - torch 2.4
     except ImportError:
         DTensor = None  # type: ignore[assignment,misc]
 
-__all__ = ["DistPlan", "Reduced", "all_reduce_loss", "is_dtensor", "plan", "reduce_partials",
-           "sample_dot_norms", "sums_over_job"]
+__all__ = ["DistPlan", "Reduced", "all_reduce_loss", "is_dtensor", "per_tensor_sums_over_job",
+           "plan", "reduce_partials", "sample_dot_norms", "sums_over_job"]
 
 
 def is_dtensor(t: Any) -> bool:
@@ -277,6 +277,18 @@ def _sum(vec: Tensor, groups: list[Any]) -> Tensor:
     return vec
 
 
+def _max(vec: Tensor, groups: list[Any]) -> Tensor:
+    """MAX all-reduce of ``vec`` over each group in turn that keeps NaN: a backend's max may
+    drop it (gloo's does: max(NaN, 1) is 1 there). A NaN entry goes as -inf with a 0/1 mark
+    in the same vector (one collective, twice the length) and comes back as NaN."""
+    nan = torch.isnan(vec)
+    both = torch.cat([torch.where(nan, torch.full_like(vec, -math.inf), vec), nan.to(vec.dtype)])
+    for g in groups:
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=g)
+    k = vec.numel()
+    return torch.where(both[k:] > 0, torch.full_like(vec, math.nan), both[:k])
+
+
 #: ``loss`` default of ``reduce_partials``: the caller handles no loss (``grad_norm``), as
 #: opposed to None, "this rank has none" (a pipeline stage before the last)
 NO_LOSS: Any = object()
@@ -291,13 +303,14 @@ def reduce_partials(local_norms: Tensor, norm_type: float, p: DistPlan, *,
 
     * over each root mesh, one SUM all-reduce of ``[masked n_i^p..., flag, loss_sum,
       loss_count]`` (the loss slots on the first root only, and only without ``pp_group``);
-      for p = inf a MAX all-reduce of ``[masked n_i..., flag]`` and the loss in a SUM of its
-      own;
+      for p = inf a MAX all-reduce of ``[masked n_i..., flag]`` (twice the length: NaN
+      marks, see ``_max``) and the loss in a SUM of its own;
     * with ``pp_group``: one all-reduce of ``[stage_sum, flag, loss_sum, loss_count]`` over
       it (SUM; MAX of ``[stage_max, flag]`` for p = inf);
     * with ``process_group`` and no DTensor (DDP): one SUM all-reduce of ``[flag, loss_sum,
       loss_count]`` over it;
-    * with ``local_max_abs`` (the Monitor's layer steps): one MAX all-reduce of it per root.
+    * with ``local_max_abs`` (the Monitor's layer steps): one MAX all-reduce of it (and its
+      NaN marks) per root.
 
     ``Reduced.loss``: the mean of the losses given on the ranks that gave one, or None when
     this rank gave none; with ``pp_group`` a stage without a loss gets the mean of the
@@ -320,9 +333,7 @@ def reduce_partials(local_norms: Tensor, norm_type: float, p: DistPlan, *,
         mine = parts.index_select(0, idx)
         mine = torch.where(r.mask, mine, torch.zeros_like(mine))  # where: NaN * 0 is NaN
         if inf:
-            vec = torch.cat([mine, flag])
-            for g in r.groups:
-                dist.all_reduce(vec, op=dist.ReduceOp.MAX, group=g)
+            vec = _max(torch.cat([mine, flag]), r.groups)
         else:
             carry = k == 0 and p.pp_group is None
             vec = _sum(torch.cat([mine, flag] + ([lp] if carry else [])), r.groups)
@@ -337,8 +348,7 @@ def reduce_partials(local_norms: Tensor, norm_type: float, p: DistPlan, *,
         total_p = glob.sum()
     if p.pp_group is not None:
         if inf:
-            vec = torch.cat([total_p.reshape(1), flag])
-            dist.all_reduce(vec, op=dist.ReduceOp.MAX, group=p.pp_group)
+            vec = _max(torch.cat([total_p.reshape(1), flag]), [p.pp_group])
         else:
             vec = torch.cat([total_p.reshape(1), flag, lp])
             dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=p.pp_group)
@@ -360,10 +370,7 @@ def reduce_partials(local_norms: Tensor, norm_type: float, p: DistPlan, *,
         mx = local_max_abs.to(dev, torch.float32).clone()
         for r in p.roots:
             idx = r.idx
-            vec = mx.index_select(0, idx)
-            for g in r.groups:
-                dist.all_reduce(vec, op=dist.ReduceOp.MAX, group=g)
-            mx = mx.index_copy(0, idx, vec)
+            mx = mx.index_copy(0, idx, _max(mx.index_select(0, idx), r.groups))
         max_abs = mx
     mean_loss = None
     if wants_loss and loss is None and p.pp_group is not None and p.pp_loss is None:
@@ -405,6 +412,21 @@ def sums_over_job(parts: Tensor, p: DistPlan) -> Tensor:
     out = out + torch.where(rows.unsqueeze(1), parts, torch.zeros_like(parts)).sum(0)  # plain
     if p.pp_group is not None:
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=p.pp_group)
+    return out
+
+
+def per_tensor_sums_over_job(parts: Tensor, p: DistPlan) -> Tensor:
+    """``[n, k]`` float64: per-tensor partial sums ``parts`` (``[n, k]``, this rank's local
+    elements of the plan's tensors, in its order) added over the shards of each tensor, each
+    distinct element once (masked replicas; one SUM all-reduce of the root's rows per root
+    mesh). Plain tensors' rows are complete on this rank and stay as they are; ``pp_group`` is
+    not reduced over (each stage's tensors are its own). For the Monitor's layer statistics
+    on its layer steps (non-finite counts, parameter norms, the update ratio's sums)."""
+    out = parts.to(torch.float64).clone()
+    for r in p.roots:
+        mine = out.index_select(0, r.idx)
+        mine = torch.where(r.mask.unsqueeze(1), mine, torch.zeros_like(mine))
+        out = out.index_copy(0, r.idx, _sum(mine, r.groups))
     return out
 
 

@@ -11,6 +11,9 @@ The sample is copied out with one ``torch.cat`` per kind of view (the strided ru
 small tensors) instead of one copy per tensor, and the per-tensor sums of squares come from
 one segment sum, so a layer step costs a handful of operations whatever the number of
 parameters.
+
+DTensor parameters (FSDP2, TP) are sampled on the shard each rank holds; the per-tensor sums
+are this rank's, added over the job by ``LayerStats`` (``gradguard.distributed``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ RUN = 16  # elements per run of the sample
 # Whole tensors up to this many elements in total are summed with one index_add over a
 # per-element owner index; beyond (update_sample=None on a big model) per tensor.
 _OWNER_INDEX_MAX = 1 << 20
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (no import of torch.distributed needed); other tensors as is."""
+    return t.to_local() if type(t) is not Tensor and type(t).__name__ == "DTensor" else t
 
 
 class UpdateSample:
@@ -41,12 +49,13 @@ class UpdateSample:
         self._whole_index: list[int] = []
 
     def _build(self) -> None:
-        key = tuple(p.data_ptr() for p in self.params)
+        local = [_local(p) for p in self.params]
+        key = tuple(p.data_ptr() for p in local)
         if key == self._key:
             return
         runs, whole, run_owner, whole_owner, sizes = [], [], [], [], []
         us = self.sample
-        for i, p in enumerate(self.params):
+        for i, p in enumerate(local):
             flat = p.detach().reshape(-1)
             n = flat.numel()
             if us is None or n <= us:
@@ -69,7 +78,7 @@ class UpdateSample:
             self._whole_owner = None
         self._whole_index = whole_owner
         # a non-contiguous parameter was copied by reshape: such views go stale, rebuild each time
-        self._key = key if all(p.is_contiguous() for p in self.params) else None
+        self._key = key if all(p.is_contiguous() for p in local) else None
 
     def take(self) -> tuple[Tensor | None, Tensor | None]:
         """A copy of the sample now: ``(runs (rows, 16), whole (elements,))``."""
