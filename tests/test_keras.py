@@ -321,7 +321,8 @@ def test_monitor_writes_the_run_store_every_n_steps(tmp_path):
     reads = []
     orig = mon._flush
     mon._flush = lambda: (reads.append(1), orig())[1]
-    m.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False, callbacks=[mon])
+    with pytest.warns(RuntimeWarning, match="step 6: nonfinite.*first non-finite layer net/hidden"):
+        m.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False, callbacks=[mon])
     assert len(reads) == 3  # after steps 5 and 10 and at the end: never per step
     mon.close()
     run = gg.load_run(mon._writer.path)
@@ -339,20 +340,67 @@ def test_monitor_writes_the_run_store_every_n_steps(tmp_path):
     s4 = lay[lay.step == 4]
     assert math.hypot(*s4.grad_norm) == pytest.approx(float(st.total_norm[3]), rel=1e-5)
     assert (lay[lay.step == 6].nonfinite_count > 0).all()
+    # the torch Monitor's NonFinite detector, run at the flush: an event with the first
+    # non-finite layer and the flight-recorder window (every step's per-layer norms)
+    ev = [e for e in run.events.to_dict("records") if e["rule"] == "nonfinite"]
+    assert [e["step"] for e in ev] == [6] and ev[0]["first_nonfinite_layer"] == "net/hidden"
+    win = run.window(6)
+    assert sorted(set(win.step)) == [1, 2, 3, 4, 5, 6] and set(win.layer) == {"net/hidden", "net/out"}
+    s5 = win[win.step == 5].sort_values("layer")
+    assert math.hypot(*s5.grad_norm) == pytest.approx(float(st.total_norm[4]), rel=1e-5)
 
 
 def test_monitored_run_reports_like_a_torch_run(tmp_path):
+    """The same poisoned run in Keras and in torch (gg.Guard + gg.Monitor): the same step and
+    layer columns, the same detector event with the same first non-finite layer, and the
+    report's views of both have the same parts."""
+    torch = pytest.importorskip("torch")
     from gradguard.cli import main
+    from gradguard.report import open_run
+    from gradguard.report.views import build_views
 
-    x, y = data(16)
+    x, y = data(32)
+    y[13, 0] = np.nan  # step 4 (batches of 4)
     m = tiny_model()
-    mon = ggk.Monitor(tmp_path / "run", flush_every=2, layer_every=1)
-    m.compile(optimizer=ggk.GuardedOptimizer(keras.optimizers.SGD(0.01), monitor=mon), loss="mse")
-    m.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[mon])
+    mon = ggk.Monitor(tmp_path / "keras", flush_every=3, layer_every=2)
+    m.compile(optimizer=ggk.GuardedOptimizer(keras.optimizers.SGD(0.01), clipper=gg.NormClip(1.0),
+                                             monitor=mon), loss="mse")
+    with pytest.warns(RuntimeWarning, match="nonfinite"):
+        m.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False, callbacks=[mon])
     mon.close()
-    out = tmp_path / "r.html"
-    assert main(["report", str(mon._writer.path), "-o", str(out)]) == 0
-    assert out.stat().st_size > 1000  # the layer data is embedded compressed
+
+    net = torch.nn.Sequential()
+    net.add_module("hidden", torch.nn.Linear(4, 3))
+    net.add_module("out", torch.nn.Linear(3, 1))
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    tmon = gg.Monitor(tmp_path / "torch", flush_every=3, layer_every=2)
+    guard = gg.Guard(net, clipper=gg.NormClip(1.0), monitor=tmon)
+    with pytest.warns(RuntimeWarning, match="nonfinite"):
+        for i in range(8):
+            opt.zero_grad()
+            loss = ((net(torch.tensor(x[4 * i:4 * i + 4])) - torch.tensor(y[4 * i:4 * i + 4])) ** 2).mean()
+            loss.backward()
+            guard.step(opt, loss=loss)
+        guard.close()
+
+    k, t = gg.load_run(mon._writer.path), gg.load_run(tmp_path / "torch")
+    assert list(k.steps.columns) == list(t.steps.columns)
+    assert list(k.layers.columns) == list(t.layers.columns)
+    assert list(k.steps.skipped) == list(t.steps.skipped) == [i == 3 for i in range(8)]
+    kev, tev = k.events.to_dict("records"), t.events.to_dict("records")
+    assert [(e["step"], e["rule"], e["action"]) for e in kev] == \
+        [(e["step"], e["rule"], e["action"]) for e in tev] == [(4, "nonfinite", "warn")]
+    assert kev[0]["first_nonfinite_layer"] == "net/hidden" and tev[0]["first_nonfinite_layer"] == "hidden"
+    assert k.windows() == t.windows() == [4]
+    kv, tv = build_views(open_run(mon._writer.path)), build_views(open_run(tmp_path / "torch"))
+    kd, td = kv.__dict__ if hasattr(kv, "__dict__") else kv._asdict(), \
+        tv.__dict__ if hasattr(tv, "__dict__") else tv._asdict()
+    assert kd.keys() == td.keys()
+    for name in kd:
+        assert (kd[name] is None) == (td[name] is None), name   # nothing missing in the Keras run
+    for path in (mon._writer.path, tmp_path / "torch"):
+        out = tmp_path / f"{path.name}.html"
+        assert main(["report", str(path), "-o", str(out)]) == 0 and out.stat().st_size > 1000
 
 
 def test_monitor_failure_never_raises_into_fit(tmp_path):
@@ -418,3 +466,61 @@ def test_monitored_resume_after_load_model_continues_the_run(tmp_path):
     np.testing.assert_array_equal(a.steps.clip_coef.to_numpy(), b.steps.clip_coef.to_numpy())
     assert sorted(set(a.layers.step)) == list(range(2, 17, 2)) == sorted(set(b.layers.step))
     assert len(a.layers) == len(b.layers)
+
+
+@pytest.mark.parametrize("sample", [None, 32])
+def test_monitor_update_ratio_and_param_norm(tmp_path, sample):
+    """update_ratio = ||w(t) - w(t-1)|| / ||w(t-1)|| per layer on layer steps (exact with
+    update_sample=None; with 32, a 160-element kernel contributes runs of 16 at 0 and 80, the
+    torch Monitor's sample rule), param_norm the norm after the step: from weights captured
+    after every batch."""
+    keras.utils.set_random_seed(0)
+    m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(40, name="wide"),
+                          keras.layers.Dense(1, name="out")], name="net")
+    x, y = data(24)
+    mon = ggk.Monitor(tmp_path / "run", flush_every=4, layer_every=2, update_sample=sample,
+                      detectors=[])
+    m.compile(optimizer=ggk.GuardedOptimizer(keras.optimizers.SGD(0.05, momentum=0.9), clipper=None,
+                                             monitor=mon), loss="mse")
+    weights = [[v.numpy().copy() for v in m.trainable_variables]]
+
+    class Capture(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            weights.append([v.numpy().copy() for v in m.trainable_variables])
+
+    m.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False, callbacks=[Capture(), mon])
+    mon.close()
+    lay = gg.load_run(mon._writer.path).layers
+    # the 160-element kernel: runs 0 and 5 of 10 (k = 5); the 40-element bias: runs 0, 1 (k = 1)
+    runs = {160: np.r_[0:16, 80:96], 40: np.r_[0:32]}
+    pick = (lambda a: a.reshape(-1)) if sample is None else \
+        (lambda a: a.reshape(-1)[runs[a.size]] if a.size > 32 else a.reshape(-1))
+    for step in (2, 4, 6):
+        for j, name in enumerate(["net/wide", "net/out"]):
+            prev = [pick(a).astype(np.float64) for a in weights[step - 1][2 * j:2 * j + 2]]
+            now = [pick(a).astype(np.float64) for a in weights[step][2 * j:2 * j + 2]]
+            want = math.sqrt(sum(np.sum((b - a) ** 2) for a, b in zip(prev, now))) / \
+                math.sqrt(sum(np.sum(a ** 2) for a in prev))
+            row = lay[(lay.step == step) & (lay.layer == name)]
+            assert float(row.update_ratio.iloc[0]) == pytest.approx(want, rel=1e-4), (step, name)
+            pnorm = math.sqrt(sum(np.sum(a.astype(np.float64) ** 2) for a in weights[step][2 * j:2 * j + 2]))
+            assert float(row.param_norm.iloc[0]) == pytest.approx(pnorm, rel=1e-5)
+
+
+def test_monitor_detector_arguments(tmp_path):
+    import warnings
+
+    from gradguard.monitor.detectors import NonFinite, Spike
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # action="skip" is deprecated in the torch Monitor too
+        skip_rule = Spike(action="skip")
+    with pytest.raises(ValueError, match="runs in the step.*SpikeSkip"):
+        ggk.Monitor(tmp_path / "a", detectors=[skip_rule])
+    with pytest.raises(TypeError, match="detectors"):
+        ggk.Monitor(tmp_path / "b", detectors=NonFinite())
+    with pytest.raises(ValueError, match="update_sample"):
+        ggk.Monitor(tmp_path / "c", update_sample=4)
+    with pytest.raises(ValueError, match="recorder_steps"):
+        ggk.Monitor(tmp_path / "d", recorder_steps=0)
+    assert ggk.Monitor(tmp_path / "e", detectors=[])._runner is None

@@ -73,7 +73,7 @@ _POLICIES = ("skip", "zero", "propagate")
 STEP_FIELDS = ("loss", "lr", "total_norm", "total_norm_after", "clip_coef", "threshold",
                "clipped", "skipped", "nonfinite", "loss_scale")
 #: per-layer statistics of a layer step
-LAYER_FIELDS = ("grad_norm", "grad_max_abs", "nonfinite_count", "param_norm")
+LAYER_FIELDS = ("grad_norm", "grad_max_abs", "nonfinite_count", "param_norm", "update_ratio")
 
 
 # -- clipper specs ------------------------------------------------------------------------------
@@ -266,7 +266,9 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
     def _attach_monitor(self, monitor: Monitor) -> None:
         # The statistics ring is transient: kept out of the optimizer's variables (so a model
         # saves and loads the same with or without a monitor) and out of checkpoints.
-        self._ring = _Ring(monitor.ring_rows, monitor.layer_every, len(self._layer_names))
+        self._ring = _Ring(monitor.ring_rows, monitor.layer_every, len(self._layer_names),
+                           monitor.ring_rows + monitor.recorder_steps, self._var_list,
+                           monitor.update_sample)
         monitor._attach(self, self._var_list, self._layer_names, self._layer_index)
 
     def scale_loss(self, loss):
@@ -337,6 +339,8 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         else:
             per, total = raw_per, raw_total
         params = [_read(v) for v in tvs]
+        # the update ratio's parameter sample, copied before the update on layer steps only
+        sample = self._sample(tvs) if self._ring is not None else None
         # "zero": the clip sees the cleaned gradients (finite, unless a norm overflows)
         c = self._clip.decide(grads, params, per, total, self, ~tf.math.is_finite(total))
         refuse = tf.zeros((), tf.bool)
@@ -352,7 +356,7 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
             if hasattr(self.inner_optimizer, "_get_current_learning_rate") else tf.constant(math.nan, tf.float32)
         return {"accept": accept, "refuse": refuse, "nonfinite": nonfinite, "total": raw_total,
                 "per": raw_per, "clip": c, "apply": c["apply"], "skip_state": skip_state,
-                "loss": loss, "grads": grads, "params": params, "lr": lr}
+                "loss": loss, "grads": grads, "params": params, "lr": lr, "sample": sample}
 
     def _commit(self, d, tvs):
         accept = d["accept"]
@@ -381,20 +385,48 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         row = tf.stack([loss, tf.reshape(lr, []), total, total * c["coef"], c["coef"],
                         nan if c.get("threshold") is None else tf.cast(c["threshold"], f32),
                         tf.cast(c["clipped"], f32), tf.cast(~d["accept"], f32),
-                        tf.cast(d["nonfinite"], f32), nan])
+                        tf.cast(d["nonfinite"], f32), nan,
+                        tf.constant(0.0 if d["loss"] is None else 1.0, f32)])  # has_loss
         rows = self._ring.steps
         slot = tf.math.floormod(step, rows.shape[0])
         rows.assign(tf.tensor_scatter_nd_update(rows.value if hasattr(rows, "value") else rows,
                                                 tf.reshape(slot, [1, 1]), row[None]))
+        if self._layer_names:  # the flight recorder: every step's per-layer gradient norms
+            rec = self._ring.recorder
+            rslot = tf.math.floormod(step, rec.shape[0])
+            lay_norms = _layer_norms(d["per"], self._layer_index, len(self._layer_names))
+            rec.assign(tf.tensor_scatter_nd_update(rec.value, tf.reshape(rslot, [1, 1]), lay_norms[None]))
         every = self.monitor.layer_every
 
         def layer_row():
-            lay = _layer_stats(d["per"], d["grads"], d["params"], self._layer_index, len(self._layer_names))
+            after = self._sample_now(self._var_list)
+            lay = _layer_stats(d["per"], d["grads"], d["params"], self._layer_index, len(self._layer_names),
+                               d["sample"], after)
             lrows = self._ring.layers
             lslot = tf.math.floormod((step + 1) // every, lrows.shape[0])
             lrows.assign(tf.tensor_scatter_nd_update(lrows.value, tf.reshape(lslot, [1, 1]), lay[None]))
 
         ops.cond(tf.equal(tf.math.floormod(step + 1, every), 0), layer_row, lambda: None)
+
+    def _layer_step(self):
+        return tf.equal(tf.math.floormod(tf.cast(self._iterations, tf.int64) + 1, self.monitor.layer_every), 0)
+
+    def _sample_now(self, tvs):
+        """The update-ratio sample of every float variable now (``_Ring.sample_index``)."""
+        return [None if ix is None else _take(v, ix) for v, ix in zip(tvs, self._ring.sample_index)]
+
+    def _sample(self, tvs):
+        """The sample before this step's update: a copy on layer steps, zeros otherwise."""
+        is_layer = self._layer_step()
+        out = []
+        for v, ix in zip(tvs, self._ring.sample_index):
+            if ix is None:
+                out.append(None)
+                continue
+            dt = _acc_dtype(v.dtype)
+            out.append(tf.cond(is_layer, lambda v=v, ix=ix: _take(v, ix),
+                               lambda ix=ix, dt=dt: tf.zeros([len(ix)], dt)))
+        return out
 
     # -- serialisation --------------------------------------------------------------------------
     def get_config(self):
@@ -424,12 +456,18 @@ def _require_tf_backend() -> None:
 
 
 class _Ring:
-    """The statistics ring of a monitored optimizer (a plain holder: not tracked, not saved)."""
+    """The statistics ring of a monitored optimizer (a plain holder: not tracked, not saved):
+    the step rows (STEP_FIELDS and ``has_loss``), the layer rows (every ``layer_every`` steps)
+    and the flight recorder (every step's per-layer gradient norms, ``rec_rows`` steps)."""
 
-    def __init__(self, rows: int, layer_every: int, n_layers: int):
+    def __init__(self, rows: int, layer_every: int, n_layers: int, rec_rows: int,
+                 var_list: list[Any] = (), update_sample: int | None = 4096):
         lrows = -(-rows // layer_every) + 1
-        self.steps = keras.Variable(tf.zeros([rows, len(STEP_FIELDS)]), trainable=False,
+        self.sample_index = [_sample_index(v, update_sample) for v in var_list]
+        self.steps = keras.Variable(tf.zeros([rows, len(STEP_FIELDS) + 1]), trainable=False,
                                     name="gg_step_rows")
+        self.recorder = keras.Variable(tf.zeros([rec_rows, max(n_layers, 1)]), trainable=False,
+                                       name="gg_recorder_rows")
         self.layers = keras.Variable(tf.zeros([lrows, n_layers, len(LAYER_FIELDS)]),
                                      trainable=False, name="gg_layer_rows")
 
@@ -479,20 +517,64 @@ def _var_paths(var_list) -> list[str]:
     return [getattr(v, "path", None) or getattr(v, "name", f"var{i}") for i, v in enumerate(var_list)]
 
 
-def _layer_stats(per, grads, params, index, n_layers):
-    """[n_layers, 4]: grad_norm, grad_max_abs, nonfinite_count, param_norm per layer
-    (a layer's norm is the L2 norm of all its variables' gradients together)."""
+def _acc_dtype(dtype) -> tf.DType:
+    return tf.float64 if tf.as_dtype(dtype) == tf.float64 else tf.float32
+
+
+def _sample_index(v, sample: int | None):
+    """The fixed update-ratio sample of a variable, as flat indices (the torch Monitor's
+    ``monitor.update_sample``: a tensor of at most ``sample`` elements whole, a larger one
+    runs of 16 consecutive elements, every k-th run, ``k = ceil((n // 16) / (sample // 16))``;
+    ``sample=None``: every element). None for a non-float variable."""
+    import numpy as np
+
+    if not tf.as_dtype(v.dtype).is_floating:
+        return None
+    n = int(np.prod(v.shape))
+    if sample is None or n <= sample:
+        return np.arange(n, dtype=np.int64)
+    run = 16
+    k = -(-(n // run) // max(sample // run, 1))
+    starts = np.arange(0, n // run, k, dtype=np.int64) * run
+    return (starts[:, None] + np.arange(run, dtype=np.int64)[None]).reshape(-1)
+
+
+def _take(v, ix):
+    """``v``'s sample elements, read now, in float32 (float64 for float64)."""
+    x = tf.reshape(tf.convert_to_tensor(_read(v)), [-1])
+    return tf.cast(tf.gather(x, ix), _acc_dtype(x.dtype))
+
+
+def _layer_norms(per, index, n_layers):
+    """[n_layers] float32: each layer's gradient norm, the L2 norm of its variables' norms
+    (squares summed in float64: no overflow below 1e154; NaN and Inf propagate)."""
+    present = [(tf.square(tf.cast(n, tf.float64)), j) for n, j in zip(per, index) if n is not None]
+    if not present:
+        return tf.zeros([n_layers], tf.float32)
+    sq = tf.stack([q for q, _ in present])
+    seg = tf.constant([j for _, j in present], tf.int32)
+    return tf.cast(tf.sqrt(tf.math.unsorted_segment_sum(sq, seg, n_layers)), tf.float32)
+
+
+def _layer_stats(per, grads, params, index, n_layers, before=None, after=None):
+    """[n_layers, 5]: grad_norm, grad_max_abs, nonfinite_count, param_norm (after the step),
+    update_ratio per layer (a layer's norm is the L2 norm of all its variables' gradients
+    together; ``update_ratio = ||w(t) - w(t-1)|| / ||w(t-1)||`` over the samples ``before`` /
+    ``after``, NaN without them or where ``||w(t-1)|| = 0``)."""
     f32 = tf.float32
     members: list[list[int]] = [[] for _ in range(n_layers)]
     for i, j in enumerate(index):
         members[j].append(i)
     rows = []
     for j in range(n_layers):
-        sq, mx, bad, psq = [], [], [], []
+        sq, mx, bad, psq, dsq, bsq = [], [], [], [], [], []
         for i in members[j]:
             p = tf.convert_to_tensor(params[i])
             if p.dtype.is_floating:
                 psq.append(tf.square(tf.cast(ggtf.global_norm([p]), f32)))
+            if before is not None and before[i] is not None:
+                dsq.append(tf.cast(tf.reduce_sum(tf.square(after[i] - before[i])), tf.float64))
+                bsq.append(tf.cast(tf.reduce_sum(tf.square(before[i])), tf.float64))
             if per[i] is None:
                 continue
             x = tf.reshape(tf.cast(_vals(grads[i]), f32), [-1])
@@ -500,10 +582,15 @@ def _layer_stats(per, grads, params, index, n_layers):
             mx.append(TF.amax(tf.concat([tf.abs(x), tf.zeros([1], f32)], 0)))  # NaN stays NaN
             bad.append(tf.reduce_sum(tf.cast(~tf.math.is_finite(x), f32)))
         z = tf.zeros((), f32)
+        ratio = tf.constant(math.nan, f32)
+        if bsq:
+            b2 = tf.add_n(bsq)
+            ratio = tf.cast(tf.where(b2 > 0, tf.sqrt(tf.add_n(dsq) / tf.where(b2 > 0, b2, 1.0)),
+                                     tf.constant(math.nan, tf.float64)), f32)
         rows.append(tf.stack([tf.sqrt(tf.add_n(sq)) if sq else z,
                               tf.reduce_max(tf.stack(mx)) if mx else z,
                               tf.add_n(bad) if bad else z,
-                              tf.sqrt(tf.add_n(psq)) if psq else z]))
+                              tf.sqrt(tf.add_n(psq)) if psq else z, ratio]))
     return tf.stack(rows) if rows else tf.zeros([0, len(LAYER_FIELDS)], f32)
 
 
@@ -825,19 +912,44 @@ class Monitor(keras.callbacks.Callback):
     unclosed Monitor is closed at interpreter exit, so an exception leaving ``fit`` loses no
     recorded step.
 
-    ``time`` is the wall time of the flush that wrote the row; ``update_ratio`` is not measured
-    (NaN); ``loss`` is the loss Keras hands to ``optimizer.scale_loss`` (NaN in a custom loop
-    that does not call it). Monitoring never raises into training: a failing store warns once
+    ``time`` is the wall time of the flush that wrote the row; ``update_ratio`` is
+    ``||w(t) - w(t-1)|| / ||w(t-1)||`` per layer on layer steps, over the torch Monitor's fixed
+    sample of ``update_sample`` elements per variable (copied before the update on layer steps
+    only; None: every element, exact); ``loss`` is the loss Keras hands to
+    ``optimizer.scale_loss`` (NaN in a custom loop that does not call it). Monitoring never raises into training: a failing store warns once
     and is noted in ``meta.json``. ``mode`` is the store's folder policy (``"new"``,
     ``"resume"``, ``"overwrite"``).
+
+    Detectors and events, as ``gg.Monitor``'s: every step's per-layer gradient norms also go
+    into a flight recorder on the device (``recorder_steps`` steps before the last flush's);
+    at each flush the torch Monitor's detectors (``detectors``: default
+    ``gradguard.monitor.detectors.default_detectors()``, NonFinite, Spike, LossSpike, Growth,
+    Vanishing, action ``"warn"``) run on the host copies of the flushed rows, in step order,
+    and each firing becomes an event in ``events.jsonl`` with its top layers, first non-finite
+    layer and flight-recorder window, so the report shows a Keras run's incidents as it shows a
+    torch run's. Actions: ``"warn"`` (rate-limited, ``warn_interval`` seconds per rule),
+    ``"callback"``, ``"raise"`` (``AnomalyError`` out of the flush, i.e. out of ``fit``);
+    ``"skip"`` is refused (use ``GuardedOptimizer(skip=gg.SpikeSkip())``, decided in the step).
+    ``detectors=[]`` runs none (and does not import torch). Detector state starts afresh in
+    each Monitor (a resumed run's detectors re-learn their baselines).
     """
 
     def __init__(self, run_dir, *, flush_every: int = 100, layer_every: int = 10,
+                 recorder_steps: int = 32, detectors: Any = None, top_k: int = 5,
+                 warn_interval: float = 60.0, update_sample: int | None = 4096,
                  name: str | None = None, config: dict[str, Any] | None = None, mode: str = "new"):
         super().__init__()
-        for arg, v in (("flush_every", flush_every), ("layer_every", layer_every)):
+        for arg, v in (("flush_every", flush_every), ("layer_every", layer_every),
+                       ("recorder_steps", recorder_steps), ("top_k", top_k)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{arg} must be a positive int, got {v!r}")
+        if update_sample is not None and (isinstance(update_sample, bool) or not isinstance(update_sample, int)
+                                          or update_sample < 16):
+            raise ValueError(f"update_sample must be None or an int >= 16, got {update_sample!r}")
+        self.recorder_steps = recorder_steps
+        self.top_k = top_k
+        self.update_sample = update_sample
+        self._runner, self._notices = _detector_runner(detectors, warn_interval)
         from pathlib import Path
 
         self.run_dir = Path(run_dir)
@@ -869,6 +981,7 @@ class Monitor(keras.callbacks.Callback):
         self._index = index
         with tf.init_scope():  # attach may run inside the first traced step: read eagerly
             self._written = int(opt.steps_seen.numpy())
+        self._rec_first = self._written + 1  # the first step in this process's flight recorder
         self._safe(self._open)
 
     def _open(self) -> None:
@@ -893,6 +1006,9 @@ class Monitor(keras.callbacks.Callback):
                        "skip": None if opt is None else opt.skip_config,
                        "on_nonfinite": None if opt is None else opt.on_nonfinite,
                        "inner": None if opt is None else type(opt.inner_optimizer).__name__,
+                       "recorder_steps": self.recorder_steps, "top_k": self.top_k,
+                       "detectors": [] if self._runner is None else
+                       [repr(d) for d in self._runner.detectors],
                        **self.user_config},
             "versions": {"gradguard": __version__, "tensorflow": tf.__version__,
                          "keras": keras.__version__, "python": platform.python_version()},
@@ -932,6 +1048,8 @@ class Monitor(keras.callbacks.Callback):
         self._since = 0
         if self._opt is not None and self._opt.built and not self._closed:
             self._safe(self._flush)
+        if self._notices is not None:
+            self._notices.deliver(allow_raise=not self._closed)  # warnings; "raise" into fit
 
     def _flush(self) -> None:
         import time
@@ -962,6 +1080,7 @@ class Monitor(keras.callbacks.Callback):
         # the device, into the ring); lrs null: a Keras optimizer has one learning rate
         cols["lrs"] = pa.nulls(len(steps), st.STEPS_SCHEMA.field("lrs").type)
         cols["rank"] = np.zeros(len(steps), np.int32)
+        events = [] if self._runner is None else self._detect(steps, rows, seen, cols["time"])
         self._writer.write_shard("steps", pa.table(cols, schema=st.STEPS_SCHEMA))
         every = self.layer_every
         lsteps = steps[steps % every == 0]
@@ -976,12 +1095,51 @@ class Monitor(keras.callbacks.Callback):
                      "grad_max_abs": lay[:, :, 1].reshape(-1).astype(np.float32),
                      "nonfinite_count": lay[:, :, 2].reshape(-1).astype(np.int64),
                      "param_norm": lay[:, :, 3].reshape(-1).astype(np.float32),
-                     "update_ratio": np.full(n * L, np.nan, np.float32),
+                     "update_ratio": lay[:, :, 4].reshape(-1).astype(np.float32),
                      "rank": np.zeros(n * L, np.int32)}
             self._writer.write_shard("layers", pa.table(lcols, schema=st.LAYERS_SCHEMA))
         self._writer.next_seq()
+        self._writer.append_events(events)
         self._written = seen
         self._writer.write_meta(self._meta())
+
+    def _detect(self, steps, rows, seen, times) -> list[dict[str, Any]]:
+        """The detectors over this flush's rows (host copies, step order) and their events,
+        explained by the flight recorder; windows written to the run folder."""
+        import numpy as np
+        import pyarrow as pa
+
+        from .monitor.events import build_events, window_columns
+
+        runner = self._runner
+        rec = self._opt._ring.recorder.numpy()
+        R2 = rec.shape[0]
+        ring_steps = np.arange(max(self._rec_first, seen - R2 + 1), seen + 1, dtype=np.int64)
+        ring = rec[(ring_steps - 1) % R2][:, :len(self._layers)]
+        columns = list(STEP_FIELDS) + runner.columns + ["has_loss"]
+        vals = rows[(steps - 1) % rows.shape[0]].astype(np.float64)
+        buf = np.full((len(steps), len(columns)), np.nan)
+        buf[:, :len(STEP_FIELDS)] = vals[:, :len(STEP_FIELDS)]
+        buf[:, -1] = vals[:, len(STEP_FIELDS)]
+        try:
+            runner.run_deferred(buf, columns, ring, ring_steps, steps)
+        except Exception as exc:  # noqa: BLE001 - principle 4
+            self._safe(_raise, exc)
+            return []
+        col = {c: buf[:, j] for j, c in enumerate(columns)}
+        names = self._layers
+
+        def dump(step: int) -> str | None:
+            table = pa.table(window_columns(step, ring, ring_steps, names, self.recorder_steps))
+            return self._writer.write_window(step, table)
+
+        found = build_events(runner.detectors, {"step": steps, "time": times,
+                                                "skipped": col["skipped"] > 0.5}, col, ring,
+                             ring_steps, names, rank=0, top_k=self.top_k,
+                             recorder_steps=self.recorder_steps, dump_window=dump)
+        for d, e in found:
+            self._notices.event(d, e)
+        return [e for _, e in found]
 
     def close(self) -> None:
         """Flush, finish ``meta.json`` and release the run folder."""
@@ -1003,6 +1161,31 @@ class Monitor(keras.callbacks.Callback):
 
     def __repr__(self) -> str:
         return f"Monitor({str(self.run_dir)!r}, flush_every={self.flush_every}, layer_every={self.layer_every})"
+
+
+def _detector_runner(detectors: Any, warn_interval: float):
+    """``(RuleRunner, Notices)`` for the Keras Monitor's detectors (run at the flush, on the
+    host), or ``(None, None)`` for ``detectors=[]``."""
+    if detectors is not None and not isinstance(detectors, (list, tuple)):
+        raise TypeError(f"detectors must be a list of gradguard detectors or None, got "
+                        f"{type(detectors).__name__} {detectors!r}")
+    if detectors is not None and len(detectors) == 0:
+        return None, None
+    from .monitor.detectors import default_detectors
+    from .monitor.notices import Notices
+    from .monitor.rules import RuleRunner
+
+    runner = RuleRunner(default_detectors() if detectors is None else list(detectors), host_math=True)
+    if runner.now:
+        bad = runner.now[0]
+        raise ValueError(f"detectors: {bad!r} runs in the step (action='skip' or host_math=False); "
+                         "the Keras Monitor runs detectors at the flush. Refuse steps with "
+                         "GuardedOptimizer(skip=gg.SpikeSkip())")
+    return runner, Notices(warn_interval)
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
 
 
 def _store():
