@@ -12,6 +12,8 @@ torch's). This module holds four loops in C, written with the compiler's vector 
     into a float64 sum (so the float32 part never adds more than 32 terms per lane).
     ``sumsq_max`` also returns ``max |x|``, taken on the magnitude bits as integers: the same
     order as the floats, and NaN (whose bits are above inf's) propagates.
+``sumsq_many(kind, ptrs, lens, sums, maxes)``
+    the same for many chunks in one call (a small model's tensors on one thread).
 ``scale(kind, ptr, n, c)``
     ``x <- x * c`` for bfloat16 / float16: float32 multiply, rounded to nearest even, the
     bits ``torch.mul_`` writes on the CPU for a float32 factor (float16 only with F16C).
@@ -39,6 +41,7 @@ import threading
 
 #: kind codes of the kernels
 F32, BF16, F16 = "f32", "bf16", "f16"
+_CODE = {F32: 0, BF16: 1, F16: 2}
 
 SOURCE = r"""
 #include <stdint.h>
@@ -109,6 +112,21 @@ SUMSQ(gg_sumsqmax_f32, float, v_f, s_f, 1)
 SUMSQ(gg_sumsqmax_bf16, uint16_t, v_bf, s_bf, 1)
 SUMSQ(gg_sumsqmax_f16, uint16_t, v_h, s_h, 1)
 
+/* chunks j < k: s[j] = sum of squares of lens[j] elements at ptrs[j] (and m[j] = max |x|
+   when m is not NULL); kind 0 float32, 1 bfloat16, 2 float16. One call for many chunks. */
+void gg_sumsq_many(int kind, const int64_t* ptrs, const int64_t* lens, int64_t k, double* s, float* m) {
+  for (int64_t j = 0; j < k; j++) {
+    const void* p = (const void*)(intptr_t)ptrs[j];
+    if (m) {
+      s[j] = kind == 0 ? gg_sumsqmax_f32(p, lens[j], m + j)
+           : kind == 1 ? gg_sumsqmax_bf16(p, lens[j], m + j) : gg_sumsqmax_f16(p, lens[j], m + j);
+    } else {
+      s[j] = kind == 0 ? gg_sumsq_f32(p, lens[j], 0)
+           : kind == 1 ? gg_sumsq_bf16(p, lens[j], 0) : gg_sumsq_f16(p, lens[j], 0);
+    }
+  }
+}
+
 /* float32 -> bfloat16, round to nearest even; NaN -> a quiet NaN (torch's scalar rule) */
 void gg_scale_bf16(uint16_t* x, int64_t n, float c) {
   for (int64_t i = 0; i < n; i++) {
@@ -158,6 +176,10 @@ class Native:
             f = getattr(cdll, f"gg_sumsqmax_{kind}")
             f.restype, f.argtypes = ctypes.c_double, [ctypes.c_void_p, ctypes.c_int64, f32p]
             self._sumsq_max[kind] = f
+        self._many = cdll.gg_sumsq_many
+        self._many.restype = None
+        self._many.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                               ctypes.c_void_p, ctypes.c_void_p]
         self._scale = {}
         for kind in (BF16, F16):
             f = getattr(cdll, f"gg_scale_{kind}")
@@ -175,6 +197,12 @@ class Native:
         m = ctypes.c_float()
         s = self._sumsq_max[kind](ptr, n, ctypes.byref(m))
         return s, m.value
+
+    def sumsq_many(self, kind: str, ptrs, lens, sums, maxes=None) -> None:
+        """``sums[j]`` (and ``maxes[j]``) of the chunks ``ptrs[j], lens[j]`` in one call: int64,
+        float64 (float32) numpy arrays, contiguous, written in place."""
+        self._many(_CODE[kind], ptrs.ctypes.data, lens.ctypes.data, len(ptrs), sums.ctypes.data,
+                   None if maxes is None else maxes.ctypes.data)
 
     def can_scale(self, kind: str) -> bool:
         return kind in self._scale

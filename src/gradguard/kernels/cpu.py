@@ -165,25 +165,23 @@ def l2_norms(grads: list[Tensor], with_max_abs: bool = False) -> tuple[Tensor, T
     # per tensor: a non-zero chunk whose exact sum of squares is still tiny (float64 only)
     tiny_nz = np.zeros(n_t, dtype=bool)
     small = np.flatnonzero((numel > 0) & (numel <= SMALL))
-    arrays: list[np.ndarray] = []
-    owner: list[int] = []
-    ptrs: list[int] = []  # chunk addresses, for the native kernel
-    step = CHUNK * grads[0].element_size()
-    for i in np.flatnonzero(numel > SMALL).tolist():
-        flat = grads[i].detach().reshape(-1).resolve_neg()
-        if flat.stride(0) != 1:
-            flat = flat.contiguous()  # (reshape keeps a strided view; the chunks are read flat)
-        a = _numpy(flat)  # (holds flat's memory alive while the chunks are read)
-        base = flat.data_ptr()
-        for start in range(0, a.size, CHUNK):
-            arrays.append(a[start: start + CHUNK])
-            owner.append(i)
-        ptrs.extend(range(base, base + a.size * flat.element_size(), step))
+    big = np.flatnonzero(numel > SMALL)
+    kind = _KIND.get(dtype)
+    native = _native.lib() if kind is not None and len(big) else None
     with _quiet():
         if len(small):
             _small(grads, small, numel[small], sums, mx, tiny, tiny_nz)
-        if arrays:
-            _large(arrays, owner, sums, mx, tiny, tiny_nz, ptrs, _KIND.get(dtype))
+        if native is not None:
+            _large_native(native, kind, grads, big, numel, sums, mx, tiny)  # type: ignore[arg-type]
+        elif len(big):
+            arrays: list[np.ndarray] = []
+            owner: list[int] = []
+            for i in big.tolist():
+                a = _numpy(grads[i].detach().reshape(-1).resolve_neg())
+                for start in range(0, a.size, CHUNK):
+                    arrays.append(a[start: start + CHUNK])
+                    owner.append(i)
+            _large(arrays, owner, sums, mx, tiny, tiny_nz)
     with np.errstate(over="ignore"):  # beyond float32's range: inf, silently (as torch)
         norms = np.sqrt(sums).astype(out_np)
     if dtype == torch.float64:
@@ -199,27 +197,11 @@ def l2_norms(grads: list[Tensor], with_max_abs: bool = False) -> tuple[Tensor, T
 
 
 def _large(arrays: list[np.ndarray], owner: list[int], sums: np.ndarray,
-           mx: np.ndarray | None, tiny: float, tiny_nz: np.ndarray,
-           ptrs: list[int] | None = None, kind: str | None = None) -> None:
+           mx: np.ndarray | None, tiny: float, tiny_nz: np.ndarray) -> None:
     k = len(arrays)
     sq = np.empty(k, dtype=np.float64)
     ext = np.empty((k, 2) if mx is not None else (0, 2), dtype=np.float64)
     low = np.zeros(k, dtype=bool)  # a non-zero chunk whose exact sum is still tiny
-    native = _native.lib() if kind is not None and ptrs is not None else None
-
-    def work_native(j: int) -> None:
-        # one pass: widened in registers, squared, float32 per 1024 elements, float64 above
-        n = arrays[j].size
-        if mx is not None:
-            s, m = native.sumsq_max(kind, ptrs[j], n)  # type: ignore[union-attr,arg-type]
-            ext[j, 0] = ext[j, 1] = m  # NaN when the chunk holds one
-            nonzero = m > 0.0
-        else:
-            s = native.sumsq(kind, ptrs[j], n)  # type: ignore[union-attr,arg-type]
-            nonzero = s > 0.0 or (s == 0.0 and bool(arrays[j].any()))
-        if s == np.inf or (s < n * tiny and nonzero):
-            s = _exact_sumsq(_widen(arrays[j]))  # (rare) the numpy path's exact recompute
-        sq[j] = s
 
     def work(j: int) -> None:
         a = _widen(arrays[j])  # this thread's own widened copy (float16 / bfloat16)
@@ -234,14 +216,66 @@ def _large(arrays: list[np.ndarray], owner: list[int], sums: np.ndarray,
         sq[j] = s
 
     total = sum(a.size for a in arrays)
-    _pool.run_indexed(k, work if native is None else work_native,
-                      _pool.threads() if total >= PARALLEL_MIN else 1, context=_quiet)
+    _pool.run_indexed(k, work, _pool.threads() if total >= PARALLEL_MIN else 1, context=_quiet)
     own = np.asarray(owner, dtype=np.int64)
     sums += np.bincount(own, weights=sq, minlength=len(sums))
     tiny_nz[own[low]] = True
     if mx is not None:
         with np.errstate(invalid="ignore"):
             np.maximum.at(mx, own, ext.max(axis=1) + 0.0)  # propagates NaN; -0.0 -> 0.0
+
+
+def _large_native(native: _native.Native, kind: str, grads: list[Tensor], big: np.ndarray,
+                  numel: np.ndarray, sums: np.ndarray, mx: np.ndarray | None,
+                  tiny: float) -> None:
+    """Sums of squares (and max |g|) of the tensors ``grads[i], i in big`` by the native
+    kernel: one pass per ``CHUNK``-element chunk, widened in registers; all chunks in one
+    call on one thread (a small model), else chunk by chunk on the thread pool."""
+    flats = []
+    for i in big.tolist():
+        g = grads[i]
+        if not g.is_contiguous() or g.is_neg():
+            # (reshape may keep a strided view; the kernel reads the chunks flat)
+            g = g.detach().reshape(-1).resolve_neg().contiguous()
+        flats.append(g)
+    size = flats[0].element_size()
+    bases = np.fromiter(map(Tensor.data_ptr, flats), dtype=np.int64, count=len(flats))
+    n_big = numel[big]
+    counts = (n_big + CHUNK - 1) // CHUNK
+    first = np.cumsum(counts) - counts  # each tensor's first chunk
+    tensor_of = np.repeat(np.arange(len(big)), counts)
+    starts = (np.arange(int(counts.sum()), dtype=np.int64) - first[tensor_of]) * CHUNK
+    lens = np.minimum(n_big[tensor_of] - starts, CHUNK)
+    ptrs = bases[tensor_of] + starts * size
+    k = len(ptrs)
+    sq = np.empty(k, dtype=np.float64)
+    ext = np.empty(k, dtype=np.float32) if mx is not None else None
+    nthreads = _pool.threads() if int(n_big.sum()) >= PARALLEL_MIN else 1
+    if nthreads == 1 or k == 1:
+        native.sumsq_many(kind, ptrs, lens, sq, ext)
+    else:
+        plist, nlist = ptrs.tolist(), lens.tolist()
+
+        def work(j: int) -> None:
+            if ext is None:
+                sq[j] = native.sumsq(kind, plist[j], nlist[j])
+            else:
+                sq[j], ext[j] = native.sumsq_max(kind, plist[j], nlist[j])
+
+        _pool.run_indexed(k, work, nthreads)
+    # NaN compares False both ways: left alone; inf or tiny (zeros excepted): exact (rare)
+    suspect = (sq == np.inf) | (sq < lens * tiny)
+    for j in np.flatnonzero(suspect).tolist():
+        start = int(starts[j])
+        a = _numpy(flats[int(tensor_of[j])].detach().reshape(-1))[start: start + int(lens[j])]
+        if sq[j] == 0.0 and (ext[j] == 0.0 if ext is not None else not a.any()):
+            continue  # exact zeros (max |g| = 0) need no recompute
+        sq[j] = _exact_sumsq(_widen(a))
+    own = big[tensor_of]
+    sums += np.bincount(own, weights=sq, minlength=len(sums))
+    if mx is not None:
+        with np.errstate(invalid="ignore"):
+            np.maximum.at(mx, own, ext.astype(np.float64))  # type: ignore[union-attr]
 
 
 def max_abs(grads: list[Tensor]) -> Tensor:
