@@ -121,12 +121,30 @@ def test_pipeline_two_stages(two_ranks):
 
 
 def test_monitor_one_run_folder(two_ranks):
-    """A 2-rank FSDP2 run with a Monitor: one run, global step and layer norms, mean loss."""
+    """A 2-rank FSDP2 run with a Monitor: one run (and report), global step and layer rows
+    (norms, max |g|, non-finite count, update ratio) equal to the single-process run's, a NaN
+    shard and a Monitor "skip" detector skip the same steps on every rank; 1 all-reduce per
+    step, 3 on layer steps."""
     _verdict(two_ranks, "monitor")
 
 
-def test_fsdp2_tp_2x2_mixed_meshes(tmp_path):
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    """The 4-rank cases, run once in the same four processes."""
+    return launch(FOUR, 4, tmp_path_factory.mktemp("dist4"))
+
+
+FOUR = ["tp2d", "fsdp2"]
+
+
+def test_fsdp2_tp_2x2_mixed_meshes(four_ranks):
     """FSDP2 + TP on a 2 x 2 mesh with a dp-only LayerNorm (4 ranks): torch's clip raises
     (pytorch#180346); here one all-reduce gives the reference norms, a NaN on one shard of
     one rank skips on all four with state bit-identical."""
-    _verdict(launch(["tp2d"], 4, tmp_path), "tp2d")
+    _verdict(four_ranks, "tp2d")
+
+
+def test_fsdp2_norms_and_clip_four_ranks(four_ranks):
+    """The FSDP2 norm and clip checks at N = 4 (33 rows sharded 9 + 9 + 9 + 6, a 1-element
+    tensor empty on three ranks)."""
+    _verdict(four_ranks, "fsdp2")

@@ -46,6 +46,9 @@ def check_close(name: str, got, want, tol: float) -> None:
     got = np.asarray(got, dtype=np.float64).reshape(-1)
     want = np.asarray(want, dtype=np.float64).reshape(-1)
     assert got.shape == want.shape, f"{name}: shape {got.shape} vs {want.shape}"
+    nan = np.isnan(want)  # a NaN must be where the reference has one, and only there
+    assert np.array_equal(np.isnan(got), nan), f"{name}: NaN at {np.isnan(got)}, want {nan}"
+    got, want = got[~nan], want[~nan]
     err = np.max(np.abs(got - want) / np.maximum(np.abs(want), 1e-30)) if got.size else 0.0
     assert err <= tol, f"{name}: relative error {err:.3g} > {tol:g}\n got {got}\n want {want}"
 
@@ -487,13 +490,23 @@ def case_pipeline() -> None:
 
 
 def case_monitor() -> None:
-    """A 2-rank FSDP2 run with a Monitor on every rank (rank 0 gives the folder, the others
-    None: the same rules run everywhere on the same global values, one rank writes): the run
-    folder reads as one run whose step and layer norms are the global ones."""
+    """A FSDP2 run with a Monitor on every rank (rank 0 gives the folder, the others None: the
+    same rules run everywhere on the same global values, one rank writes) against the same
+    Guard and Monitor in one process on the global batch (rank 0 writes that run too, in
+    OUT/ref): the run folder reads (and reports) as one run whose step rows and layer rows
+    (grad norm, max |g|, non-finite count, parameter norm, exact update ratio) are the global
+    ones; a NaN in one shard and a norm spike refused by a Monitor ``"skip"`` detector skip the
+    same steps on every rank; collectives: one all-reduce on a plain step, three on a layer
+    step (the norm's, max |g|, the layer sums)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from gradguard.monitor.detectors import NonFinite, Spike
+    from gradguard.report import make_report
+    from gradguard.report.discover import expand, find_runs
+
     run_dir = os.path.join(OUT, "run")
+    ref_dir = os.path.join(OUT, "ref", "run")
     mesh = init_device_mesh("cpu", (WS,))
     ref = mlp()
     model = mlp()
@@ -501,46 +514,76 @@ def case_monitor() -> None:
         if isinstance(m, nn.Linear):
             fully_shard(m, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    monitor = gg.Monitor(run_dir if RANK == 0 else None, layer_every=1, flush_every=2)
-    guard = gg.Guard(model, clipper=gg.NormClip(1e9), monitor=monitor)
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    want, want_layers, want_loss = [], [], []
-    for step in range(3):
+
+    def guarded(m, folder):
+        mon = gg.Monitor(folder if RANK == 0 else None, layer_every=2, flush_every=3,
+                         update_sample=None,
+                         detectors=[NonFinite(), Spike(warmup=1000, hard_factor=3.0, action="skip")])
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        return gg.Guard(m, clipper=gg.NormClip(1e9), monitor=mon, max_consecutive_skips=None), opt, mon
+
+    guard, opt, monitor = guarded(model, run_dir)
+    rguard, ropt, _ = guarded(ref, ref_dir)
+    # first row of the last rank's shard of model[0].weight (FSDP2 shards dim 0 as torch.chunk)
+    nan_row = int(torch.arange(33).chunk(WS)[-1][0])
+    NAN_STEP, SPIKE_STEP = 4, 5
+    skipped, rskipped = [], []
+    for step in range(1, 7):
         x, y = batch(8 * WS, seed=20 + step)
+        if step == SPIKE_STEP:
+            y = y * 50.0  # the norm jumps far above 3x the largest accepted
         opt.zero_grad()
-        for p in ref.parameters():
-            p.grad = None
+        ropt.zero_grad()
         loss = nn.functional.mse_loss(model(shard_rows(x, RANK, WS)), shard_rows(y, RANK, WS))
         loss.backward()
-        guard.step(opt, loss=loss)
         rl = nn.functional.mse_loss(ref(x), y)
         rl.backward()
-        want_loss.append(float(rl))
-        want.append(ref_norms([p.grad for p in ref.parameters()])[0])
-        want_layers.append({str(i): ref_norms([p.grad for p in m.parameters()])[0]
-                            for i, m in enumerate(ref) if list(m.parameters())})
+        if step == NAN_STEP:
+            if RANK == WS - 1:
+                local(model[0].weight.grad)[0, 3] = float("nan")  # one shard of one rank
+            ref[0].weight.grad[nan_row, 3] = float("nan")
+        with CountAllReduce() as c:
+            skipped.append(bool(guard.step(opt, loss=loss).skipped))
+        want_n = 3 if step % 2 == 0 else 1
+        assert c.n == want_n, f"step {step}: {c.n} all-reduces, want {want_n}"
+        rskipped.append(bool(rguard.step(ropt, loss=rl).skipped))
     guard.close()
+    rguard.close()
+    want_skips = [s in (NAN_STEP, SPIKE_STEP) for s in range(1, 7)]
+    assert rskipped == want_skips, rskipped
+    assert skipped == want_skips, f"rank {RANK} skipped {skipped}, want {want_skips}"
+    assert not monitor.notes, monitor.notes
+    # the skipped steps left the parameters as the single-process run's (float64, SGD)
+    for i, (a, b) in enumerate(zip(model.parameters(), ref.parameters())):
+        err = float((full(a.detach()) - b.detach()).abs().max() / b.detach().abs().max())
+        assert err < 1e-9, f"parameter {i} differs from the single-process run by {err:.3g}"
     dist.barrier()
     if RANK == 0:
-        run = gg.load_run(run_dir)
-        steps = run.steps.sort_values("step")
-        assert len(steps) == 3, f"{len(steps)} step rows for 3 steps of one job"
-        check_close("monitor total_norm column", steps["total_norm"], want, 1e-6)
-        check_close("monitor loss column (mean over ranks)", steps["loss"], want_loss, 1e-6)
-        lay = run.layers
-        for s_i, wl in enumerate(want_layers):
-            rows = lay[lay["step"] == s_i + 1]
-            got = {r["layer"]: r["grad_norm"] for _, r in rows.iterrows()}
-            assert set(got) == set(wl), (sorted(got), sorted(wl))
-            check_close(f"monitor layer norms step {s_i + 1}", [got[k] for k in sorted(wl)],
-                        [wl[k] for k in sorted(wl)], 1e-6)
-        # the layers' parameter norms are the whole parameters' too (lr = 0: unchanged)
-        rows = lay[lay["step"] == 3]
-        got = {r["layer"]: r["param_norm"] for _, r in rows.iterrows()}
-        want_p = {str(i): float(torch.cat([p.detach().reshape(-1) for p in m.parameters()]).norm())
-                  for i, m in enumerate(ref) if list(m.parameters())}
-        check_close("monitor param_norm", [got[k] for k in sorted(want_p)],
-                    [want_p[k] for k in sorted(want_p)], 1e-6)
+        # one run folder for the job (no per-rank or versioned sibling), beside the reference's
+        assert sorted(map(str, find_runs(OUT))) == sorted([run_dir, ref_dir]), find_runs(OUT)
+        run, want = gg.load_run(run_dir), gg.load_run(ref_dir)
+        steps, rsteps = run.steps.sort_values("step"), want.steps.sort_values("step")
+        assert list(steps["step"]) == list(range(1, 7)), f"{len(steps)} step rows for 6 steps"
+        check_close("monitor total_norm column", steps["total_norm"], rsteps["total_norm"], 1e-6)
+        check_close("monitor loss column (mean over ranks)", steps["loss"], rsteps["loss"], 1e-6)
+        assert list(steps["skipped"]) == list(rsteps["skipped"]) == want_skips
+        lay = run.layers.sort_values(["step", "layer"]).reset_index(drop=True)
+        rlay = want.layers.sort_values(["step", "layer"]).reset_index(drop=True)
+        assert list(lay["step"]) == list(rlay["step"]) and list(lay["layer"]) == list(rlay["layer"])
+        assert sorted(set(lay["step"])) == [2, 4, 6], sorted(set(lay["step"]))
+        for col in ("grad_norm", "grad_max_abs", "param_norm", "update_ratio"):
+            check_close(f"monitor layer {col}", lay[col], rlay[col], 1e-6)
+        assert list(lay["nonfinite_count"]) == list(rlay["nonfinite_count"]), \
+            (list(lay["nonfinite_count"]), list(rlay["nonfinite_count"]))
+        assert lay["nonfinite_count"].sum() == 1
+        assert (lay["update_ratio"].fillna(0) > 0).any()  # the ratio was measured, not NaN
+        ev = run.events
+        assert sorted(ev["rule"]) == sorted(want.events["rule"]) == ["nonfinite", "spike"], \
+            list(ev["rule"])
+        # the report finds one run in the folder and reads it without a failure
+        assert [str(f) for f in expand([run_dir])] == [run_dir]
+        _, msgs = make_report([run_dir], os.path.join(OUT, "report.html"))
+        assert not msgs, msgs
     write_ok()
 
 
