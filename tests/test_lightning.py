@@ -24,11 +24,13 @@ Y = torch.randn(64, 1, generator=torch.Generator().manual_seed(1))
 
 
 class Net(pl.LightningModule):
-    def __init__(self, nan_at=None, manual=False, fused=False, opt="adamw", sched=False):
+    def __init__(self, nan_at=None, manual=False, fused=False, opt="adamw", sched=False,
+                 poison=float("nan")):
         super().__init__()
         torch.manual_seed(0)
         self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
         self.nan_at, self.fused, self.opt, self.sched = nan_at, fused, opt, sched
+        self.poison = poison  # the loss factor at step nan_at: NaN, or a large finite spike
         self.automatic_optimization = not manual
         self.grads: list[list[np.ndarray]] = []   # float64 copies of the pre-clip gradients
 
@@ -36,7 +38,7 @@ class Net(pl.LightningModule):
         x, y = batch
         loss = torch.nn.functional.mse_loss(self.net(x), y)
         if self.nan_at is not None and self.global_step == self.nan_at:
-            loss = loss * float("nan")
+            loss = loss * self.poison
         if not self.automatic_optimization:
             opt = self.optimizers()
             opt.zero_grad()
@@ -71,13 +73,19 @@ class Logged(pl.Callback):
                           if k.startswith("gradguard/")})
 
 
-def fit(model, callbacks, steps=6, **kw):
+def fit(model, callbacks, steps=6, rows=slice(None), **kw):
     kw.setdefault("max_steps", steps)
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    kw.setdefault("logger", False)
+    trainer = pl.Trainer(enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu", devices=1,
                          callbacks=callbacks, **kw)
-    trainer.fit(model, DataLoader(TensorDataset(X, Y), batch_size=8))
+    trainer.fit(model, DataLoader(TensorDataset(X[rows], Y[rows]), batch_size=8))
     return trainer
+
+
+def without_batch(k, n=8):
+    """Row indices of batches 0..n-1 of 8 rows, batch k left out."""
+    return torch.cat([torch.arange(8 * i, 8 * i + 8) for i in range(n) if i != k])
 
 
 def state(model, trainer):
@@ -117,6 +125,46 @@ def test_nan_step_is_skipped_bit_identical(manual, fused):
     tr.fit(ref, DataLoader(data, batch_size=8))
     assert_same(state(bad, tb), state(ref, tr))
     assert all(torch.isfinite(p).all() for p in bad.parameters())
+
+
+def test_spike_is_skipped_bit_identical_with_spikeskip():
+    """SpikeSkip in Trainer.fit: a finite loss x1e3 at step 4 of 6 (a gradient spike, not a NaN)
+    is refused; params, AdamW state and the per-step LR equal a 5-step run without that batch."""
+    def callback():
+        return ggl.GuardCallback(clipper=None, skip=gg.SpikeSkip(threshold=6.0, window=8, min_history=3))
+    bad, logged, cb = Net(nan_at=4, poison=1e3, sched=True), Logged(), callback()
+    tb = fit(bad, [cb, logged], steps=6)
+    assert [r["gradguard/skipped"] for r in logged.rows] == [0, 0, 0, 0, 1, 0]
+    assert np.isfinite(logged.rows[4]["gradguard/grad_norm"])  # refused as a spike: finite norm
+    assert cb.skipped_steps == 1
+    ref = Net(sched=True)
+    tr = fit(ref, [callback()], steps=5, rows=without_batch(4))
+    assert_same(state(bad, tb), state(ref, tr))
+
+
+def test_values_reach_lightnings_logger(tmp_path):
+    """Through a real Lightning logger (CSVLogger, every step): the pre-clip norm equals a float64
+    reference of the gradients the hooks saw, the coefficient min(1, c/norm), the skip flag and
+    the running count; the NaN step's row says nan and skipped."""
+    import csv
+
+    from pytorch_lightning.loggers import CSVLogger
+    m = Net(nan_at=3)
+    tr = fit(m, [ggl.GuardCallback(clipper=gg.NormClip(0.5))], steps=5,
+             logger=CSVLogger(str(tmp_path), name="run"), log_every_n_steps=1)
+    with open(pathlib.Path(tr.logger.log_dir) / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("gradguard/grad_norm")]
+    rows.sort(key=lambda r: int(r["step"]))
+    assert len(rows) == 5 == len(m.grads)
+    assert [float(r["gradguard/skipped"]) for r in rows] == [0, 0, 0, 1, 0]
+    assert [float(r["gradguard/skipped_steps"]) for r in rows] == [0, 0, 0, 1, 1]
+    for i, (g, r) in enumerate(zip(m.grads, rows)):
+        ref = np.sqrt(sum((x ** 2).sum() for x in g))
+        if i == 3:
+            assert np.isnan(ref) and np.isnan(float(r["gradguard/grad_norm"]))
+            continue
+        assert float(r["gradguard/grad_norm"]) == pytest.approx(ref, rel=1e-6)
+        assert float(r["gradguard/clip_coef"]) == pytest.approx(min(1.0, 0.5 / (ref + 1e-6)), rel=1e-5)
 
 
 def test_scheduler_moves_on_without_hold_scheduler():
@@ -257,6 +305,9 @@ def test_resume_from_lightning_checkpoint_is_exact(tmp_path):
 
 
 def test_monitor_run_store(tmp_path):
+    """The Monitor's run store from Trainer.fit holds what a hand-written gg.Guard loop's store
+    holds (same batches: norms, skips, losses), and `gradguard report` renders it."""
+    from gradguard.cli import main
     run = tmp_path / "run"
     m = Net(nan_at=2)
     cb = ggl.GuardCallback(clipper=gg.NormClip(1.0), monitor=gg.Monitor(str(run), flush_every=2))
@@ -264,6 +315,26 @@ def test_monitor_run_store(tmp_path):
     steps = gg.load_run(str(run)).steps
     assert len(steps) == 5
     assert list(steps["skipped"].astype(bool)) == [False, False, True, False, False]
+
+    torch.manual_seed(0)
+    ref = Net()
+    opt = torch.optim.AdamW(ref.parameters(), lr=0.05)
+    guard = gg.Guard(ref, clipper=gg.NormClip(1.0), monitor=gg.Monitor(str(tmp_path / "loop"), flush_every=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in range(5):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(ref.net(X[8 * i:8 * i + 8]), Y[8 * i:8 * i + 8])
+            (loss * (float("nan") if i == 2 else 1.0)).backward()
+            guard.step(opt, loss=(loss * (float("nan") if i == 2 else 1.0)).detach())
+        guard.close()
+    loop = gg.load_run(str(tmp_path / "loop")).steps
+    assert list(steps.columns) == list(loop.columns)
+    for col in ("total_norm", "total_norm_after", "loss"):
+        np.testing.assert_array_equal(steps[col].to_numpy(), loop[col].to_numpy(), err_msg=col)
+    assert list(steps["skipped"]) == list(loop["skipped"])
+    out = tmp_path / "report.html"
+    assert main(["report", str(run), "-o", str(out)]) == 0 and out.stat().st_size > 1000
 
 
 def test_several_optimizers_manual_each_guarded():
