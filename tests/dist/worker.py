@@ -91,6 +91,17 @@ def clipper_state(guard: gg.Guard) -> list[torch.Tensor]:
     return [v for k, v in sorted(sd.items()) if isinstance(v, torch.Tensor)]
 
 
+def tensors_of(sd) -> list[torch.Tensor]:
+    """Every tensor in a (nested) state dict, in key order."""
+    if isinstance(sd, torch.Tensor):
+        return [sd]
+    if isinstance(sd, dict):
+        return [t for k in sorted(sd, key=str) for t in tensors_of(sd[k])]
+    if isinstance(sd, (list, tuple)):
+        return [t for v in sd for t in tensors_of(v)]
+    return []
+
+
 class CountHostReads:
     """Counts host reads of tensor values (Tensor.item, __bool__, __float__, __int__, tolist)."""
 
@@ -217,6 +228,16 @@ def case_fsdp2() -> None:
     npt = gg.norms.compute_norms([part, tiny])
     s = sum(range(1, WS + 1))
     check_close("fsdp2 Partial + empty shard", npt.per_tensor, [math.sqrt(3) * s, 2.5], 1e-6)
+    # a NaN in the last rank's shard: NaN on every rank for p = 2 and inf (a MAX all-reduce
+    # that dropped it, as gloo's max does, would give a finite norm) and in max |g|
+    bad = distribute_tensor(torch.ones(2 * WS, dtype=torch.float64), mesh, [Shard(0)])
+    if RANK == WS - 1:
+        bad.to_local()[0] = float("nan")
+    for p in (2.0, math.inf):
+        nn_ = gg.norms.compute_norms([bad, tiny], p, with_max_abs=True)
+        assert bool(nn_.nonfinite) and math.isnan(float(nn_.total)), (p, nn_.total)
+        assert math.isnan(float(nn_.per_tensor[0])) and float(nn_.per_tensor[1]) == 2.5, nn_.per_tensor
+        assert math.isnan(float(nn_.max_abs[0])) and float(nn_.max_abs[1]) == 2.5, nn_.max_abs
 
     # 2. clip_grad_norm_: returns the global norm, clips every shard by the same factor
     total = gg.clip_grad_norm_(model.parameters(), 0.01)
@@ -280,11 +301,19 @@ def train_fsdp2_or_ddp(kind: str, sgd: bool = False) -> None:
             loss.backward()
             if m is wrapped and fused and step > 0:
                 # the fused path (state exists after step 0): no host read in the step
-                with CountHostReads() as reads:
+                with CountHostReads() as reads, CountAllReduce() as c:
                     totals.append(g.step(o, loss=loss).total_norm)
                 assert reads.n == 0, f"{reads.n} host reads in a fused FSDP2 Guard.step"
+            elif m is wrapped:
+                with CountAllReduce() as c:
+                    totals.append(g.step(o, loss=loss).total_norm)
             else:
                 totals.append(g.step(o, loss=loss).total_norm)
+            if m is wrapped and step > 0:
+                # one all-reduce (norms, flag, loss together); with SGD momentum the default
+                # clipper's cosine adds one (FSDP2; DDP's gradients are complete on every rank)
+                want_n = 2 if sgd and kind == "fsdp2" else 1
+                assert c.n == want_n, f"{kind} step {step}: {c.n} all-reduces, want {want_n}"
         check_close(f"{kind} step {step} total norm", totals[0], totals[1], 1e-6)
     # parameters after K steps: same as the single-process run of the same global batch
     # (float64; what differs is only the order of the float additions)
@@ -302,10 +331,14 @@ def train_fsdp2_or_ddp(kind: str, sgd: bool = False) -> None:
     if sgd:  # the step-size control acted: thresholds were finite and some steps clipped
         assert math.isfinite(float(guard.clipper.threshold(torch.zeros(()))))
     assert identical_across_ranks(clipper_state(guard)), "clipper state differs across ranks"
+    assert identical_across_ranks(tensors_of(guard.skip_rule.state_dict())), "SpikeSkip state differs"
+    for a, b in zip(tensors_of(guard.skip_rule.state_dict()), tensors_of(rguard.skip_rule.state_dict())):
+        check_close(f"{kind} SpikeSkip state vs the single-process run", a, b, 1e-6)
 
     # NaN on one rank only -> every rank skips; params, optimizer and clipper state unchanged
     before = snapshot(inner, opt)
     cs_before = [t.clone() for t in clipper_state(guard)]
+    ss_before = [t.clone() for t in tensors_of(guard.skip_rule.state_dict())]
     opt.zero_grad()
     x, y = batch(8 * WS, seed=99, dtype=dtype)
     xs, ys = shard_rows(x, RANK, WS).clone(), shard_rows(y, RANK, WS)
@@ -320,6 +353,7 @@ def train_fsdp2_or_ddp(kind: str, sgd: bool = False) -> None:
     assert guard.skipped_steps == 1
     assert same(before, snapshot(inner, opt)), "a skipped step changed params / optimizer state"
     assert same(cs_before, clipper_state(guard)), "a skipped step changed the clipper state"
+    assert same(ss_before, tensors_of(guard.skip_rule.state_dict())), "a skipped step changed SpikeSkip"
     assert identical_across_ranks(clipper_state(guard)), "clipper state differs across ranks"
     write_ok()
 
