@@ -23,6 +23,11 @@ def test_seed_mlp_unclipped_diverges_clipped_trains():
     gg_cv = keras_seed.seed_mlp("gg ValueClip(1)", epochs=3)
     assert gg_cv.first_nonfinite_epoch is None
     assert gg_cv.final_loss == keras_cv.final_loss  # the wrapper is Keras's clipvalue, exactly
+    # the seed's other Keras clip: clipnorm=1 is per variable, gg NormClip(1, per_tensor) too
+    keras_cn = keras_seed.seed_mlp("keras clipnorm=1", epochs=2)
+    gg_cn = keras_seed.seed_mlp("gg NormClip(1, per_tensor)", epochs=2)
+    assert gg_cn.first_nonfinite_epoch is None
+    assert gg_cn.final_loss == pytest.approx(keras_cn.final_loss, rel=1e-5)
     auto = keras_seed.seed_mlp("gg auto", epochs=3)
     assert auto.first_nonfinite_epoch is None and math.isfinite(auto.final_loss)
     assert "NaN in 1/1" in keras_seed.table([none, auto])
