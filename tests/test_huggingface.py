@@ -25,15 +25,17 @@ class Net(torch.nn.Module):
     """Linear regression; ``poison_at`` puts +inf into one weight-gradient element at that
     (0-based) optimizer step, the case that torch's clip_grad_norm_ turns into all-NaN."""
 
-    def __init__(self, poison_at=None, nan_loss=False):
+    def __init__(self, poison_at=None, nan_loss=False, spike=None):
         super().__init__()
         torch.manual_seed(0)
         self.l = torch.nn.Linear(4, 2)
-        self.poison_at, self.nan_loss, self.calls = poison_at, nan_loss, 0
+        self.poison_at, self.nan_loss, self.spike, self.calls = poison_at, nan_loss, spike, 0
         self.l.weight.register_hook(self._hook)
 
     def _hook(self, g):
         if self.poison_at is not None and self.calls - 1 == self.poison_at and not self.nan_loss:
+            if self.spike is not None:  # a finite spike: the weight gradient times ``spike``
+                return g * self.spike
             return g.clone().index_fill_(1, torch.tensor([0]), float("inf"))
         return g
 
@@ -64,6 +66,20 @@ class Grads(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
         self.norms.append(float(np.sqrt(sum((p.grad.double().numpy() ** 2).sum()
                                             for p in model.parameters()))))
+
+
+class Snap(TrainerCallback):
+    """Params, optimizer state and LR after each optimizer step, by ``global_step``."""
+
+    def __init__(self):
+        self.at = {}
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):
+        opt = optimizer.optimizer
+        self.at[state.global_step] = (
+            [p.detach().clone() for p in model.parameters()],
+            [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()],
+            lr_scheduler.get_last_lr())
 
 
 def make_args(tmp, steps, **kw):
@@ -201,6 +217,68 @@ def test_resume_from_trainer_checkpoint_is_exact(tmp_path):
     assert repr(a) == repr(b)
 
 
+def test_spike_is_refused_and_the_schedule_holds(tmp_path):
+    """SpikeSkip in the Trainer: a finite x1e3 gradient at step 4 of 6 is refused; after it
+    params, AdamW state and LR are bit-identical to before it, and the logs count it."""
+    snap = Snap()
+    tr = train(tmp_path, Net(poison_at=4, spike=1e3), 6, callbacks=[gghf.GuardCallback(
+        clipper=None, skip=gg.SpikeSkip(threshold=6.0, window=8, min_history=3)), snap])
+    logs = train_logs(tr)
+    assert [h["gradguard/skipped_steps"] for h in logs] == [0, 0, 0, 0, 1, 1]
+    assert np.isfinite(logs[4]["grad_norm"]) and logs[4]["grad_norm"] > 10 * logs[3]["grad_norm"]
+    assert_same(snap.at[4], snap.at[5])
+    assert snap.at[6][2] < snap.at[5][2]  # the schedule moves on after the refused step
+
+
+def test_gradscaler_path_in_the_trainer(tmp_path):
+    """The Trainer's fp16 flow (accelerate scales the loss in backward; the AcceleratedOptimizer
+    holds a GradScaler) with a CPU GradScaler given to the Trainer's Accelerator (fp16=True builds
+    one only on CUDA): the Guard unscales once, the logged norm is the float64 norm of the
+    unscaled gradient, an inf step is refused (state and LR bit-identical) and the scale backs off."""
+    grads, snap = Grads(), Snap()
+    tr = gghf.GuardTrainer(model=Net(poison_at=2), args=make_args(tmp_path, 4), train_dataset=DS(),
+                           callbacks=[gghf.GuardCallback(clipper=gg.NormClip(0.3)), grads, snap])
+    tr.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)
+    scales = []
+
+    class Scale(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            scales.append(tr.accelerator.scaler.get_scale())
+    tr.add_callback(Scale())
+    tr.train()
+    assert tr.optimizer.scaler is tr.accelerator.scaler
+    logs = train_logs(tr)
+    assert [h["gradguard/skipped_steps"] for h in logs] == [0.0, 0.0, 1.0, 1.0]
+    assert scales == [16.0, 16.0, 16.0, 8.0] and tr.accelerator.scaler.get_scale() == 8.0
+    for i in (0, 1, 3):  # the hook saw scaled gradients; the Guard logs the unscaled norm
+        ref = grads.norms[i] / scales[i]
+        assert logs[i]["grad_norm"] == pytest.approx(ref, rel=1e-6)
+        assert logs[i]["gradguard/clip_coef"] == pytest.approx(min(1.0, 0.3 / (ref + 1e-6)), rel=1e-5)
+    assert_same(snap.at[2], snap.at[3])
+    assert all(torch.isfinite(p).all() for p in tr.model.parameters())
+
+
+def test_resume_with_the_callback_in_a_plain_trainer(tmp_path):
+    """A plain Trainer with GuardCallback: the Guard's state goes into checkpoint-2/gradguard.pt
+    and comes back on resume_from_checkpoint; resumed == uninterrupted."""
+    kw = dict(save_strategy="steps", save_steps=2)
+
+    def callback():
+        return gghf.GuardCallback(clipper=gg.ZClip(warmup_steps=1))
+    full_cb = callback()
+    full = train(tmp_path, Net(poison_at=1), 4, trainer_cls=Trainer, callbacks=[full_cb], **kw)
+    assert os.path.exists(tmp_path / "checkpoint-2" / "gradguard.pt")
+    net = Net()
+    net.l.weight.data.fill_(7.0)  # overwritten by the checkpoint
+    res_cb = callback()
+    res = Trainer(model=net, args=make_args(tmp_path, 4, **kw), train_dataset=DS(), callbacks=[res_cb])
+    res.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert_same(snapshot(full), snapshot(res))
+    a, b = full_cb.guard.state_dict(), res_cb.guard.state_dict()
+    assert a["step_count"] == b["step_count"] == 4 and b["skipped_steps"] == 1
+    assert repr(a) == repr(b)
+
+
 def test_arguments_checked_where_written():
     with pytest.raises(ValueError, match="on_nonfinite"):
         gghf.GuardCallback(on_nonfinite="maybe")
@@ -269,6 +347,50 @@ def test_accelerate_attach_guard_reports_skip_and_holds_scheduler(fused):
     assert guard.skipped_steps == 1
     undo()
     assert "step" not in vars(opt)
+
+
+@pytest.mark.parametrize("attach", [False, True])
+def test_accelerate_loop_with_the_drop_in_and_a_fused_optimizer(attach):
+    """An accelerate loop as users write it, ``accelerator.clip_grad_norm_`` replaced by
+    ``gghf.clip_grad_norm_``, fused AdamW, an inf gradient element at step 2. The drop-in leaves
+    the gradients as they are and returns inf; alone it cannot stop the fused step (weights
+    go non-finite, accelerate reports no skip, the LR moves on); with
+    ``attach_guard(opt, gg.Guard(model, clipper=None))`` (the drop-in clips, the Guard only
+    refuses) the step is refused and reported, and the LR holds."""
+    acc = accelerate.Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    model, opt, sched = acc.prepare(model, opt, sched)
+    if attach:
+        gghf.attach_guard(opt, gg.Guard(model, clipper=None))
+    norms, skipped, lrs, refs = [], [], [], []
+    for step in range(4):
+        acc.backward(model(torch.randn(8, 4) * 3).pow(2).mean())
+        if step == 2:
+            model.weight.grad[0, 0] = float("inf")
+        refs.append(np.sqrt(sum((p.grad.double().numpy() ** 2).sum() for p in model.parameters())))
+        norms.append(float(gghf.clip_grad_norm_(acc, model.parameters(), 0.5)))
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+        sched.step()
+        skipped.append(acc.optimizer_step_was_skipped)
+        lrs.append(sched.get_last_lr()[0])
+        if step == 2 and attach:
+            assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+        opt.zero_grad()
+        if not attach and step == 2:
+            break  # the weights are no longer finite
+    assert norms[2] == float("inf")
+    for n, r in zip(norms[:2], refs[:2]):
+        assert n == pytest.approx(r, rel=1e-6)
+    if attach:
+        assert skipped == [False, False, True, False] and lrs[2] == lrs[1]
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    else:  # what the drop-in alone cannot do: the fused step applies the inf gradient
+        assert skipped == [False, False, False] and lrs[2] < lrs[1]
+        assert not all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_readme_recipe_runs_as_written(tmp_path, monkeypatch):
@@ -361,3 +483,6 @@ def test_monitor_run_store(tmp_path):
     steps = gg.load_run(str(run)).steps
     assert len(steps) == 4 and tr.state.global_step == 4
     assert list(steps["skipped"].astype(bool)) == [False, True, False, False]
+    from gradguard.cli import main
+    out = tmp_path / "report.html"
+    assert main(["report", str(run), "-o", str(out)]) == 0 and out.stat().st_size > 1000
