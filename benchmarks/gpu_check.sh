@@ -13,7 +13,8 @@
 # 4. if time is left, alternative kernel shapes;
 # 5. the Monitor's overhead on the GPU (benchmarks/monitor_bench.py --device cuda);
 # 6. the distributed (FSDP2 / DTensor) code path on one GPU over NCCL: norm vs float64, no
-#    host sync in a steady-state fused step, a NaN step skipped with parameters unchanged.
+#    host sync in a steady-state fused step, a NaN step skipped with parameters unchanged,
+#    the Monitor's layer steps on DTensor parameters (GG_DEV=cpu runs it on gloo).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -156,6 +157,19 @@ except Exception as e:  # noqa: BLE001
         torch.cuda.set_sync_debug_mode(0)
     import traceback; traceback.print_exc(limit=8)
     print("FSDP2 Guard.step on one GPU FAILED:", type(e).__name__, str(e)[:300])
+# the Monitor's layer steps on DTensor parameters (local shards, one sum over the job; the
+# non-finite counts take the device branch on CUDA): no failure noted, update ratio measured
+import tempfile, numpy as np
+folder = tempfile.mkdtemp() + "/run"
+mon = gg.Monitor(folder, layer_every=2, flush_every=4)
+guard = gg.Guard(model, monitor=mon, max_consecutive_skips=None)
+for i in range(4):
+    step(nan=(i == 1))  # step 2: a layer step
+guard.close()
+lay = gg.load_run(folder).layers
+print("Monitor on FSDP2:", "notes", mon.notes, "| layer rows", len(lay), "| non-finite count",
+      int(lay["nonfinite_count"].clip(lower=0).sum()), "(want 1) | update ratio measured:",
+      bool(np.isfinite(lay["update_ratio"]).any()))
 dist.destroy_process_group()
 PYEOF
 echo "== done in $(elapsed)s; files in $OUTDIR"
