@@ -149,6 +149,25 @@ def test_inf_step_is_skipped_bit_identical_and_scheduler_holds(tmp_path, how, fu
     assert bad.args.max_grad_norm == 1.0  # restored after the run (callback) / never changed
 
 
+def test_guard_trainer_takes_over_max_grad_norm_where_the_trainer_has_no_clip_hooks(tmp_path, monkeypatch):
+    """transformers releases whose Trainer clips inline (no ``_clip_grad_norm`` to override):
+    GuardTrainer then sets max_grad_norm to 0 for the run, as the callback does in a plain
+    Trainer, and restores it; with the hooks (5.x) it leaves max_grad_norm alone."""
+    seen = []
+
+    class Seen(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            seen.append(args.max_grad_norm)
+    tr = train(tmp_path / "a", Net(), 2, callbacks=[Seen()], max_grad_norm=0.3)
+    assert seen == [0.3, 0.3] and tr.guard_callback.owner_clips
+    monkeypatch.delattr(Trainer, "_clip_grad_norm")
+    seen.clear()
+    tr = train(tmp_path / "b", Net(), 2, callbacks=[Seen()], max_grad_norm=0.3)
+    assert seen == [0.0, 0.0] and not tr.guard_callback.owner_clips
+    assert tr.args.max_grad_norm == 0.3
+    assert [h["gradguard/skipped_steps"] for h in train_logs(tr)] == [0.0, 0.0]
+
+
 def test_plain_trainer_baseline_turns_weights_nan(tmp_path):
     """What GuardCallback fixes: the Trainer's log-only path and its clip both apply the inf."""
     tr = train(tmp_path, Net(poison_at=1), 2, trainer_cls=Trainer, max_grad_norm=0.0)

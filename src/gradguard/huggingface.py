@@ -28,7 +28,9 @@ Three pieces, one mechanism:
     pre-clip norm (no gradient is touched before the Guard reads it), and ``log`` adds
     ``gradguard/grad_norm``, ``gradguard/clip_coef`` and ``gradguard/skipped_steps`` to every
     training log, before any reporter sees it (``logging_nan_inf_filter`` replaces a NaN loss by
-    the running mean; ``gradguard/skipped_steps`` still shows the refused step).
+    the running mean; ``gradguard/skipped_steps`` still shows the refused step). On a
+    transformers release whose Trainer has no ``_clip_grad_norm`` (it clips inline), the
+    callback takes over ``max_grad_norm`` as in a plain Trainer instead.
 
 ``clip_grad_norm_(accelerator, parameters, max_norm, norm_type=2.0)``
     the drop-in for ``accelerator.clip_grad_norm_``: unscale (AMP fp16), then gradguard's clip
@@ -147,6 +149,7 @@ class GuardCallback(TrainerCallback):  # type: ignore[misc,valid-type]
         self.on_nonfinite, self.prefix, self.guard_kwargs = on_nonfinite, prefix, guard_kwargs
         self.guard: Guard | None = None
         self.owner_clips = False      # set by GuardTrainer: the Trainer itself never clips
+        self.owner_logs = False       # set by GuardTrainer: its log() adds the gradguard fields
         self.resume_from: str | None = None
         self._undo: Any = None
         self._saved_max_grad_norm: float | None = None
@@ -196,7 +199,7 @@ class GuardCallback(TrainerCallback):  # type: ignore[misc,valid-type]
             torch.save(self.guard.state_dict(), os.path.join(folder, _STATE_FILE))
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
-        if logs is None or "loss" not in logs or self.owner_clips:
+        if logs is None or "loss" not in logs or self.owner_logs:
             return  # eval metrics, or GuardTrainer.log already added the fields
         # A plain Trainer appended its copy of ``logs`` to the history before this event and
         # ran the reporters listed before this callback: add to both what is still reachable.
@@ -254,6 +257,12 @@ class GuardCallback(TrainerCallback):  # type: ignore[misc,valid-type]
                  RuntimeWarning)
 
 
+def _trainer_has_clip_hooks() -> bool:
+    """Whether ``transformers.Trainer`` clips through ``_clip_grad_norm`` / ``_get_grad_norm``
+    (the methods ``GuardTrainerMixin`` overrides)."""
+    return all(callable(getattr(Trainer, name, None)) for name in ("_clip_grad_norm", "_get_grad_norm"))
+
+
 def _norm_clip(max_norm: float) -> Any:
     from .clippers import NormClip
     return NormClip(max_norm) if max_norm and max_norm > 0 else None
@@ -277,7 +286,11 @@ class GuardTrainerMixin:
                             f"{type(guard).__name__} {guard!r}")
         if guard not in callbacks:
             callbacks.append(guard)
-        guard.owner_clips = True
+        # The two overrides below replace Trainer methods that older transformers releases do
+        # not have (they clip inline in the training loop): there the callback takes over
+        # max_grad_norm instead, as in a plain Trainer, so the Trainer never clips first.
+        guard.owner_clips = _trainer_has_clip_hooks()
+        guard.owner_logs = True
         self.guard_callback = guard
         super().__init__(*args, callbacks=callbacks, **kwargs)  # type: ignore[call-arg]
 
