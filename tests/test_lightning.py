@@ -265,6 +265,20 @@ def test_gradient_clip_val_is_refused_with_a_clear_message():
         fit(Net(), [ggl.GuardCallback()], steps=1, gradient_clip_val=0.5)
 
 
+def test_overridden_configure_gradient_clipping_warns():
+    """A module clipping in its own configure_gradient_clipping (no gradient_clip_val needed)
+    would clip before the Guard: the fit warns, naming the method; the default does not."""
+    class Clips(Net):
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            self.clip_gradients(optimizer, gradient_clip_val=0.01, gradient_clip_algorithm="norm")
+
+    with pytest.warns(UserWarning, match="Clips overrides configure_gradient_clipping"):
+        fit(Clips(), [ggl.GuardCallback()], steps=1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", ".*configure_gradient_clipping.*")
+        fit(Net(), [ggl.GuardCallback()], steps=1)
+
+
 def test_bad_arguments_raise_where_written():
     with pytest.raises(ValueError, match="on_nonfinite"):
         ggl.GuardCallback(on_nonfinite="ignore")

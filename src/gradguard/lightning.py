@@ -28,7 +28,9 @@ left alone (see ``docs/integrations.md``).
 
 ``Trainer(gradient_clip_val=...)`` is refused with a ValueError: Lightning would clip first
 and the Guard would see already-clipped gradients (and discard nothing: a double clip).
-Pass ``clipper=gg.NormClip(value)`` instead.
+Pass ``clipper=gg.NormClip(value)`` instead. A LightningModule that overrides
+``configure_gradient_clipping`` gets a warning for the same reason (it may clip without
+``gradient_clip_val``).
 
 Logged through ``pl_module.log`` after each optimizer step (on_step, not on_epoch):
 ``gradguard/grad_norm`` (the pre-clip global norm, float32 accumulation), ``gradguard/clip_coef``
@@ -119,6 +121,15 @@ class GuardCallback(pl.Callback):
                 f"Guard would record already-clipped norms). Remove gradient_clip_val and pass "
                 f"GuardCallback(clipper=gg.NormClip({trainer.gradient_clip_val!r})) for the "
                 f"same threshold, or keep the threshold-free default clipper='auto'.")
+        if pl_module.automatic_optimization and (
+                getattr(type(pl_module), "configure_gradient_clipping", None)
+                is not pl.LightningModule.configure_gradient_clipping):
+            from .errors import warn
+            warn(f"GuardCallback: {type(pl_module).__name__} overrides configure_gradient_clipping, "
+                 f"which Lightning runs before the optimizer step: if it clips, the Guard sees (and "
+                 f"records) the clipped gradients, a double clip. Pass the clipper to "
+                 f"GuardCallback(clipper=...) instead, or clipper=None to keep only yours.",
+                 UserWarning)
         optimizers = list(trainer.optimizers)
         if not optimizers:
             raise ValueError("GuardCallback: the Trainer has no optimizer (configure_optimizers "
