@@ -316,10 +316,13 @@ class AGC(Clipper):
                                     propagate=propagate_nonfinite)
             if apply:
                 g.mul_(coef.to(g.dtype))
-            # per-unit norm after clipping, scale first so that it stays finite
-            after_per.append(torch.linalg.vector_norm((g_n.scale * coef) * g_n.root).float())
+            # the tensor's norm after clipping, max-normalised (its units' squares may overflow)
+            after_per.append(_agc.clipped_norm(g_n, coef, TORCH))
             any_clipped.append((coef < 1).any())
-        after = total_from_per_tensor(torch.stack(after_per), 2.0)
+        # in the total norm's dtype (float64 where a gradient is): a float64 norm of 1e159
+        # is not squeezed into float32
+        after = total_from_per_tensor(torch.stack([a.to(norms.total.dtype) for a in after_per]),
+                                      2.0)
         coef = _ratio(after, norms.total)
         return ClipStats(norms.total, coef, torch.stack(any_clipped).any(), nonfinite,
                          norms.per_tensor)
