@@ -89,6 +89,27 @@ SCRIPT = textwrap.dedent('''
     sk6 = {"rule": "spike_skip", "threshold": 6.0, "window": 8, "min_history": 3}
     res["spike_replica2"] = {"single": run(single, None, skip=sk6, epochs=5, x=xs, y=ys, y2=spiked),
                              "mirror": run(mirror, None, skip=sk6, epochs=5, x=xs, y=ys, y2=spiked)}
+    # a monitored run on two replicas, NaN in replica 2's half of step 2: the run store gets
+    # every step, the skip, the per-layer rows and the detector's event
+    import tempfile, gradguard as gg
+    folder = tempfile.mkdtemp()
+    mon = ggk.Monitor(folder + "/run", flush_every=2, layer_every=2)
+    with mirror.scope():
+        mm = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="a"),
+                               keras.layers.Dense(1, name="b")], name="net")
+        mm.compile(optimizer=ggk.GuardedOptimizer(keras.optimizers.SGD(0.1), clipper=None, monitor=mon),
+                   loss="mse")
+    xm = np.tile(xs, (3, 1)); ym = np.tile(ys, (3, 1)); ym[7, 0] = np.nan
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mm.fit(xm, ym, batch_size=4, epochs=1, verbose=0, shuffle=False, callbacks=[mon])
+    mon.close()
+    run = gg.load_run(mon._writer.path)
+    res["monitor"] = {"steps": run.steps.step.tolist(), "skipped": run.steps.skipped.tolist(),
+                      "layer_steps": sorted(set(run.layers.step.tolist())),
+                      "events": [[int(e["step"]), e["rule"], e["first_nonfinite_layer"]]
+                                 for e in run.events.to_dict("records")]}
     print("RESULT" + json.dumps(res))
 ''')
 
@@ -161,3 +182,10 @@ def test_spike_on_replica_2_is_refused_on_all(results):
     assert m["skipped"] == s["skipped"] and m["it"] == s["it"]
     for a, b in zip(m["w"], s["w"]):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+
+
+def test_monitor_on_two_replicas(results):
+    r = results["monitor"]
+    assert r["steps"] == [1, 2, 3] and r["skipped"] == [False, True, False]
+    assert r["layer_steps"] == [2]
+    assert r["events"] == [[2, "nonfinite", "net/a"]]
