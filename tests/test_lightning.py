@@ -228,6 +228,9 @@ def test_clipping_matches_guard_in_plain_loop():
 
 
 def test_bf16_mixed_on_cpu_skips_and_logs():
+    """bf16 autocast on the CPU: the NaN step is refused, norms equal the float64 reference.
+    (Lightning turns "16-mixed" on a CPU accelerator into "bf16-mixed": float16 autocast with
+    a GradScaler is tested through a MixedPrecision plugin below.)"""
     m = Net(nan_at=2)
     logged = Logged()
     cb = ggl.GuardCallback(clipper=gg.NormClip(1.0))
