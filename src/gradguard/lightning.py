@@ -67,6 +67,16 @@ __all__ = ["GuardCallback"]
 _LOG_KEYS = ("grad_norm", "clip_coef", "skipped", "skipped_steps")
 
 
+def _overrides(pl_module: Any, name: str) -> bool:
+    """Whether a class below Lightning's LightningModule defines ``name`` (either package's
+    LightningModule: the module may come from ``pytorch_lightning`` or ``lightning.pytorch``)."""
+    for cls in type(pl_module).__mro__:
+        if name in vars(cls):
+            return not (cls.__name__ == "LightningModule"
+                        and cls.__module__.split(".")[0] in ("lightning", "pytorch_lightning"))
+    return False
+
+
 class GuardCallback(pl.Callback):
     """The Guard inside Lightning's ``Trainer.fit``.
 
@@ -121,9 +131,7 @@ class GuardCallback(pl.Callback):
                 f"Guard would record already-clipped norms). Remove gradient_clip_val and pass "
                 f"GuardCallback(clipper=gg.NormClip({trainer.gradient_clip_val!r})) for the "
                 f"same threshold, or keep the threshold-free default clipper='auto'.")
-        if pl_module.automatic_optimization and (
-                getattr(type(pl_module), "configure_gradient_clipping", None)
-                is not pl.LightningModule.configure_gradient_clipping):
+        if pl_module.automatic_optimization and _overrides(pl_module, "configure_gradient_clipping"):
             from .errors import warn
             warn(f"GuardCallback: {type(pl_module).__name__} overrides configure_gradient_clipping, "
                  f"which Lightning runs before the optimizer step: if it clips, the Guard sees (and "
