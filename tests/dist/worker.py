@@ -369,7 +369,12 @@ def case_ddp() -> None:
     nn.functional.mse_loss(ref(x), y).backward()
     r_total, r_per = ref_norms([p.grad for p in ref.parameters()])
     nn.functional.mse_loss(model(shard_rows(x, RANK, WS)), shard_rows(y, RANK, WS)).backward()
+    # the gradients really are views into DDP's buckets (fewer storages than tensors), and each
+    # is read once: one norm per parameter, none for the bucket buffers themselves
+    grads = [p.grad for p in model.parameters()]
+    assert len({g.untyped_storage().data_ptr() for g in grads}) < len(grads), "no bucket views"
     n = gg.grad_norm(model.parameters())
+    assert n.per_tensor.shape == (len(grads),), n.per_tensor.shape
     check_close("ddp total", n.total, r_total, 1e-6)
     check_close("ddp per-tensor", n.per_tensor, r_per, 1e-6)
     with CountAllReduce() as c:
