@@ -333,3 +333,45 @@ def test_zclip_matches_the_authors_step(seed, warmup, max_norm, alpha, z_thr):
         assert float(stats.clip_coef) == pytest.approx(want, rel=2e-4, abs=1e-6), (i, g)
     assert float(z.mean) == pytest.approx(ref.mean, rel=1e-4)
     assert float(z.std) == pytest.approx(math.sqrt(ref.var), rel=1e-3, abs=1e-6)
+
+
+def _percentile_run_backend(backend: str, norms, p: float, exact: int):
+    """``rules.autoclip`` through the JAX (jit) or TensorFlow (tf.function) namespace."""
+    cfg = autoclip.config(p, exact=exact)
+    if backend == "jax":
+        jax = pytest.importorskip("jax")
+        import jax.numpy as jnp
+
+        from gradguard.rules.xp_jax import JAX
+
+        step = jax.jit(lambda st, g: autoclip.update(cfg, st, g, JAX))
+        state, conv = autoclip.init(cfg, JAX), jnp.float32
+    else:
+        tf = pytest.importorskip("tensorflow")
+        from gradguard.rules.xp_tf import TF
+
+        step = tf.function(lambda st, g: autoclip.update(cfg, st, g, TF))
+        state, conv = autoclip.init(cfg, TF), (lambda v: tf.constant(v, tf.float32))
+    out = []
+    for g in norms:
+        thr, state = step(state, conv(g))
+        out.append(float(thr))
+    return cfg, out
+
+
+@pytest.mark.parametrize("backend", ["jax", "tensorflow"])
+@pytest.mark.parametrize("p", [10.0, 90.0, 100.0])
+def test_autoclip_exact_then_histogram_in_jax_and_tf(backend, p):
+    """The adapters' backends across the exact buffer's end (64 here): exact before, within
+    the bound after, against np.percentile; p = 100 never below the current norm."""
+    norms = np.float32(np.random.default_rng(4).lognormal(0.0, 1.0, 160))
+    cfg, got = _percentile_run_backend(backend, norms, p, 64)
+    r = autoclip.ratio(cfg)
+    for i, thr in enumerate(got):
+        q = float(np.percentile(norms[:i + 1].astype(np.float64), p))
+        if i < 64:
+            assert thr == pytest.approx(q, rel=2e-5), (i, thr, q)  # jax without x64: f32 math
+        else:
+            assert q / r * (1 - 2e-5) <= thr <= q * r * (1 + 2e-5), (i, thr, q)
+        if p == 100.0:
+            assert thr >= float(norms[i])
