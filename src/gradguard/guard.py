@@ -323,14 +323,22 @@ class Guard:
 
     def _raise_if_nonfinite(self, norms: GradNorms, names: list[str], loss: Any) -> None:
         bad = ~torch.isfinite(norms.per_tensor)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
+        here = bool(bad.any())
+        # distributed: a pipeline stage's per-tensor norms are its own, the flag is the job's;
+        # every rank raises, so that none is left waiting in the next collective
+        if here or (norms.reduced_nonfinite is not None and bool(norms.reduced_nonfinite)):
             if self._recorder is not None:  # the step that raises is on disk before it does
                 one = torch.ones((), dtype=torch.float32, device=norms.total.device)
                 self._record(ClipStats(norms.total, one, one < 0, norms.nonfinite, norms.per_tensor,
                                        skipped=one > 0, per_tensor_max_abs=norms.max_abs),
                              loss, (), None)
                 self._flush_monitor()
+            if not here:
+                raise NonFiniteGradientError(
+                    f"step {self.step_count}: a gradient on another rank (pipeline stage) is "
+                    f"not finite; this rank's are finite (that rank's error names the "
+                    f"parameter)", parameter=None, step=self.step_count)
+            i = int(bad.nonzero()[0, 0])
             raise NonFiniteGradientError(
                 f"step {self.step_count}: the gradient of {names[i]!r} is not finite "
                 f"(norm {norms.per_tensor[i].item()}); it is the first such parameter",

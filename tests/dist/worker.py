@@ -525,6 +525,17 @@ def case_pipeline() -> None:
         loss = fwd_bwd(x, y)
         g2.step(opt2, loss=loss)
     assert identical_across_ranks(clipper_state(g2)), "default clipper state differs across stages"
+    # on_nonfinite="raise": a NaN on stage 0 only raises on both stages (stage 1's own norms
+    # are finite; had it not raised, it would wait in the next step's collective for ever)
+    g3 = gg.Guard(stage, clipper=gg.NormClip(1.0), on_nonfinite="raise", pp_group=dist.group.WORLD)
+    opt.zero_grad()
+    loss = fwd_bwd(x, y, nan=True)
+    try:
+        g3.step(opt, loss=loss)
+    except gg.NonFiniteGradientError as e:
+        assert (e.parameter == "0.bias") if RANK == 0 else (e.parameter is None), e.parameter
+    else:
+        raise AssertionError(f"stage {RANK} did not raise")
     write_ok()
 
 
