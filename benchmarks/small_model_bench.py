@@ -11,6 +11,8 @@ torch's ``clip_grad_norm_`` + ``step``:
 * ``Guard(model)``: the default clipper and skip rule
 * ``Guard(model) + Monitor``: the same, recording to a temporary run folder
 
+The Guards get the loss (``guard.step(opt, loss=loss)``), as in a training loop that records it.
+
     python benchmarks/small_model_bench.py              # 100 steps after 10 warm-up
     python benchmarks/small_model_bench.py --steps 20   # a quick check
 """
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     model, opt = _setup()
     n_params = sum(p.numel() for p in model.parameters())
 
-    def torch_step(model=model, opt=opt):
+    def torch_step(loss, model=model, opt=opt):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
     cands["torch clip + step"] = (model, opt, torch_step)
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         m, o = _setup()
         guard = make(m)
         guards.append(guard)
-        cands[name] = (m, o, lambda guard=guard, o=o: guard.step(o))
+        cands[name] = (m, o, lambda loss, guard=guard, o=o: guard.step(o, loss=loss))
 
     times: dict[str, list[float]] = {k: [] for k in cands}
     names = list(cands)
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             logits = model(x[:, :-1])
             loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
             loss.backward()
-            step()
+            step(loss)
             dt = time.perf_counter() - t0
             if r >= args.warmup:
                 times[name].append(dt * 1e3)
