@@ -220,14 +220,19 @@ def case_fsdp2() -> None:
     check_close("fsdp2 mixed DTensor + plain", nm.per_tensor, list(r_per) + [float(extra.norm())], 1e-6)
     # a Partial DTensor (its value is the sum of the ranks' locals) and a shard that is empty
     # on the last rank (1 element over WS ranks): no hang, exact
-    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
     loc = torch.full((3,), float(RANK + 1), dtype=torch.float64)
     part = DTensor.from_local(loc, mesh, [Partial()])
     tiny = distribute_tensor(torch.tensor([2.5], dtype=torch.float64), mesh, [Shard(0)])
     assert tiny.to_local().numel() == (1 if RANK == 0 else 0)
-    npt = gg.norms.compute_norms([part, tiny])
+    # and a Replicate DTensor: counted once, not once per rank
+    rep = distribute_tensor(torch.arange(4, dtype=torch.float64), mesh, [Replicate()])
+    npt = gg.norms.compute_norms([part, tiny, rep])
     s = sum(range(1, WS + 1))
-    check_close("fsdp2 Partial + empty shard", npt.per_tensor, [math.sqrt(3) * s, 2.5], 1e-6)
+    check_close("fsdp2 Partial + empty shard + Replicate", npt.per_tensor,
+                [math.sqrt(3) * s, 2.5, math.sqrt(14)], 1e-6)
+    check_close("fsdp2 Partial + empty shard + Replicate total", npt.total,
+                math.sqrt(3 * s * s + 2.5 ** 2 + 14), 1e-6)
     # a NaN in the last rank's shard: NaN on every rank for p = 2 and inf (a MAX all-reduce
     # that dropped it, as gloo's max does, would give a finite norm) and in max |g|
     bad = distribute_tensor(torch.ones(2 * WS, dtype=torch.float64), mesh, [Shard(0)])
