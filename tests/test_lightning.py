@@ -243,13 +243,14 @@ def test_bf16_mixed_on_cpu_skips_and_logs():
         assert row["gradguard/grad_norm"] == pytest.approx(ref, rel=1e-6)
 
 
+@pytest.mark.parametrize("manual", [False, True])
 @pytest.mark.parametrize("fused", [False, True])
-def test_gradscaler_precision_plugin_path_on_cpu(fused):
-    """The GradScaler path (precision plugin replaced) with a CPU fp16 MixedPrecision plugin:
-    the scaler's unscale happens once, a NaN step is counted as skipped, the weights stay finite
-    (with a fused AdamW Lightning's own clipping raises here)."""
+def test_gradscaler_precision_plugin_path_on_cpu(fused, manual):
+    """The GradScaler path (precision plugin replaced) with a CPU fp16 MixedPrecision plugin,
+    automatic and manual optimization: the scaler's unscale happens once, a NaN step is counted
+    as skipped, the weights stay finite (with a fused AdamW Lightning's own clipping raises here)."""
     from pytorch_lightning.plugins.precision import MixedPrecision
-    m = Net(nan_at=2, fused=fused)
+    m = Net(nan_at=2, fused=fused, manual=manual)
     cb = ggl.GuardCallback(clipper=gg.NormClip(1.0))
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 4))
     logged = Logged()
@@ -261,6 +262,12 @@ def test_gradscaler_precision_plugin_path_on_cpu(fused):
     for g, row in zip(m.grads[:2], logged.rows[:2]):
         assert row["gradguard/grad_norm"] == pytest.approx(np.sqrt(sum((x ** 2).sum() for x in g)),
                                                            rel=1e-5)
+    # ... and unscaled truly (not 16x): step 0's norm is the float32 one up to float16 autocast
+    f32 = Net()
+    torch.nn.functional.mse_loss(f32.net(X[:8]), Y[:8]).backward()
+    ref = np.sqrt(sum((p.grad.double() ** 2).sum().item() for p in f32.parameters()))
+    assert logged.rows[0]["gradguard/grad_norm"] == pytest.approx(ref, rel=1e-2)
+    assert plugin.scaler.get_scale() == 8.0  # the scaler saw the NaN step and backed off once
 
 
 def test_gradient_clip_val_is_refused_with_a_clear_message():
