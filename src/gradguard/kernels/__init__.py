@@ -4,7 +4,8 @@ Size: the dispatcher, the Triton chunk tables and their launches stay together (
 ``CHUNK``, ``BLOCK``, ``_layout`` and ``_cpu_scale_`` here); the kernels live in ``cpu.py``,
 ``_triton.py`` and ``_torch.py``.
 
-Implementations: ``kernels.cpu`` (CPU: chunked L2 norms, max |g|, the threaded scale),
+Implementations: ``kernels.cpu`` (CPU: chunked L2 norms, max |g|, the threaded scale; its
+inner loops in ``kernels._native``, a C kernel compiled on first use, numpy/BLAS without it),
 ``kernels._triton`` (CUDA: a persistent multi-tensor norm and scale), ``kernels._torch``
 (``torch._foreach_norm``, everywhere else and while ``torch.compile`` traces).
 

@@ -5,13 +5,18 @@ gradients (the result is then a float64 norm, as torch's):
 
 * **Small tensors** (at most ``SMALL`` elements each; thousands of biases and norms' scales)
   are packed ``CHUNK`` elements at a time into one flat buffer by one C++ call
-  (``torch._C._nn.flatten_dense_tensors``), widened to float64 and squared there, and
-  summed per tensor by ``np.add.reduceat``: a handful of numpy calls per 256K elements
+  (``torch.cat`` when all are 1-D, else ``torch._C._nn.flatten_dense_tensors``), widened
+  to float64 and squared there, and summed per tensor by ``np.add.reduceat``: a handful of numpy calls per 256K elements
   instead of several per tensor. The squares of float16/bfloat16/float32 values fit
   float64's range exactly (|x| <= 3.4e38 gives x**2 <= 1.2e77, the smallest float32
   denormal 1.4e-45 gives 2e-90), so no chunk of them ever needs a second pass.
-* **Large tensors** are cut into ``CHUNK``-element chunks handed to the thread pool
-  (``gradguard._pool``) one at a time. Each worker widens its own chunk
+* **Large tensors** are cut into ``CHUNK``-element chunks. With the native kernel
+  (``kernels._native``, a C loop compiled on first use; float32, bfloat16, float16) each
+  chunk is read once: widened in registers, squared and added in float32 within 1024-element
+  blocks, in float64 across them, max |g| on request in the same pass; on one thread all
+  chunks go in one call, else they are handed to the thread pool (``gradguard._pool``) one at
+  a time. Without it (no compiler, ``GRADGUARD_NATIVE=0``) and for float64, the chunks go to
+  the pool one at a time and each worker widens its own chunk
   into a per-thread float32 buffer (float16: torch's F16C conversion in 32K blocks, which
   torch runs on the calling thread; bfloat16: the 16 bits shifted into a float32's high half;
   both exact) and takes the BLAS dot product ``s_j = sum x**2`` in float32 (float64), plus on
@@ -21,7 +26,7 @@ gradients (the result is then a float64 norm, as torch's):
 A large chunk whose float32 (float64) sum of squares overflowed (``s_j = inf``) or is below
 ``n_j * TINY`` (underflowed squares could matter: n denormal squares are each off by at most
 2**-150, so below n * 2**-125 the error could exceed float32 rounding) is recomputed exactly
-by the same worker: float32 and narrower in float64, float64 rescaled by its largest
+by the same worker (the caller, after the native kernel's pass): float32 and narrower in float64, float64 rescaled by its largest
 magnitude m, ``s = m**2 * sum((x/m)**2)``. A chunk of exact zeros (``s_j = 0`` and no
 non-zero element, the common case of a frozen or unused layer) is not recomputed. NaN stays
 NaN. The flags are CPU values: reading them waits for no device.
