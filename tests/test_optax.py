@@ -329,12 +329,110 @@ def test_vmap_over_independent_problems():
     np.testing.assert_array_equal(np.asarray(state.skipped), [False, True, False])
 
 
-def test_no_host_callbacks_in_the_jaxpr():
-    tx = ggo.skip_nonfinite(optax.chain(ggo.clip_by_global_norm(1.0), ggo.clip_by_norm_per_leaf(2.0),
-                                        ggo.clip_by_value(5.0), optax.adam(1e-3)))
+def test_vmap_adaptive_transforms_match_each_problem_run_alone():
+    """vmap over independent problems (e.g. an ensemble): every stateful transform's state
+    batches, and each problem's updates and statistics are those of running it alone."""
+    rng = np.random.default_rng(5)
+    seq = [{"w": jnp.asarray(rng.normal(size=(3, 2)) * rng.choice([1.0, 1.0, 30.0], size=(3, 1)),
+                             jnp.float32)} for _ in range(8)]
+    seq[5] = {"w": seq[5]["w"].at[1, 0].set(jnp.nan)}  # problem 1 only
+    params = {"w": jnp.zeros((3, 2))}
+    tx = ggo.spike_skip(optax.chain(ggo.zclip(warmup_steps=2), ggo.autoclip(window=4),
+                                    optax.adam(1e-2)), threshold=3.0, window=4, min_history=2)
+    vstep = jax.jit(jax.vmap(tx.update))
+    one = jax.jit(tx.update)
+    vs = jax.vmap(tx.init)(params)
+    alone = [tx.init({"w": params["w"][i]}) for i in range(3)]
+    skipped = np.zeros(3, bool)
+    for g in seq:
+        vu, vs = vstep(g, vs, params)
+        for i in range(3):
+            u, alone[i] = one({"w": g["w"][i]}, alone[i], {"w": params["w"][i]})
+            np.testing.assert_allclose(np.asarray(vu["w"][i]), np.asarray(u["w"]), rtol=1e-6)
+        skipped |= np.asarray(vs.skipped)
+    for i in range(3):
+        _close(jax.tree.map(lambda x, i=i: x[i], vs), alone[i])
+    assert skipped[1]  # the NaN step refused in problem 1, whatever the others did
+    assert np.asarray(vs.skip_count).tolist() == [int(a.skip_count) for a in alone]
+
+
+def _every_transform():
+    inner = optax.chain(ggo.clip_by_global_norm(1.0), ggo.clip_by_norm_per_leaf(2.0),
+                        ggo.clip_by_value(5.0), ggo.agc(0.01), ggo.autoclip(), ggo.autoclip(window=4),
+                        ggo.zclip(), ggo.auto(), ggo.auto(adaptive=True),
+                        ggo.auto(optimizer_scale=True), optax.adam(1e-3))
+    return [
+        ggo.skip_nonfinite(inner),
+        ggo.history(ggo.spike_skip(inner, window=8), length=4),
+        ggo.skip_nonfinite(optax.chain(ggo.auto(learning_rate=0.1), optax.sgd(0.1))),
+        ggo.skip_nonfinite(optax.chain(ggo.auto(learning_rate=0.1, momentum=0.9),
+                                       optax.sgd(0.1, momentum=0.9))),
+        optax.MultiSteps(ggo.skip_nonfinite(inner), every_k_schedule=2,
+                         should_skip_update_fn=ggo.skip_microstep()),
+    ]
+
+
+@pytest.mark.parametrize("i", range(5), ids=["clippers", "history-spike", "auto-trust",
+                                             "auto-momentum", "multisteps"])
+def test_no_host_callbacks_in_the_jaxpr(i):
+    tx = _every_transform()[i]
     p = {"w": jnp.ones((2, 2)), "b": jnp.ones(2, jnp.float16)}
-    jaxpr = str(jax.make_jaxpr(tx.update)(p, tx.init(p), p))
-    assert "callback" not in jaxpr and "debug" not in jaxpr
+    s = tx.init(p)
+    if isinstance(tx, optax.GradientTransformationExtraArgs) and not isinstance(tx, optax.MultiSteps):
+        jaxpr = jax.make_jaxpr(lambda g, s, p: tx.update(g, s, p, value=jnp.float32(1.0)))(p, s, p)
+    else:
+        jaxpr = jax.make_jaxpr(tx.update)(p, s, p)
+    text = str(jaxpr)
+    assert "callback" not in text and "debug" not in text and "infeed" not in text
+    assert "pure_callback" not in text and "io_callback" not in text
+
+
+def test_stats_are_read_under_jit_as_optax_monitor_is():
+    p = {"w": jnp.zeros(2)}
+    tx = ggo.skip_nonfinite(optax.chain(ggo.zclip(warmup_steps=1), optax.adam(0.1)))
+    mon = optax.monitor({"norm_before": optax.tree.norm})
+    s = tx.init(p)
+
+    @jax.jit
+    def step(g, s):
+        _, s = tx.update(g, s, p)
+        st = ggo.stats(s)
+        return s, st, optax.tree.get(s, "grad_norm"), optax.tree.get(s, "threshold")
+
+    s, st, norm, thr = step({"w": jnp.array([3.0, 4.0])}, s)
+    _, ms = mon.update({"w": jnp.array([3.0, 4.0])}, mon.init(p))
+    assert float(norm) == float(optax.tree.get(ms, "norm_before")) == 5.0  # the same number
+    assert float(st["total_norm"]) == 5.0 and float(thr) == float(st["threshold"])
+    s, st, norm, _ = step({"w": jnp.array([jnp.nan, 4.0])}, s)
+    assert bool(st["skipped"]) and bool(st["nonfinite"]) and int(st["consecutive_skips"]) == 1
+    assert float(st["clip_coef"]) == 1.0 and np.isnan(float(norm))
+
+
+def test_chain_positions_give_optax_numbers_on_finite_input():
+    """Before the optimizer (clip the gradient), after its scaling (clip the update), next to
+    weight decay, and per parameter group inside optax.multi_transform: on finite input the
+    same updates as optax's own clipper in the same place."""
+    rng = np.random.default_rng(2)
+    p = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), "b": jnp.zeros(3)}
+    labels = {"w": "a", "b": "b"}
+    pairs = []
+    for clip in (ggo.clip_by_global_norm, optax.clip_by_global_norm):
+        pairs.append([
+            optax.chain(clip(1.0), optax.adam(1e-2)),
+            optax.chain(optax.scale_by_adam(), clip(0.5), optax.scale(-1e-2)),
+            optax.chain(optax.add_decayed_weights(1e-2), clip(1.0), optax.sgd(0.1, momentum=0.9)),
+            optax.multi_transform({"a": optax.chain(clip(0.3), optax.sgd(0.1)),
+                                   "b": optax.chain(clip(2.0), optax.adam(1e-2))}, labels),
+        ])
+    for ours, ref in zip(*pairs):
+        s1, s2, p1, p2 = ours.init(p), ref.init(p), p, p
+        for _ in range(4):
+            g = {k: jnp.asarray(rng.normal(size=v.shape) * 3, jnp.float32) for k, v in p.items()}
+            u1, s1 = ours.update(g, s1, p1)
+            u2, s2 = ref.update(g, s2, p2)
+            p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+        _close(p1, p2, rtol=2e-6)
+        assert any(bool(v) for _, v in optax.tree_utils.tree_get_all_with_path(s1, "clipped"))
 
 
 def test_state_pickles_and_resumes_bit_exactly(tmp_path):
@@ -358,6 +456,37 @@ def test_state_pickles_and_resumes_bit_exactly(tmp_path):
     p, s = jax.tree.map(jnp.asarray, pickle.loads(f.read_bytes()))
     p, s = run(p, s, grads[5:])
     assert _bits(p) == _bits(full_p) and _bits(s) == _bits(full_s)
+
+
+def test_orbax_checkpoint_resumes_bit_exactly(tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    rng = np.random.default_rng(4)
+    grads = [{"w": jnp.asarray(rng.normal(size=(3, 2)) * (30 if i == 6 else 1), jnp.float32)}
+             for i in range(10)]
+    grads[3] = {"w": grads[3]["w"].at[0, 1].set(jnp.nan)}
+    tx = ggo.history(ggo.spike_skip(optax.chain(ggo.autoclip(window=4), ggo.zclip(warmup_steps=2),
+                                                optax.adam(1e-2)), threshold=3.0, window=4,
+                                    min_history=2), length=4)
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p, value=jnp.sum(g["w"])))
+
+    def run(p, s, gs):
+        for g in gs:
+            u, s = step(g, s, p)
+            p = optax.apply_updates(p, u)
+        return p, s
+
+    p0 = {"w": jnp.ones((3, 2))}
+    full = run(p0, tx.init(p0), grads)
+    half = run(p0, tx.init(p0), grads[:6])
+    ck = ocp.StandardCheckpointer()
+    ck.save(tmp_path / "ckpt", {"params": half[0], "opt_state": half[1]})
+    ck.wait_until_finished()
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": p0, "opt_state": tx.init(p0)})
+    r = ck.restore(tmp_path / "ckpt", target)
+    ck.close()
+    assert type(r["opt_state"]) is type(half[1])
+    resumed = run(r["params"], r["opt_state"], grads[6:])
+    assert _bits(resumed) == _bits(full)
 
 
 def test_tiny_gradients_keep_their_norm():

@@ -1,5 +1,6 @@
 """gradguard.optax over 2 (forced host) devices: shard_map and pmap with the norm reduced over
-the named axis, jit on globally sharded arrays, and MultiSteps under shard_map.
+the named axis, jit on globally sharded arrays, MultiSteps under shard_map, and
+docs/optax.md's shard_map table (optax's own transforms there) measured on the 2 devices.
 
 XLA_FLAGS must be set before jax is imported, so the checks run in a subprocess (hard
 timeout: a hang fails)."""
@@ -7,6 +8,7 @@ timeout: a hang fails)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -134,6 +136,10 @@ SCRIPT = textwrap.dedent(r'''
     assert int(optax.tree.get(inner, "rule").count) == 2
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(p))
     print("multisteps ok")
+
+    # 7. docs/optax.md's shard_map rows, measured here (compared with the docs below)
+    from gradguard.experiments.jax_seed import cases_markdown
+    print("<mesh-table>\n" + cases_markdown(mesh=True) + "\n</mesh-table>")
     print("ALL OK")
 ''')
 
@@ -145,3 +151,9 @@ def test_two_devices_shard_map_pmap_multisteps():
     out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=root, env=env,
                          capture_output=True, text=True, timeout=420)
     assert "ALL OK" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+    measured = re.search(r"<mesh-table>\n(.*?)\n</mesh-table>", out.stdout, re.S).group(1)
+    with open(os.path.join(root, "docs", "optax.md")) as f:
+        block = re.search(r"<!-- optax-mesh-cases -->\n(.*?)\n<!-- /optax-mesh-cases -->",
+                          f.read(), re.S)
+    assert block, "docs/optax.md has no optax-mesh-cases block"
+    assert block.group(1).strip() == measured.strip()  # the docs' shard_map table is current

@@ -5,9 +5,6 @@ reference vectors (tests/rule_vectors.py), and the float64 references."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -58,18 +55,14 @@ def test_jax_backend_matches_reference_and_torch(case):
     _assert_parity(got, rv.drive(case, TORCH, torch.zeros(())), _rel(case))
 
 
-def test_jax_backend_matches_torch_to_1e6_with_x64():
-    code = ("import sys; sys.path.insert(0, 'tests'); import torch, rule_vectors as rv;"
-            "from gradguard.rules.xp_jax import JAX; from gradguard.rules.xp_torch import TORCH;"
-            "from test_optax_rules import _assert_parity\n"
-            "for c in rv.CASES:\n"
-            "    _assert_parity(rv.drive(c, JAX), rv.drive(c, TORCH, torch.zeros(())), 1e-6)\n"
-            "print('ok')")
-    env = dict(os.environ, JAX_ENABLE_X64="1", JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+@pytest.mark.parametrize("case", [c for c in rv.CASES if c["rule"] == "autoclip"], ids=rv.case_id)
+def test_jax_backend_matches_torch_to_1e6_with_x64(case):
+    """With 64-bit types on (here ``jax.enable_x64`` for this case only; every other rule
+    already agrees to 1e-6 above) the bare jax backend gives torch's AutoClip thresholds to
+    1e-6 too."""
+    with jax.enable_x64(True):
+        got = rv.drive(case, JAX)
+    _assert_parity(got, rv.drive(case, TORCH, torch.zeros(())), REL)
 
 
 def test_backend_works_under_jit():
@@ -87,8 +80,8 @@ def test_backend_works_under_jit():
 def _transform(case):
     cfg = dict(case["config"])
     rule = case["rule"]
-    if rule == "norm_clip":
-        return None
+    if rule == "norm_clip":  # gg.NormClip's (torch's) formula: max_norm / (||g|| + 1e-6)
+        return ggo.clip_by_global_norm(formula="torch", **cfg)
     if rule == "autoclip":
         return ggo.autoclip(**cfg)
     if rule == "zclip":
