@@ -217,3 +217,15 @@ def test_build_goes_to_the_cache_dir(tmp_path):
     assert os.path.dirname(path) == str(tmp_path) and os.path.exists(path)
     assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(path)]  # no leftovers
     assert _run(code, GRADGUARD_CACHE_DIR=str(tmp_path)).strip() == path  # reused
+
+
+@needs_cc
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX permissions")
+def test_a_cache_dir_others_can_write_is_not_used(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone could plant a library here
+    code = "from gradguard.kernels import _native\nprint(_native.lib().path)\n"
+    path = _run(code, GRADGUARD_CACHE_DIR=str(shared)).strip()
+    assert os.path.dirname(path) != str(shared) and list(shared.iterdir()) == []
+    assert os.path.basename(os.path.dirname(path)).startswith("gradguard-native-")

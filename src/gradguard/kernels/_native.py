@@ -19,7 +19,8 @@ torch's). This module holds four loops in C, written with the compiler's vector 
     bits ``torch.mul_`` writes on the CPU for a float32 factor (float16 only with F16C).
 
 The source is compiled once per machine with ``$CC`` (default ``cc``) ``-O3 -march=native``
-into ``$GRADGUARD_CACHE_DIR`` (default ``~/.cache/gradguard``, else a temporary folder),
+into ``$GRADGUARD_CACHE_DIR`` (default ``~/.cache/gradguard``; used only when it is this user's
+and no one else can write it, else a fresh temporary folder of the process),
 named by a hash of the source, the compiler and the CPU's flags, written to a temporary name
 and renamed (concurrent processes do not collide). Calls go through ``ctypes``, which drops
 the GIL, so the thread pool runs them in parallel. Without a compiler, on a failed build, or
@@ -29,6 +30,7 @@ results up to float32 rounding, slower for 2-byte dtypes).
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import os
@@ -211,19 +213,35 @@ class Native:
         self._scale[kind](ptr, n, c)
 
 
+def _private(d: str) -> bool:
+    """True when ``d`` is a folder of this user that no one else can write (a library loaded
+    from a folder others can write would run their code)."""
+    try:
+        st = os.stat(d)
+    except OSError:
+        return False
+    if not os.access(d, os.W_OK):
+        return False
+    if hasattr(os, "getuid") and (st.st_uid != os.getuid() or st.st_mode & 0o022):
+        return False
+    return True
+
+
 def _cache_dir() -> str:
     d = os.environ.get("GRADGUARD_CACHE_DIR")
     if not d:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         d = os.path.join(base, "gradguard")
     try:
-        os.makedirs(d, exist_ok=True)
-        if os.access(d, os.W_OK):
-            return d
+        os.makedirs(d, mode=0o700, exist_ok=True)
     except OSError:
         pass
-    d = os.path.join(tempfile.gettempdir(), f"gradguard-{os.getuid() if hasattr(os, 'getuid') else 0}")
-    os.makedirs(d, exist_ok=True)
+    if _private(d):
+        return d
+    # no private cache: a fresh folder of our own for this process (built again next time),
+    # removed at exit (a loaded library stays mapped)
+    d = tempfile.mkdtemp(prefix="gradguard-native-")
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
     return d
 
 
