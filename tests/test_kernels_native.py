@@ -229,3 +229,38 @@ def test_a_cache_dir_others_can_write_is_not_used(tmp_path):
     path = _run(code, GRADGUARD_CACHE_DIR=str(shared)).strip()
     assert os.path.dirname(path) != str(shared) and list(shared.iterdir()) == []
     assert os.path.basename(os.path.dirname(path)).startswith("gradguard-native-")
+
+
+@needs_cc
+@pytest.mark.skipif(os.uname().machine not in ("x86_64", "AMD64"), reason="x86 flags")
+def test_portable_float16_conversion_without_f16c(tmp_path):
+    """The kernel's float16 path for CPUs without F16C (an exact bit conversion), built here
+    with F16C switched off, squares every value as the F16C one does."""
+    src = tmp_path / "k.c"
+    src.write_text(_native.SOURCE)
+    lib = tmp_path / "k.so"
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    out = subprocess.run([cc, "-O2", "-mavx2", "-mno-f16c", "-shared", "-fPIC", "-o", str(lib),
+                          str(src)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    import ctypes
+
+    portable = _native.Native(ctypes.CDLL(str(lib)), str(lib))
+    assert not portable.can_scale("f16")  # float16 is then scaled by torch
+    vals = _all_values(torch.float16)
+    exact = vals.double() ** 2
+    for i in range(0, vals.numel(), 5):
+        assert portable.sumsq("f16", vals.data_ptr() + 2 * i, 1) == float(exact[i])
+    rep = vals[::13].repeat_interleave(1024).contiguous()
+    sums = np.empty(rep.numel() // 1024)
+    maxes = np.empty(len(sums), dtype=np.float32)
+    ptrs = np.arange(len(sums), dtype=np.int64) * 2048 + rep.data_ptr()
+    portable.sumsq_many("f16", ptrs, np.full(len(sums), 1024, dtype=np.int64), sums, maxes)
+    x = rep[::1024].double()
+    np.testing.assert_allclose(sums, (1024 * x * x).numpy(), rtol=1e-6, atol=0)
+    assert maxes.tolist() == x.abs().float().tolist()
+    for special in (math.inf, math.nan):
+        t = torch.randn(2000).half()
+        t[1500] = special
+        s, m = portable.sumsq_max("f16", t.data_ptr(), t.numel())
+        assert (math.isnan(s) and math.isnan(m)) if math.isnan(special) else (s == m == math.inf)
