@@ -468,12 +468,12 @@ def test_monitored_resume_after_load_model_continues_the_run(tmp_path):
     assert len(a.layers) == len(b.layers)
 
 
-@pytest.mark.parametrize("sample", [None, 32])
-def test_monitor_update_ratio_and_param_norm(tmp_path, sample):
-    """update_ratio = ||w(t) - w(t-1)|| / ||w(t-1)|| per layer on layer steps (exact with
-    update_sample=None; with 32, a 160-element kernel contributes runs of 16 at 0 and 80, the
-    torch Monitor's sample rule), param_norm the norm after the step: from weights captured
-    after every batch."""
+def test_monitor_update_ratio_and_param_norm(tmp_path):
+    """update_ratio = ||w(t) - w(t-1)|| / ||w(t-1)|| per layer on layer steps, on the torch
+    Monitor's sample rule (update_sample=32: a 160-element kernel contributes runs of 16 at 0
+    and 80, a 40-element bias runs 0 and 1, tensors of at most 32 elements whole), param_norm
+    the norm after the step: from weights captured after every batch."""
+    sample = 32
     keras.utils.set_random_seed(0)
     m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(40, name="wide"),
                           keras.layers.Dense(1, name="out")], name="net")
@@ -493,8 +493,8 @@ def test_monitor_update_ratio_and_param_norm(tmp_path, sample):
     lay = gg.load_run(mon._writer.path).layers
     # the 160-element kernel: runs 0 and 5 of 10 (k = 5); the 40-element bias: runs 0, 1 (k = 1)
     runs = {160: np.r_[0:16, 80:96], 40: np.r_[0:32]}
-    pick = (lambda a: a.reshape(-1)) if sample is None else \
-        (lambda a: a.reshape(-1)[runs[a.size]] if a.size > 32 else a.reshape(-1))
+    def pick(a):
+        return a.reshape(-1)[runs[a.size]] if a.size > sample else a.reshape(-1)
     for step in (2, 4, 6):
         for j, name in enumerate(["net/wide", "net/out"]):
             prev = [pick(a).astype(np.float64) for a in weights[step - 1][2 * j:2 * j + 2]]
