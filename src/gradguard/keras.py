@@ -416,17 +416,15 @@ class GuardedOptimizer(keras.optimizers.Optimizer):
         return [None if ix is None else _take(v, ix) for v, ix in zip(tvs, self._ring.sample_index)]
 
     def _sample(self, tvs):
-        """The sample before this step's update: a copy on layer steps, zeros otherwise."""
-        is_layer = self._layer_step()
-        out = []
-        for v, ix in zip(tvs, self._ring.sample_index):
-            if ix is None:
-                out.append(None)
-                continue
-            dt = _acc_dtype(v.dtype)
-            out.append(tf.cond(is_layer, lambda v=v, ix=ix: _take(v, ix),
-                               lambda ix=ix, dt=dt: tf.zeros([len(ix)], dt)))
-        return out
+        """The sample before this step's update: a copy on layer steps, zeros otherwise (one
+        branch for all variables)."""
+        pairs = [(v, ix) for v, ix in zip(tvs, self._ring.sample_index) if ix is not None]
+        if not pairs:
+            return [None] * len(tvs)
+        taken = tf.cond(self._layer_step(), lambda: [_take(v, ix) for v, ix in pairs],
+                        lambda: [tf.zeros([len(ix)], _acc_dtype(v.dtype)) for v, ix in pairs])
+        it = iter(taken)
+        return [None if ix is None else next(it) for ix in self._ring.sample_index]
 
     # -- serialisation --------------------------------------------------------------------------
     def get_config(self):
