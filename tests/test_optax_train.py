@@ -31,9 +31,13 @@ def test_seed_mlp_unclipped_goes_nan_and_clipped_trains():
     # the default (auto) trains it too: test_cli_demo_framework_jax
 
 
-def test_small_rnn_runs_and_clipping_keeps_it_finite():
+def test_small_rnn_unclipped_goes_nan_and_clipped_learns():
+    none = jax_seed.run_rnn(jax_seed.strategy("none"), 0, steps=50, length=10)
+    assert none.first_nonfinite_epoch == 0 and not math.isfinite(none.final_loss)
     r = jax_seed.run_rnn(jax_seed.strategy("auto (default)"), 0, steps=50, length=10)
-    assert r.first_nonfinite_epoch is None and math.isfinite(r.final_loss) and r.steps == 50
+    assert r.first_nonfinite_epoch is None and r.steps == 50 and r.clipped_steps > 0
+    # the target is a sum of two U(0, 1): predicting its mean gives MSE 2/12
+    assert r.final_loss < 2 / 12
 
 
 def test_multisteps_decides_once_per_real_step_on_the_mean_gradient():
