@@ -147,6 +147,27 @@ def test_agc_overflow_tensorflow(w_val, g_val, dtype, shape):
 
 @pytest.mark.parametrize("w_val, g_val, dtype, shape",
                          [c for c in AGC_CASES if c[2] == torch.float32 and len(c[3]) == 2])
+def test_agc_overflow_keras_clip_coef(w_val, g_val, dtype, shape):
+    """The Keras wrapper's AGC reports the clip coefficient ||g after|| / ||g before|| of the
+    float64 reference, also where the clipped tensor's squares overflow float32."""
+    pytest.importorskip("tensorflow")
+    keras = pytest.importorskip("keras")
+    import gradguard.keras as ggk
+
+    w = np.full(shape, w_val).astype(np.float32)
+    g = (np.full(shape, g_val) * np.linspace(0.5, 1.0, int(np.prod(shape))).reshape(shape)).astype(np.float32)
+    want, clipped = _agc_ref(w, g)
+    assert clipped
+    var = keras.Variable(w.T, name="k")
+    opt = ggk.GuardedOptimizer(keras.optimizers.SGD(0.0), clipper=gg.AGC(0.01))
+    opt.apply([keras.ops.convert_to_tensor(g.T)], [var])
+    coef = float(opt.last_clip_coef.numpy())
+    assert math.isfinite(coef)
+    assert coef == pytest.approx(_hypot(want) / _hypot(g), rel=1e-5)
+
+
+@pytest.mark.parametrize("w_val, g_val, dtype, shape",
+                         [c for c in AGC_CASES if c[2] == torch.float32 and len(c[3]) == 2])
 def test_agc_overflow_optax(w_val, g_val, dtype, shape):
     pytest.importorskip("jax")
     pytest.importorskip("optax")
@@ -163,6 +184,30 @@ def test_agc_overflow_optax(w_val, g_val, dtype, shape):
     out, state = tx.update({"k": jnp.asarray(g.T)}, tx.init(params), params)
     np.testing.assert_allclose(np.asarray(out["k"]).T.astype(np.float64), want, rtol=2e-6)
     assert int(state.agc_clipped_units) == shape[0]
+
+
+def test_agc_float64_leaves_keep_float64_norms_in_optax():
+    """With x64 on, float64 gradients of 1e160 on unit weights (a float32 norm is inf) are
+    clipped as the float64 reference clips them."""
+    jax = pytest.importorskip("jax")
+    pytest.importorskip("optax")
+    import jax.numpy as jnp
+
+    import gradguard.optax as ggo
+
+    shape = (4, 3)
+    w = np.ones(shape)
+    g = np.full(shape, 1e160) * np.linspace(0.5, 1.0, 12).reshape(shape)
+    want, clipped = _agc_ref(w, g)
+    assert clipped
+    with jax.enable_x64(True):
+        tx = ggo.agc()
+        params = {"k": jnp.asarray(w.T, jnp.float64)}
+        out, state = tx.update({"k": jnp.asarray(g.T, jnp.float64)}, tx.init(params), params)
+        got = np.asarray(out["k"]).T
+        assert got.dtype == np.float64
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+        assert int(state.agc_clipped_units) == shape[0]
 
 
 # -- 2. p-norms for any p > 0 -----------------------------------------------------------------

@@ -735,7 +735,8 @@ class _AGC(_Clip):
         units = self._coefs(grads, params, opt, nonfinite)
         if not units:
             return super().decide(grads, params, per, total, opt, nonfinite)
-        after = tf.sqrt(tf.add_n([tf.cast(tf.reduce_sum(tf.square(n * k)), tf.float32) for k, n in units]))
+        # the clipped tensors' norms are max-normalised; their total too (squares of 1e20)
+        after = ggtf.global_norm([a for _, a in units])
         clipped = tf.reduce_any(tf.stack([tf.reduce_any(k < 1.0) for k, _ in units]))
         return {"coef": _after_ratio(after, total), "clipped": clipped, "threshold": None,
                 "apply": [k for k, _ in units]}

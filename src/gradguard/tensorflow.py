@@ -369,10 +369,12 @@ def clip_by_agc(tensors: Any, params: Any, clipping: Any = 0.01, eps: Any = 1e-3
 
 def agc_units(cfg: Any, grads: list[Any], params: list[Any], *, propagate: bool,
               nonfinite: Any = None) -> list[tuple[tf.Tensor, tf.Tensor]]:
-    """``[(coefficient, gradient norm)]`` per unit of each (gradient, parameter) pair, both
-    kept-dims tensors (``rules.agc``; the unit is a slice of the last axis). ``nonfinite``: the
-    step's flag (computed from the units' norms when None). Shared by ``clip_by_agc`` and the
-    Keras wrapper's ``gg.AGC``."""
+    """``[(coefficient, norm after clipping)]`` per (gradient, parameter) pair: the units'
+    kept-dims coefficients (``rules.agc``; the unit is a slice of the last axis) and the 0-d
+    L2 norm of the clipped tensor, max-normalised (``rules.agc.clipped_norm``: finite where
+    the clipped norm is, also when a unit's squares overflow). ``nonfinite``: the step's flag
+    (computed from the units' norms when None). Shared by ``clip_by_agc`` and the Keras
+    wrapper's ``gg.AGC``."""
     from .rules import agc
 
     norms = []
@@ -388,8 +390,11 @@ def agc_units(cfg: Any, grads: list[Any], params: list[Any], *, propagate: bool,
     if nonfinite is None and norms:
         nonfinite = tf.reduce_any(tf.stack([tf.reduce_any(~tf.math.is_finite(gn.root))
                                             for gn, _ in norms]))
-    return [(agc.coefficient(cfg, gn, wn, TF, nonfinite=nonfinite, propagate=propagate), gn.norm)
-            for gn, wn in norms]
+    out = []
+    for gn, wn in norms:
+        k = agc.coefficient(cfg, gn, wn, TF, nonfinite=nonfinite, propagate=propagate)
+        out.append((k, agc.clipped_norm(gn, k, TF)))
+    return out
 
 
 def _global_coef(norm: tf.Tensor, clip_norm: Any, *, nonfinite: Any, propagate: bool) -> tf.Tensor:

@@ -23,7 +23,7 @@ from ..rules import agc as agc_rule
 from ..rules import norm_clip, value_clip
 from ..rules.xp_jax import JAX
 from . import _args
-from ._tree import F32, mag32, scale_leaf, tree_norms
+from ._tree import F32, mag_wide, scale_leaf, tree_norms
 
 
 class ClipState(NamedTuple):
@@ -226,8 +226,8 @@ def agc(clipping: Any = 0.01, eps: Any = 1e-3, *, axis: Any = None) -> optax.Gra
         out, count = [], jnp.zeros((), jnp.int32)
         for u, p in zip(u_leaves, p_leaves):
             axes = unit_axes(p, axis)
-            coef = agc_rule.coefficient(cfg, agc_rule.unit_norm(mag32(u), axes, JAX),
-                                        agc_rule.unit_norm(mag32(p), axes, JAX), JAX,
+            coef = agc_rule.coefficient(cfg, agc_rule.unit_norm(mag_wide(u), axes, JAX),
+                                        agc_rule.unit_norm(mag_wide(p), axes, JAX), JAX,
                                         nonfinite=~finite)
             out.append(scale_leaf(u, coef))
             count = count + jnp.sum(coef < 1.0, dtype=jnp.int32)

@@ -47,6 +47,14 @@ def mag32(x: jax.Array) -> jax.Array:
     return x.astype(F32)
 
 
+def mag_wide(x: jax.Array) -> jax.Array:
+    """|x| in at least float32: float64 leaves (with x64 on) keep float64, whose range a
+    float32 norm would not hold (gradients of 1e160)."""
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        x = jnp.abs(x)
+    return x if x.dtype == jnp.float64 else x.astype(F32)
+
+
 def _abs_max(x: jax.Array) -> jax.Array:
     return jnp.max(jnp.abs(x), initial=0).astype(F32) if x.size else jnp.zeros((), F32)
 
