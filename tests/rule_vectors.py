@@ -195,9 +195,11 @@ def _ref_overshoot(seq, init_limit=INF, mode="cap", beta=0.1, init_step=1e-2, fl
             thr = level_factor * math.exp(log_raw) if count else INF
         else:
             s_now = S if started else init_limit
-            if mode == "trust":
-                s_now = trust * param_norm / lr if param_norm > 0 and lr else INF
-            thr = min(s_now, spike_factor * math.exp(log_level) if count else INF)
+            cap = spike_factor * math.exp(log_level) if count else INF
+            if mode == "trust" and param_norm > 0:
+                thr = trust * param_norm / lr if lr else INF
+            else:
+                thr = min(s_now, cap)
         out.append(thr)
         if not (ok and math.isfinite(g) and g > 0):
             continue

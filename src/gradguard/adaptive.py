@@ -329,14 +329,16 @@ class OvershootClip(_RuleClipper):
       than ``trust`` (3 %) of their initial norm: ``S_t = trust * ||theta_0|| / lr_t`` with
       the learning rate of each step (schedules and warmup included). Successive minibatch
       gradients are too noisy a direction to learn S from (``use_last_gradient=True`` keeps
-      that older controller, opt-in).
+      that older controller, opt-in). No spike cap on top: at a small lr the region is far
+      above the norms and lets a recurrent net's gradient burst through.
     * **Adam, AdamW, RMSprop, ... (the update does not scale with the gradient): the level
       cap.** ``threshold = level_factor * exp(level_raw)``, twice the geometric mean of the
       recent raw norms (EMA ``ema`` of their log): a batch far above the others is held to
       twice the level, so it cannot dominate the first moment nor inflate the second; a rise
       of all norms is followed at the EMA's pace.
 
-    **Spike cap** (SGD and unknown optimizers): ``level`` is the EMA (``ema``) of the log of
+    **Spike cap** (momentum SGD and unknown optimizers; plain SGD only while the parameter
+    norm is unknown): ``level`` is the EMA (``ema``) of the log of
     accepted, clipped norms, so a norm above ``spike_factor * exp(level)`` is clipped;
     feeding the clipped value keeps an explosion from dragging the cap up with it. When no
     optimizer is known (``Guard.clip``) only this cap acts.
@@ -457,8 +459,8 @@ class OvershootClip(_RuleClipper):
         return _overshoot.threshold(self.cfg, self._ensure(total), TORCH, self._lr)
 
     def threshold(self, like: Tensor) -> Tensor:
-        """``min(S, spike_factor * exp(level))`` (mode "trust": ``S = trust * ||theta_0|| /
-        lr``); "level": ``level_factor * exp(level_raw)``; "adaptive": ``spike_factor *
+        """``min(S, spike_factor * exp(level))`` (mode "trust": ``trust * ||theta_0|| / lr``
+        alone); "level": ``level_factor * exp(level_raw)``; "adaptive": ``spike_factor *
         sqrt(v)``; inf before the first accepted step (unless S was set from the parameter
         norm)."""
         return _overshoot.threshold(self.cfg, self._ensure(like), TORCH, self._lr)
