@@ -3,6 +3,7 @@ finite input, a float64 numpy reference, and the measured bad cases of optax."""
 
 from __future__ import annotations
 
+import functools
 import pickle
 
 import numpy as np
@@ -18,6 +19,14 @@ from hypothesis.extra import numpy as hnp  # noqa: E402
 import gradguard.optax as ggo  # noqa: E402
 
 SETTINGS = settings(max_examples=25, deadline=None)
+
+
+def train_steps(step, p, s, grads):
+    """Apply ``step(g, s, p) -> (updates, s)`` for each gradient; the final (params, state)."""
+    for g in grads:
+        u, s = step(g, s, p)
+        p = optax.apply_updates(p, u)
+    return p, s
 
 
 def _ref_norm(tree) -> float:
@@ -442,11 +451,7 @@ def test_state_pickles_and_resumes_bit_exactly(tmp_path):
     tx = ggo.skip_nonfinite(optax.chain(ggo.clip_by_global_norm(1.0), optax.adam(1e-2)))
     step = jax.jit(tx.update)
 
-    def run(p, s, gs):
-        for g in gs:
-            u, s = step(g, s, p)
-            p = optax.apply_updates(p, u)
-        return p, s
+    run = functools.partial(train_steps, step)
 
     p0 = {"w": jnp.zeros(4)}
     full_p, full_s = run(p0, tx.init(p0), grads)
@@ -469,11 +474,7 @@ def test_orbax_checkpoint_resumes_bit_exactly(tmp_path):
                                     min_history=2), length=4)
     step = jax.jit(lambda g, s, p: tx.update(g, s, p, value=jnp.sum(g["w"])))
 
-    def run(p, s, gs):
-        for g in gs:
-            u, s = step(g, s, p)
-            p = optax.apply_updates(p, u)
-        return p, s
+    run = functools.partial(train_steps, step)
 
     p0 = {"w": jnp.ones((3, 2))}
     full = run(p0, tx.init(p0), grads)

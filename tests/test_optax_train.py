@@ -4,6 +4,7 @@ load_run read it), and bit-exact resume of every stateful transform."""
 
 from __future__ import annotations
 
+import functools
 import math
 import pickle
 
@@ -13,6 +14,7 @@ import pytest
 jax = pytest.importorskip("jax")
 optax = pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402
+from test_optax import train_steps  # noqa: E402
 
 import gradguard.optax as ggo  # noqa: E402
 from gradguard.experiments import jax_seed  # noqa: E402
@@ -179,11 +181,7 @@ def test_checkpoint_resume_is_bit_exact(make, tmp_path):
     step = jax.jit(lambda g, s, p: tx.update(g, s, p, value=jnp.sum(g["w"]))
                    if isinstance(tx, optax.GradientTransformationExtraArgs) else tx.update(g, s, p))
 
-    def run(p, s, gs):
-        for g in gs:
-            u, s = step(g, s, p)
-            p = optax.apply_updates(p, u)
-        return p, s
+    run = functools.partial(train_steps, step)
 
     p0 = {"w": jnp.ones((3, 2))}
     full = run(p0, tx.init(p0), grads)
