@@ -134,24 +134,29 @@ def test_overflow_and_underflow_rescued_on_the_native_path(native, dtype):
         assert float(mx[0]) == abs(float(t[0].double()))
 
 
-@pytest.mark.parametrize("dtype", HALVES)
+@pytest.mark.parametrize("dtype", [torch.float32, *HALVES])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_native_scale_is_bit_identical_to_torch(native, monkeypatch, dtype, threads):
     if not native.can_scale(KIND[dtype]):
         pytest.skip("no F16C: float16 is scaled by torch")
     monkeypatch.setattr(_pool, "threads", lambda: threads)
     monkeypatch.setattr(cpu, "PARALLEL_MIN", 0)
-    base = torch.cat([_all_values(dtype), torch.randn(2 * cpu.CHUNK + 13).to(dtype),
-                      torch.tensor([math.inf, -math.inf, 0.0, -0.0], dtype=dtype)])
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    values = _all_values(dtype) if dtype != torch.float32 else torch.randn(70001) * 1e30
+    base = torch.cat([values, torch.randn(2 * cpu.CHUNK + 13).to(dtype),
+                      torch.tensor([math.inf, -math.inf, 0.0, -0.0, math.nan], dtype=dtype)])
+    # lengths that leave every tail of the four-stream loop: n mod 64, n mod 16, n < 64
+    odd = [torch.randn(n).to(dtype) for n in (cpu.SMALL + 1, cpu.SMALL + 63, 4 * 4096 + 17)]
     for c in (0.3719, 1e-5, 0.999999, 7.5e-8, 1e-30, 3.0):
         coef = torch.tensor(c, dtype=torch.float32)
-        want = base.clone()
-        torch._foreach_mul_([want], coef)
-        got = base.clone()
-        version = got._version
-        cpu.scale_([got], coef, float(coef))
-        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), c
-        assert got._version > version
+        want = [t.clone() for t in (base, *odd)]
+        torch._foreach_mul_(want, coef)
+        got = [t.clone() for t in (base, *odd)]
+        version = got[0]._version
+        cpu.scale_(got, coef, float(coef))
+        for a, b in zip(got, want):
+            assert torch.equal(a.view(bits), b.view(bits)), c
+        assert got[0]._version > version
 
 
 def test_clip_grad_norm_bfloat16_matches_the_float64_reference(native):

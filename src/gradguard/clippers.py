@@ -66,6 +66,8 @@ class ClipStats:
     skipped          0-d bool, the Guard refused this update (None outside a Guard)
     per_tensor_max_abs  1-d float32, max |g| per tensor before clipping, when the Guard's
                      monitor asked for it on this step (its layer steps), else None
+    norm_after       0-d, the norm after clipping where the clipper computed it itself (AGC:
+                     finite even when ``total_norm`` overflowed its dtype), else None
     """
 
     total_norm: Tensor
@@ -76,10 +78,14 @@ class ClipStats:
     threshold: Tensor | None = None
     skipped: Tensor | None = None
     per_tensor_max_abs: Tensor | None = None
+    norm_after: Tensor | None = None
 
     @property
     def total_norm_after(self) -> Tensor:
-        """Norm of all gradients after clipping (``total_norm * clip_coef``)."""
+        """Norm of all gradients after clipping: ``norm_after`` where set, else
+        ``total_norm * clip_coef``."""
+        if self.norm_after is not None:
+            return self.norm_after
         return self.total_norm * self.clip_coef
 
 
@@ -325,7 +331,7 @@ class AGC(Clipper):
                                       2.0)
         coef = _ratio(after, norms.total)
         return ClipStats(norms.total, coef, torch.stack(any_clipped).any(), nonfinite,
-                         norms.per_tensor)
+                         norms.per_tensor, norm_after=after)
 
 
 def _clamp_(grads: list[Tensor], lo: float | None, hi: float | None) -> None:

@@ -2,21 +2,25 @@
 
 numpy has no fused "widen and square" for bfloat16 / float16: widening a chunk into a float32
 buffer and then taking a BLAS dot reads and writes it three times (bfloat16 clip 0.35-0.66x of
-torch's). This module holds four loops in C, written with the compiler's vector extensions
-(8-wide float32 vectors, four independent accumulators):
+torch's). And one core reads memory faster with several sequential streams in flight than with
+one (measured in ``docs/performance.md``), which neither numpy's nor torch's loops do. This
+module holds the loops in C, written with the compiler's vector extensions (8-wide float32
+vectors); each reads a chunk as its four quarters at once:
 
 ``sumsq(kind, ptr, n)`` / ``sumsq_max(kind, ptr, n)``
     ``sum x**2`` of ``n`` contiguous float32 / bfloat16 / float16 values, widened to float32
     in registers (bfloat16: a shift; float16: F16C ``vcvtph2ps``, or an exact bit
-    conversion without F16C), squared and accumulated in float32, every 1024 elements added
-    into a float64 sum (so the float32 part never adds more than 32 terms per lane).
+    conversion without F16C), squared and accumulated in float32 (two accumulators per
+    stream), every 512 elements of a stream added into a float64 sum (so the float32 part
+    never adds more than 32 terms per lane); the last ``n mod 2048`` elements in one stream.
     ``sumsq_max`` also returns ``max |x|``, taken on the magnitude bits as integers: the same
     order as the floats, and NaN (whose bits are above inf's) propagates.
 ``sumsq_many(kind, ptrs, lens, sums, maxes)``
     the same for many chunks in one call (a small model's tensors on one thread).
-``scale(kind, ptr, n, c)``
-    ``x <- x * c`` for bfloat16 / float16: float32 multiply, rounded to nearest even, the
-    bits ``torch.mul_`` writes on the CPU for a float32 factor (float16 only with F16C).
+``scale(kind, ptr, n, c)`` / ``scale_many(kind, ptrs, lens, c)``
+    ``x <- x * c``: float32 one IEEE multiply; bfloat16 / float16 a float32 multiply,
+    rounded to nearest even: the bits ``torch.mul_`` writes on the CPU for a float32 factor
+    (float16 only with F16C).
 
 The source is compiled once per machine with ``$CC`` (default ``cc``) ``-O3 -march=native``
 into ``$GRADGUARD_CACHE_DIR`` (default ``~/.cache/gradguard``; used only when it is this user's
@@ -57,6 +61,7 @@ typedef int32_t vi __attribute__((vector_size(32)));
 typedef uint16_t vh __attribute__((vector_size(16)));
 #define W 8
 #define FLUSH 1024
+#define QB 512
 
 static inline vf v_bf(const uint16_t* p) { vh h; memcpy(&h, p, 16);
   vu u = __builtin_convertvector(h, vu) << 16; return (vf)u; }
@@ -82,37 +87,76 @@ static inline vi v_abs(vf v) { return (vi)((vu)v & 0x7fffffffu); }
 static inline vi v_max(vi m, vi a) { vi g = a > m; return (a & g) | (m & ~g); }
 static inline int32_t s_abs(float v) { int32_t i; memcpy(&i, &v, 4); return i & 0x7fffffff; }
 
-#define SUMSQ(NAME, T, LD, SC, MAX)                                                        \
-double NAME(const T* x, int64_t n, float* maxabs) {                                        \
-  double tot = 0.0; vi m0 = {0}, m1 = {0}, m2 = {0}, m3 = {0}; int64_t i = 0;               \
+static inline double v_hsum(vf a) { double s = 0.0; for (int j = 0; j < W; j++) s += (double)a[j]; return s; }
+
+/* One stream, four accumulators, flushed every FLUSH elements: the tail of a chunk. */
+#define SUMSQ1(NAME, T, LD, SC, MAX)                                                       \
+static double NAME(const T* x, int64_t n, vi* mv, int32_t* ms) {                           \
+  double tot = 0.0; vi m0 = *mv; int32_t m = *ms; int64_t i = 0;                           \
   for (; i + FLUSH <= n; i += FLUSH) {                                                     \
     vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                             \
     for (int64_t k = i; k < i + FLUSH; k += 4 * W) {                                       \
       vf v0 = LD(x + k), v1 = LD(x + k + W), v2 = LD(x + k + 2 * W), v3 = LD(x + k + 3 * W); \
       a0 += v0 * v0; a1 += v1 * v1; a2 += v2 * v2; a3 += v3 * v3;                          \
-      if (MAX) { m0 = v_max(m0, v_abs(v0)); m1 = v_max(m1, v_abs(v1));                     \
-                 m2 = v_max(m2, v_abs(v2)); m3 = v_max(m3, v_abs(v3)); }                   \
+      if (MAX) m0 = v_max(v_max(m0, v_abs(v0)), v_max(v_max(v_abs(v1), v_abs(v2)), v_abs(v3))); \
     }                                                                                      \
-    vf a = (a0 + a1) + (a2 + a3); double s = 0.0;                                          \
-    for (int j = 0; j < W; j++) s += (double)a[j];                                         \
-    tot += s;                                                                              \
+    tot += v_hsum((a0 + a1) + (a2 + a3));                                                  \
   }                                                                                        \
-  float acc = 0.0f; int32_t m = 0;                                                         \
+  float acc = 0.0f;                                                                        \
   for (; i < n; i++) { float v = SC(x[i]); acc += v * v;                                   \
                        if (MAX) { int32_t b = s_abs(v); m = b > m ? b : m; } }             \
-  tot += (double)acc;                                                                      \
-  if (MAX) { vi mm = v_max(v_max(m0, m1), v_max(m2, m3));                                  \
-             for (int j = 0; j < W; j++) m = mm[j] > m ? mm[j] : m;                        \
+  *mv = m0; *ms = m;                                                                       \
+  return tot + (double)acc;                                                                \
+}
+
+/* Four streams (the chunk's quarters, read at once: one core's read bandwidth from memory
+   is 25-30 % higher with four sequential streams in flight than with one), two accumulators
+   each, flushed every QB elements per stream: 32 float32 terms per lane, as in SUMSQ1. */
+#define SUMSQ(NAME, ONE, T, LD2, MAX)                                                      \
+double NAME(const T* x, int64_t n, float* maxabs) {                                        \
+  double tot = 0.0; vi m0 = {0}, m1 = {0}, m2 = {0}, m3 = {0};                             \
+  const int64_t q = (n / (4 * QB)) * QB;                                                   \
+  const T *x0 = x, *x1 = x + q, *x2 = x + 2 * q, *x3 = x + 3 * q;                          \
+  for (int64_t i = 0; i < q; i += QB) {                                                    \
+    vf a0 = {0}, b0 = {0}, a1 = {0}, b1 = {0}, a2 = {0}, b2 = {0}, a3 = {0}, b3 = {0};     \
+    for (int64_t k = i; k < i + QB; k += 2 * W) {                                          \
+      vf u0, w0, u1, w1, u2, w2, u3, w3;                                                   \
+      LD2(x0 + k, u0, w0); LD2(x1 + k, u1, w1); LD2(x2 + k, u2, w2); LD2(x3 + k, u3, w3);  \
+      a0 += u0 * u0; b0 += w0 * w0; a1 += u1 * u1; b1 += w1 * w1;                          \
+      a2 += u2 * u2; b2 += w2 * w2; a3 += u3 * u3; b3 += w3 * w3;                          \
+      if (MAX) { m0 = v_max(m0, v_max(v_abs(u0), v_abs(w0)));                              \
+                 m1 = v_max(m1, v_max(v_abs(u1), v_abs(w1)));                              \
+                 m2 = v_max(m2, v_max(v_abs(u2), v_abs(w2)));                              \
+                 m3 = v_max(m3, v_max(v_abs(u3), v_abs(w3))); }                            \
+    }                                                                                      \
+    tot += (v_hsum(a0 + b0) + v_hsum(a1 + b1)) + (v_hsum(a2 + b2) + v_hsum(a3 + b3));      \
+  }                                                                                        \
+  vi mv = v_max(v_max(m0, m1), v_max(m2, m3)); int32_t m = 0;                              \
+  tot += ONE(x + 4 * q, n - 4 * q, &mv, &m);                                               \
+  if (MAX) { for (int j = 0; j < W; j++) m = mv[j] > m ? mv[j] : m;                        \
              memcpy(maxabs, &m, 4); }                                                      \
   return tot;                                                                              \
 }
 
-SUMSQ(gg_sumsq_f32, float, v_f, s_f, 0)
-SUMSQ(gg_sumsq_bf16, uint16_t, v_bf, s_bf, 0)
-SUMSQ(gg_sumsq_f16, uint16_t, v_h, s_h, 0)
-SUMSQ(gg_sumsqmax_f32, float, v_f, s_f, 1)
-SUMSQ(gg_sumsqmax_bf16, uint16_t, v_bf, s_bf, 1)
-SUMSQ(gg_sumsqmax_f16, uint16_t, v_h, s_h, 1)
+SUMSQ1(one_f32, float, v_f, s_f, 0)
+SUMSQ1(one_bf16, uint16_t, v_bf, s_bf, 0)
+SUMSQ1(one_f16, uint16_t, v_h, s_h, 0)
+SUMSQ1(onemax_f32, float, v_f, s_f, 1)
+SUMSQ1(onemax_bf16, uint16_t, v_bf, s_bf, 1)
+SUMSQ1(onemax_f16, uint16_t, v_h, s_h, 1)
+/* 2W elements at p as two float32 vectors. bfloat16: one 32-byte load, the even elements
+   shifted into the high halves and the odd ones masked there (in-lane: no shuffles, which
+   would make the loop compute-bound); the order of the terms is free in a sum. */
+#define LD2_F32(p, u, w) do { u = v_f(p); w = v_f((p) + W); } while (0)
+#define LD2_F16(p, u, w) do { u = v_h(p); w = v_h((p) + W); } while (0)
+#define LD2_BF16(p, u, w) do { vu r_; memcpy(&r_, (p), 32);                                 \
+  u = (vf)(r_ << 16); w = (vf)(r_ & 0xffff0000u); } while (0)
+SUMSQ(gg_sumsq_f32, one_f32, float, LD2_F32, 0)
+SUMSQ(gg_sumsq_bf16, one_bf16, uint16_t, LD2_BF16, 0)
+SUMSQ(gg_sumsq_f16, one_f16, uint16_t, LD2_F16, 0)
+SUMSQ(gg_sumsqmax_f32, onemax_f32, float, LD2_F32, 1)
+SUMSQ(gg_sumsqmax_bf16, onemax_bf16, uint16_t, LD2_BF16, 1)
+SUMSQ(gg_sumsqmax_f16, onemax_f16, uint16_t, LD2_F16, 1)
 
 /* chunks j < k: s[j] = sum of squares of lens[j] elements at ptrs[j] (and m[j] = max |x|
    when m is not NULL); kind 0 float32, 1 bfloat16, 2 float16. One call for many chunks. */
@@ -129,33 +173,62 @@ void gg_sumsq_many(int kind, const int64_t* ptrs, const int64_t* lens, int64_t k
   }
 }
 
-/* float32 -> bfloat16, round to nearest even; NaN -> a quiet NaN (torch's scalar rule) */
-void gg_scale_bf16(uint16_t* x, int64_t n, float c) {
-  for (int64_t i = 0; i < n; i++) {
-    float f = s_bf(x[i]) * c; uint32_t u; memcpy(&u, &f, 4);
-    uint16_t r = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-    x[i] = (f != f) ? (uint16_t)0x7fc0u : r;
-  }
+/* x <- x * c, W elements at p (V) or one (S), then the four-stream loop over a chunk */
+static inline void v_scale_f32(float* p, float c) { vf v; memcpy(&v, p, 32); v *= c; memcpy(p, &v, 32); }
+static inline void s_scale_f32(float* p, float c) { *p *= c; }
+/* float32 -> bfloat16, round to nearest even, kept in the high half; NaN -> a quiet NaN
+   (torch's scalar rule) */
+static inline vu v_round_bf16(vf f) {
+  vu u = (vu)f; vu r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  vu nan = (vu)(f != f); return (r & ~nan) | (0x7fc00000u & nan); }
+/* 2W bfloat16 values: the even ones from the low halves, the odd from the high (in-lane) */
+static inline void v_scale_bf16(uint16_t* p, float c) {
+  vu r; memcpy(&r, p, 32);
+  vu lo = v_round_bf16((vf)(r << 16) * c), hi = v_round_bf16((vf)(r & 0xffff0000u) * c);
+  r = (lo >> 16) | hi; memcpy(p, &r, 32); }
+static inline void s_scale_bf16(uint16_t* p, float c) {
+  float f = s_bf(*p) * c; uint32_t u; memcpy(&u, &f, 4);
+  uint16_t r = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  *p = (f != f) ? (uint16_t)0x7fc0u : r; }
+
+/* V scales STEP elements at once, S one */
+#define SCALE(NAME, T, V, S, STEP)                                                         \
+void NAME(T* x, int64_t n, float c) {                                                      \
+  const int64_t q = (n / (4 * STEP)) * STEP;                                               \
+  T *x0 = x, *x1 = x + q, *x2 = x + 2 * q, *x3 = x + 3 * q;                                \
+  for (int64_t k = 0; k < q; k += STEP) { V(x0 + k, c); V(x1 + k, c); V(x2 + k, c); V(x3 + k, c); } \
+  int64_t i = 4 * q;                                                                       \
+  for (; i + STEP <= n; i += STEP) V(x + i, c);                                            \
+  for (; i < n; i++) S(x + i, c);                                                          \
 }
+SCALE(gg_scale_f32, float, v_scale_f32, s_scale_f32, W)
+SCALE(gg_scale_bf16, uint16_t, v_scale_bf16, s_scale_bf16, 2 * W)
+
 #if defined(__F16C__)
 int gg_has_scale_f16(void) { return 1; }
-void gg_scale_f16(uint16_t* x, int64_t n, float c) {
-  int64_t i = 0; __m256 cc = _mm256_set1_ps(c);
-  for (; i + 8 <= n; i += 8) {
-    __m128i q; memcpy(&q, x + i, 16);
-    __m256 f = _mm256_mul_ps(_mm256_cvtph_ps(q), cc);
-    q = _mm256_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT); memcpy(x + i, &q, 16);
-  }
-  for (; i < n; i++) {
-    __m128i q = _mm_cvtsi32_si128(x[i]);
-    __m128 f = _mm_mul_ps(_mm_cvtph_ps(q), _mm_set1_ps(c));
-    x[i] = (uint16_t)_mm_cvtsi128_si32(_mm_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT));
-  }
-}
+static inline void v_scale_f16(uint16_t* p, float c) {
+  __m128i q; memcpy(&q, p, 16);
+  q = _mm256_cvtps_ph(_mm256_mul_ps(_mm256_cvtph_ps(q), _mm256_set1_ps(c)), _MM_FROUND_TO_NEAREST_INT);
+  memcpy(p, &q, 16); }
+static inline void s_scale_f16(uint16_t* p, float c) {
+  __m128i q = _mm_cvtsi32_si128(*p);
+  *p = (uint16_t)_mm_cvtsi128_si32(_mm_cvtps_ph(_mm_mul_ps(_mm_cvtph_ps(q), _mm_set1_ps(c)),
+                                                _MM_FROUND_TO_NEAREST_INT)); }
+SCALE(gg_scale_f16, uint16_t, v_scale_f16, s_scale_f16, W)
 #else
 int gg_has_scale_f16(void) { return 0; }
 void gg_scale_f16(uint16_t* x, int64_t n, float c) { (void)x; (void)n; (void)c; }
 #endif
+
+/* gg_scale_<kind> over chunks j < k (kind as in gg_sumsq_many): one call for many chunks */
+void gg_scale_many(int kind, const int64_t* ptrs, const int64_t* lens, int64_t k, float c) {
+  for (int64_t j = 0; j < k; j++) {
+    void* p = (void*)(intptr_t)ptrs[j];
+    if (kind == 0) gg_scale_f32(p, lens[j], c);
+    else if (kind == 1) gg_scale_bf16(p, lens[j], c);
+    else gg_scale_f16(p, lens[j], c);
+  }
+}
 """
 
 _lock = threading.Lock()
@@ -164,7 +237,8 @@ _error: str | None = None
 
 
 class Native:
-    """The loaded kernels: ``sumsq``, ``sumsq_max``, ``scale`` (see the module docstring)."""
+    """The loaded kernels: ``sumsq``, ``sumsq_max``, ``sumsq_many``, ``scale``, ``scale_many``
+    (see the module docstring)."""
 
     def __init__(self, cdll: ctypes.CDLL, path: str):
         self.path = path
@@ -182,8 +256,12 @@ class Native:
         self._many.restype = None
         self._many.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                ctypes.c_void_p, ctypes.c_void_p]
+        self._scale_many = cdll.gg_scale_many
+        self._scale_many.restype = None
+        self._scale_many.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                     ctypes.c_int64, ctypes.c_float]
         self._scale = {}
-        for kind in (BF16, F16):
+        for kind in (F32, BF16, F16):
             f = getattr(cdll, f"gg_scale_{kind}")
             f.restype, f.argtypes = None, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float]
             self._scale[kind] = f
@@ -211,6 +289,10 @@ class Native:
 
     def scale(self, kind: str, ptr: int, n: int, c: float) -> None:
         self._scale[kind](ptr, n, c)
+
+    def scale_many(self, kind: str, ptrs, lens, c: float) -> None:
+        """``scale`` of the chunks ``ptrs[j], lens[j]`` (int64 numpy arrays) in one call."""
+        self._scale_many(_CODE[kind], ptrs.ctypes.data, lens.ctypes.data, len(ptrs), c)
 
 
 def _private(d: str) -> bool:
@@ -257,21 +339,24 @@ def _cpu_key() -> str:
     return platform.processor() + platform.machine()
 
 
-def _build() -> Native:
+def compile_source(source: str, name: str = "gradguard_native") -> str:
+    """The path of ``source`` compiled into a shared library in the cache folder (built once
+    per source, compiler and CPU; see the module docstring). RuntimeError without a compiler
+    or on a failed build."""
     cc = os.environ.get("CC", "cc")
     exe = shutil.which(cc)
     if exe is None:
         raise RuntimeError(f"no C compiler ({cc!r} not found)")
     flags = ["-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno"]
-    key = hashlib.sha256("\0".join([SOURCE, exe, " ".join(flags), _cpu_key(), sys.platform,
+    key = hashlib.sha256("\0".join([source, exe, " ".join(flags), _cpu_key(), sys.platform,
                                     platform.machine()]).encode()).hexdigest()[:16]
     suffix = ".dll" if sys.platform == "win32" else (".dylib" if sys.platform == "darwin" else ".so")
     folder = _cache_dir()
-    path = os.path.join(folder, f"gradguard_native_{key}{suffix}")
+    path = os.path.join(folder, f"{name}_{key}{suffix}")
     if not os.path.exists(path):
         fd, src = tempfile.mkstemp(suffix=".c", dir=folder)
         with os.fdopen(fd, "w") as f:
-            f.write(SOURCE)
+            f.write(source)
         tmp = src[:-2] + suffix
         try:
             proc = subprocess.run([exe, *flags, "-o", tmp, src], capture_output=True, text=True,
@@ -283,6 +368,11 @@ def _build() -> Native:
             for p in (src, tmp):
                 if os.path.exists(p):
                     os.remove(p)
+    return path
+
+
+def _build() -> Native:
+    path = compile_source(SOURCE)
     return Native(ctypes.CDLL(path), path)
 
 

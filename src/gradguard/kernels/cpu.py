@@ -308,58 +308,70 @@ def max_abs(grads: list[Tensor]) -> Tensor:
 def scale_(tensors: list[Tensor], coef: Tensor, c: float) -> None:
     """``t *= c`` for CPU tensors, ``c`` the value of ``coef`` (float32, or float64 when
     ``coef`` is): bit for bit what ``torch._foreach_mul_(tensors, coef)`` writes (one IEEE
-    float32/float64 multiply).
+    float32/float64 multiply; bfloat16/float16 multiplied in float32, rounded to nearest even).
 
-    Large float32/float64 tensors are multiplied in ``CHUNK``-element chunks by numpy on the
-    thread pool, handed out one at a time (an OpenMP region waits for its slowest thread:
-    with the other core busy torch's own multiply took 10x longer), in reverse order, so the
-    first chunks scaled are the last ones the norm pass read, still in the last-level cache.
-    Large bfloat16/float16 tensors likewise, by the native kernel (``kernels._native``:
-    widened in registers, multiplied in float32, rounded to nearest even: the bits torch's CPU
-    multiply writes for a float32 factor) when it is built; else with the small tensors.
-    Small tensors and the other dtypes go to one ``torch._foreach_mul_`` (a C++ loop, the same
-    bits): per tensor, numpy's setup costs more than the multiply."""
+    Large tensors are multiplied in ``CHUNK``-element chunks, in reverse order, so the first
+    chunks scaled are the last ones the norm pass read, still in the last-level cache:
+    float32/bfloat16/float16 by the native kernel (``kernels._native``, four streams per chunk)
+    when it is built, float64 (and float32 without it) by numpy. On one thread all native
+    chunks go in one call; on more, chunks are handed to the thread pool one at a time (an
+    OpenMP region waits for its slowest thread: with the other core busy torch's own multiply
+    took 10x longer). Small tensors, the other dtypes, and bfloat16/float16 without the native
+    kernel go to one ``torch._foreach_mul_`` (a C++ loop, the same bits): per tensor, the
+    setup of a call costs more than the multiply."""
     arrays: list = []
     scalars: list = []
-    halves: list[tuple[str, int, int]] = []  # native jobs: (kind, address, elements)
+    jobs: dict[str, list[tuple[int, int]]] = {}  # native: kind -> [(address, elements)]
     rest: list[Tensor] = []
     c32 = np.float32(c)
     c64 = np.float64(c)  # c is float32 (then c64 == c32 exactly) or a float64 factor
     done: list[Tensor] = []
     chunk, small = CHUNK, SMALL
     native = None
-    if any(t.dtype in (torch.bfloat16, torch.float16) and t.numel() > small for t in tensors):
+    if any(t.dtype in _KIND and t.numel() > small for t in tensors):
         native = _native.lib()
     for t in reversed(tensors):
         plain = (t.numel() > small and t.is_contiguous() and not t.is_neg()
                  and not t.requires_grad)
-        if plain and t.dtype in (torch.float32, torch.float64):
+        kind = _KIND.get(t.dtype, "")
+        if plain and native is not None and native.can_scale(kind):
+            done.append(t)
+            base, n, size = t.data_ptr(), t.numel(), t.element_size()
+            todo = jobs.setdefault(kind, [])
+            for start in range(((n - 1) // chunk) * chunk, -1, -chunk):
+                todo.append((base + start * size, min(chunk, n - start)))
+        elif plain and t.dtype in (torch.float32, torch.float64):
             done.append(t)
             a = t.detach().view(-1).numpy()
             sc = c32 if t.dtype == torch.float32 else c64
             for start in range(((a.size - 1) // chunk) * chunk, -1, -chunk):
                 arrays.append(a[start: start + chunk])
                 scalars.append(sc)
-        elif plain and native is not None and native.can_scale(_KIND.get(t.dtype, "")):
-            done.append(t)
-            kind, base, n, size = _KIND[t.dtype], t.data_ptr(), t.numel(), t.element_size()
-            for start in range(((n - 1) // chunk) * chunk, -1, -chunk):
-                halves.append((kind, base + start * size, min(chunk, n - start)))
         else:
             rest.append(t)
-    n_np = len(arrays)
-    c_half = float(c32)  # torch multiplies half dtypes by the factor as a float32
-
-    def work(j: int) -> None:
-        if j < n_np:
-            np.multiply(arrays[j], scalars[j], out=arrays[j])
+    c_native = float(c32)  # float32 factor: torch multiplies half dtypes by it as a float32
+    total = sum(a.size for a in arrays) + sum(n for todo in jobs.values() for _, n in todo)
+    nthreads = _pool.threads() if total >= PARALLEL_MIN else 1
+    with np.errstate(all="ignore"):
+        if nthreads == 1:
+            for kind, todo in jobs.items():
+                ptrs, lens = np.array(todo, dtype=np.int64).reshape(-1, 2).T.copy()
+                native.scale_many(kind, ptrs, lens, c_native)  # type: ignore[union-attr]
+            for a, sc in zip(arrays, scalars):
+                np.multiply(a, sc, out=a)
         else:
-            kind, ptr, n = halves[j - n_np]
-            native.scale(kind, ptr, n, c_half)  # type: ignore[union-attr]
+            flat = [(kind, ptr, n) for kind, todo in jobs.items() for ptr, n in todo]
+            n_np = len(arrays)
 
-    total = sum(a.size for a in arrays) + sum(h[2] for h in halves)
-    _pool.run_indexed(n_np + len(halves), work, _pool.threads() if total >= PARALLEL_MIN else 1,
-                      context=lambda: np.errstate(all="ignore"))
+            def work(j: int) -> None:
+                if j < n_np:
+                    np.multiply(arrays[j], scalars[j], out=arrays[j])
+                else:
+                    kind, ptr, n = flat[j - n_np]
+                    native.scale(kind, ptr, n, c_native)  # type: ignore[union-attr]
+
+            _pool.run_indexed(n_np + len(flat), work, nthreads,
+                              context=lambda: np.errstate(all="ignore"))
     if done:
         # as an in-place torch op would: autograd sees that these tensors changed
         from torch.autograd.graph import increment_version

@@ -102,9 +102,11 @@ def step_row(cells: DeviceCells | HostCells, stats: Any, total: Any, loss: Any, 
     ``(fired, value, baseline)`` of every detector, flattened in detector order.
     """
     coef = cells.value(stats.clip_coef)
+    own_after = getattr(stats, "norm_after", None)  # AGC: finite where total overflowed
+    after = total * coef if own_after is None else cells.value(own_after)
     row = [cells.nan if loss is None else loss,
            cells.first(lr) if isinstance(lr, Tensor) else cells.nan,  # a float lr goes to the host array
-           total, total * coef, coef,  # total_norm_after = total_norm * clip_coef (ClipStats)
+           total, after, coef,  # ClipStats.total_norm_after
            cells.optional(getattr(stats, "threshold", None)),
            cells.value(stats.clipped), cells.value(skipped), cells.value(stats.nonfinite),
            cells.first(loss_scale)]
