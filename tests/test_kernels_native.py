@@ -146,7 +146,8 @@ def test_native_scale_is_bit_identical_to_torch(native, monkeypatch, dtype, thre
     base = torch.cat([values, torch.randn(2 * cpu.CHUNK + 13).to(dtype),
                       torch.tensor([math.inf, -math.inf, 0.0, -0.0, math.nan], dtype=dtype)])
     # lengths that leave every tail of the four-stream loop: n mod 64, n mod 16, n < 64
-    odd = [torch.randn(n).to(dtype) for n in (cpu.SMALL + 1, cpu.SMALL + 63, 4 * 4096 + 17)]
+    odd = [torch.randn(n).to(dtype) for n in (cpu.SMALL + 1, cpu.SMALL + 63, 4 * 4096 + 17,
+                                               1, 7, 100)]
     for c in (0.3719, 1e-5, 0.999999, 7.5e-8, 1e-30, 3.0):
         coef = torch.tensor(c, dtype=torch.float32)
         want = [t.clone() for t in (base, *odd)]

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import operator
 from collections.abc import Mapping
 from typing import Any
 
@@ -51,7 +52,7 @@ import torch
 from torch import Tensor
 
 from . import _apply, _validate
-from ._validate import check_grads
+from ._validate import check_grads, grads_ok
 from .clippers import ClipStats
 from .errors import GradientExplosionError, NonFiniteGradientError, warn
 from .norms import GradNorms, compute_norms
@@ -67,6 +68,7 @@ from .protocols import (
 )
 
 POLICIES = ("skip", "raise", "zero", "propagate")
+_GRAD = operator.attrgetter("grad")
 
 
 class Guard:
@@ -242,19 +244,22 @@ class Guard:
         return scaler if scaler.is_enabled() else None
 
     def _grads(self) -> tuple[list[Tensor], list[Tensor], list[str]]:
-        params, grads, names = [], [], []
-        for n, p in zip(self.names, self.params):
-            if p.grad is not None:
-                params.append(p)
-                grads.append(p.grad)
-                names.append(n)
+        grads = list(map(_GRAD, self.params))
+        if any(g is None for g in grads):  # (``None in grads`` would call Tensor.__eq__)
+            keep = [i for i, g in enumerate(grads) if g is not None]
+            params = [self.params[i] for i in keep]
+            names = [self.names[i] for i in keep]
+            grads = [grads[i] for i in keep]
+        else:
+            params, names = list(self.params), list(self.names)
         if not grads and not self._warned_no_grads:
             self._warned_no_grads = True
             warn(f"Guard step {self.step_count}: none of the {len(self.params)} guarded "
                  f"parameters has a gradient (was loss.backward() called before the step?); "
                  f"the norm is recorded as 0 and the optimizer has nothing to apply. "
                  f"This warning is shown once.", RuntimeWarning)
-        check_grads(grads, names)
+        if grads and not grads_ok(grads):
+            check_grads(grads, names)  # names what is wrong
         return params, grads, names
 
     def _decide(self, loss: Any, *, fold: bool, scaler: bool = False,

@@ -331,7 +331,8 @@ def group_norms(groups: Groups, norm_type: float = 2.0, *, with_max_abs: bool = 
     Per group: on the CPU, p = 2, ``kernels.cpu.l2_norms`` (and ``max |g|`` in the same
     pass); on CUDA with Triton, p in {1, 2, inf}, float16/bfloat16/float32: the Triton
     kernel; otherwise ``torch._foreach_norm`` (``kernels._torch``). ``total`` is the Triton
-    kernel's own (reduced in float64 from its partials) when one group took it, else None
+    kernel's own (reduced in float64 from its partials) or the CPU kernel's (from its
+    float64 sums of squares) when one group took it, else None
     (the caller forms it from ``per_tensor``). Norms are float32, float64 when a gradient is
     float64; ``max_abs`` only when asked for. ``allow_cpu``: the Triton interpreter takes CPU
     tensors (tests), in place of the CPU kernel.
@@ -351,11 +352,12 @@ def group_norms(groups: Groups, norm_type: float = 2.0, *, with_max_abs: bool = 
               and not allow_cpu)
     per: list[Tensor] = []
     maxes: list[Tensor | None] = []
+    total: Tensor | None = None
     for i, (dtype, group) in enumerate(zip(groups.dtypes, groups.members)):
         norms: Tensor | list[Tensor] | None = None
         mx: Tensor | None = None
         if cpu_l2 and dtype in _cpu.DTYPES:
-            norms, mx = _cpu.l2_norms(group, with_max_abs)
+            norms, mx, total = _cpu.l2_norms_total(group, with_max_abs)
         elif groups.device.type == "cuda" or allow_cpu:
             res = _group_triton_norms(groups, i, norm_type, allow_cpu)
             norms = None if res is None else res[0]
@@ -368,7 +370,8 @@ def group_norms(groups: Groups, norm_type: float = 2.0, *, with_max_abs: bool = 
         per.append(norms)
         maxes.append(mx)
     if groups.single:
-        return per[0], None, maxes[0]
+        # the CPU kernel's total comes from its float64 sums of squares (None: float64)
+        return per[0], total if cpu_l2 else None, maxes[0]
     # float64 if any gradient is float64 (torch's total is then float64 too), else float32
     out_dtype = torch.float64 if torch.float64 in groups.dtypes else torch.float32
     return (_scatter(per, groups, out_dtype), None,

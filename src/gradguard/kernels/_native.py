@@ -52,6 +52,7 @@ _CODE = {F32: 0, BF16: 1, F16: 2}
 SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
 #if defined(__F16C__)
 #include <immintrin.h>
 #endif
@@ -173,6 +174,31 @@ void gg_sumsq_many(int kind, const int64_t* ptrs, const int64_t* lens, int64_t k
   }
 }
 
+/* A whole norm pass from a chunk table (kernels.cpu._Plan): chunk j of tensor t = tensor_of[j]
+   is lens[j] elements at bases[t] + start[j] bytes. sq[j] its sum of squares (m[j] its max
+   |x| when m is not NULL); norms[t] = sqrt(sum of its chunks' sq) in float32, total[0] the
+   float32 sqrt of all of them (added in float64). Returns how many chunks are suspect (a sum
+   that is inf, or below lens[j] * tiny: the caller recomputes those and the results). */
+int64_t gg_norms_plan(int kind, const int64_t* bases, const int64_t* tensor_of, const int64_t* start,
+                      const int64_t* lens, int64_t k, int64_t n_t, double tiny, double* sq,
+                      float* m, float* norms, float* total) {
+  int64_t bad = 0; double all = 0.0, acc = 0.0; int64_t cur = -1;
+  for (int64_t t = 0; t < n_t; t++) norms[t] = 0.0f;
+  for (int64_t j = 0; j < k; j++) {
+    int64_t t = tensor_of[j];
+    int64_t p = bases[t] + start[j];
+    int64_t jp[1] = {p}, jl[1] = {lens[j]};
+    gg_sumsq_many(kind, jp, jl, 1, sq + j, m ? m + j : 0);
+    if (!(sq[j] < INFINITY) && sq[j] == sq[j]) bad++;
+    else if (sq[j] < (double)lens[j] * tiny) bad++;
+    if (t != cur) { if (cur >= 0) { norms[cur] = (float)sqrt(acc); all += acc; } cur = t; acc = 0.0; }
+    acc += sq[j];
+  }
+  if (cur >= 0) { norms[cur] = (float)sqrt(acc); all += acc; }
+  total[0] = (float)sqrt(all);
+  return bad;
+}
+
 /* x <- x * c, W elements at p (V) or one (S), then the four-stream loop over a chunk */
 static inline void v_scale_f32(float* p, float c) { vf v; memcpy(&v, p, 32); v *= c; memcpy(p, &v, 32); }
 static inline void s_scale_f32(float* p, float c) { *p *= c; }
@@ -220,6 +246,18 @@ int gg_has_scale_f16(void) { return 0; }
 void gg_scale_f16(uint16_t* x, int64_t n, float c) { (void)x; (void)n; (void)c; }
 #endif
 
+/* gg_scale_<kind> over a chunk table (as gg_norms_plan's), the last chunk first: those are the
+   ones the norm pass read last, still in the cache */
+void gg_scale_plan(int kind, const int64_t* bases, const int64_t* tensor_of, const int64_t* start,
+                   const int64_t* lens, int64_t k, float c) {
+  for (int64_t j = k - 1; j >= 0; j--) {
+    void* p = (void*)(intptr_t)(bases[tensor_of[j]] + start[j]);
+    if (kind == 0) gg_scale_f32(p, lens[j], c);
+    else if (kind == 1) gg_scale_bf16(p, lens[j], c);
+    else gg_scale_f16(p, lens[j], c);
+  }
+}
+
 /* gg_scale_<kind> over chunks j < k (kind as in gg_sumsq_many): one call for many chunks */
 void gg_scale_many(int kind, const int64_t* ptrs, const int64_t* lens, int64_t k, float c) {
   for (int64_t j = 0; j < k; j++) {
@@ -256,6 +294,14 @@ class Native:
         self._many.restype = None
         self._many.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                ctypes.c_void_p, ctypes.c_void_p]
+        self._norms_plan = cdll.gg_norms_plan
+        self._norms_plan.restype = ctypes.c_int64
+        self._norms_plan.argtypes = [ctypes.c_int, *([ctypes.c_void_p] * 4), ctypes.c_int64,
+                                     ctypes.c_int64, ctypes.c_double, *([ctypes.c_void_p] * 4)]
+        self._scale_plan = cdll.gg_scale_plan
+        self._scale_plan.restype = None
+        self._scale_plan.argtypes = [ctypes.c_int, *([ctypes.c_void_p] * 4), ctypes.c_int64,
+                                     ctypes.c_float]
         self._scale_many = cdll.gg_scale_many
         self._scale_many.restype = None
         self._scale_many.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
@@ -283,6 +329,20 @@ class Native:
         float64 (float32) numpy arrays, contiguous, written in place."""
         self._many(_CODE[kind], ptrs.ctypes.data, lens.ctypes.data, len(ptrs), sums.ctypes.data,
                    None if maxes is None else maxes.ctypes.data)
+
+    def norms_plan(self, kind: str, bases, tensor_of, start, lens, tiny: float, sq, maxes,
+                   norms, total) -> int:
+        """``gg_norms_plan``: a whole norm pass over a chunk table on this thread (numpy
+        arrays, written in place); returns the number of suspect chunks."""
+        return self._norms_plan(_CODE[kind], bases.ctypes.data, tensor_of.ctypes.data,
+                                start.ctypes.data, lens.ctypes.data, len(lens), len(norms), tiny,
+                                sq.ctypes.data, None if maxes is None else maxes.ctypes.data,
+                                norms.ctypes.data, total.ctypes.data)
+
+    def scale_plan(self, kind: str, bases, tensor_of, start, lens, c: float) -> None:
+        """``gg_scale_plan``: ``x <- x * c`` over a chunk table, last chunk first."""
+        self._scale_plan(_CODE[kind], bases.ctypes.data, tensor_of.ctypes.data,
+                         start.ctypes.data, lens.ctypes.data, len(lens), c)
 
     def can_scale(self, kind: str) -> bool:
         return kind in self._scale

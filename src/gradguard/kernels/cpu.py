@@ -37,6 +37,7 @@ inf) is normed again whole, max-normalised, so its norm is finite when it fits f
 
 from __future__ import annotations
 
+import operator
 import threading
 
 import numpy as np
@@ -74,6 +75,9 @@ def _numpy(flat: Tensor) -> np.ndarray:
         return flat.view(torch.int16).numpy().view(np.uint16)
     return flat.numpy()
 
+
+_DTYPE = operator.attrgetter("dtype")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 _local = threading.local()  # per thread: float32 / uint32 buffers the widening writes into
 _BLOCK = 1 << 15  # torch's copy runs on the calling thread (no OpenMP team) below its grain
@@ -160,7 +164,20 @@ def l2_norms(grads: list[Tensor], with_max_abs: bool = False) -> tuple[Tensor, T
     Returns float64 tensors for float64 gradients, float32 otherwise; see the module
     docstring for the math. The norms do not depend on ``with_max_abs``, bit for bit.
     """
+    norms, max_abs, _ = l2_norms_total(grads, with_max_abs)
+    return norms, max_abs
+
+
+def l2_norms_total(grads: list[Tensor], with_max_abs: bool = False
+                   ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``l2_norms`` and the total norm ``sqrt(sum_i ||g_i||**2)`` taken from the float64 sums
+    of squares (0-d, float32), or None for float64 gradients (their sums may overflow: the
+    caller forms the total from the per-tensor norms, max-rescaled)."""
     dtype = grads[0].dtype
+    kind = _KIND.get(dtype)
+    native = _native.lib() if kind is not None else None
+    if native is not None:
+        return _native_norms(native, kind, grads, with_max_abs)  # type: ignore[arg-type]
     tiny = TINY[torch.float64 if dtype == torch.float64 else torch.float32]
     out_np = np.float64 if dtype == torch.float64 else np.float32
     n_t = len(grads)
@@ -171,14 +188,10 @@ def l2_norms(grads: list[Tensor], with_max_abs: bool = False) -> tuple[Tensor, T
     tiny_nz = np.zeros(n_t, dtype=bool)
     small = np.flatnonzero((numel > 0) & (numel <= SMALL))
     big = np.flatnonzero(numel > SMALL)
-    kind = _KIND.get(dtype)
-    native = _native.lib() if kind is not None and len(big) else None
     with _quiet():
         if len(small):
             _small(grads, small, numel[small], sums, mx, tiny, tiny_nz)
-        if native is not None:
-            _large_native(native, kind, grads, big, numel, sums, mx, tiny)  # type: ignore[arg-type]
-        elif len(big):
+        if len(big):
             arrays: list[np.ndarray] = []
             owner: list[int] = []
             for i in big.tolist():
@@ -189,6 +202,7 @@ def l2_norms(grads: list[Tensor], with_max_abs: bool = False) -> tuple[Tensor, T
             _large(arrays, owner, sums, mx, tiny, tiny_nz)
     with np.errstate(over="ignore"):  # beyond float32's range: inf, silently (as torch)
         norms = np.sqrt(sums).astype(out_np)
+        total = None if dtype == torch.float64 else torch.tensor(np.sqrt(sums.sum()), dtype=torch.float32)
     if dtype == torch.float64:
         # a float64 norm above ~1.3e154 (below ~1e-146) overflows (underflows) its sum of
         # squares: such a tensor (rare) is normed whole, max-normalised: ||g|| = m ||g / m||
@@ -198,7 +212,7 @@ def l2_norms(grads: list[Tensor], with_max_abs: bool = False) -> tuple[Tensor, T
             if bool(torch.isfinite(m)) and bool(m > 0):
                 norms[i] = float(torch.linalg.vector_norm(g / m) * m)
     max_abs = None if mx is None else torch.from_numpy(mx.astype(out_np))
-    return torch.from_numpy(norms), max_abs
+    return torch.from_numpy(norms), max_abs, total
 
 
 def _large(arrays: list[np.ndarray], owner: list[int], sums: np.ndarray,
@@ -230,35 +244,64 @@ def _large(arrays: list[np.ndarray], owner: list[int], sums: np.ndarray,
             np.maximum.at(mx, own, ext.max(axis=1) + 0.0)  # propagates NaN; -0.0 -> 0.0
 
 
-def _large_native(native: _native.Native, kind: str, grads: list[Tensor], big: np.ndarray,
-                  numel: np.ndarray, sums: np.ndarray, mx: np.ndarray | None,
-                  tiny: float) -> None:
-    """Sums of squares (and max |g|) of the tensors ``grads[i], i in big`` by the native
-    kernel: one pass per ``CHUNK``-element chunk, widened in registers; all chunks in one
-    call on one thread (a small model), else chunk by chunk on the thread pool."""
-    flats = []
-    for i in big.tolist():
-        g = grads[i]
-        if not g.is_contiguous() or g.is_neg():
-            # (reshape may keep a strided view; the kernel reads the chunks flat)
-            g = g.detach().reshape(-1).resolve_neg().contiguous()
-        flats.append(g)
-    size = flats[0].element_size()
-    bases = np.fromiter(map(Tensor.data_ptr, flats), dtype=np.int64, count=len(flats))
-    n_big = numel[big]
-    counts = (n_big + CHUNK - 1) // CHUNK
-    first = np.cumsum(counts) - counts  # each tensor's first chunk
-    tensor_of = np.repeat(np.arange(len(big)), counts)
-    starts = (np.arange(int(counts.sum()), dtype=np.int64) - first[tensor_of]) * CHUNK
-    lens = np.minimum(n_big[tensor_of] - starts, CHUNK)
-    ptrs = bases[tensor_of] + starts * size
-    k = len(ptrs)
+class _Plan:
+    """The native pass's chunk table for one list of tensor sizes (cached: a training loop's
+    gradients keep their sizes): every non-empty tensor is one chunk, a large one is cut into
+    ``CHUNK``-element chunks; ``tensor_of[j]``, ``start[j]`` (bytes), ``lens[j]`` of chunk j,
+    and ``first``, the first chunk of each non-empty tensor (``nonempty``)."""
+
+    def __init__(self, sizes: tuple[int, ...], itemsize: int):
+        numel = np.array(sizes, dtype=np.int64)
+        counts = (numel + CHUNK - 1) // CHUNK
+        first = np.cumsum(counts) - counts
+        self.tensor_of = np.repeat(np.arange(len(numel)), counts)
+        starts = (np.arange(int(counts.sum()), dtype=np.int64) - first[self.tensor_of]) * CHUNK
+        self.lens = np.minimum(numel[self.tensor_of] - starts, CHUNK)
+        self.start_bytes = starts * itemsize
+        self.nonempty = np.flatnonzero(counts > 0)
+        self.first = first[self.nonempty]
+        self.elements = int(numel.sum())
+
+
+_PLANS: dict[tuple, _Plan] = {}
+_PLANS_MAX = 16
+
+
+def _plan(sizes: tuple[int, ...], itemsize: int) -> _Plan:
+    key = (sizes, itemsize)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        plan = _PLANS[key] = _Plan(sizes, itemsize)
+    return plan
+
+
+def _native_norms(native: _native.Native, kind: str, grads: list[Tensor],
+                  with_max_abs: bool) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``l2_norms_total`` by the native kernel: one pass per chunk, widened in registers;
+    on one thread the whole pass (chunk sums, per-tensor norms, total) is one C call (a small
+    model: each numpy or torch call after a backward pass costs a cold cache), else chunk by
+    chunk on the thread pool. A sign bit (``is_neg``) changes no square nor magnitude: such
+    views are read as they lie; a non-contiguous gradient is read from a contiguous copy."""
+    if not all(map(Tensor.is_contiguous, grads)):
+        # (a strided view: the kernel reads each tensor flat)
+        grads = [g if g.is_contiguous() else g.detach().contiguous() for g in grads]
+    plan = _plan(tuple(map(Tensor.numel, grads)), grads[0].element_size())
+    n_t = len(grads)
+    bases = np.fromiter(map(Tensor.data_ptr, grads), dtype=np.int64, count=n_t)
+    lens = plan.lens
+    k = len(lens)
     sq = np.empty(k, dtype=np.float64)
-    ext = np.empty(k, dtype=np.float32) if mx is not None else None
-    nthreads = _pool.threads() if int(n_big.sum()) >= PARALLEL_MIN else 1
-    if nthreads == 1 or k == 1:
-        native.sumsq_many(kind, ptrs, lens, sq, ext)
+    ext = np.empty(k, dtype=np.float32) if with_max_abs else None
+    norms = np.zeros(n_t, dtype=np.float32)
+    total = np.zeros((), dtype=np.float32)
+    tiny = TINY[torch.float32]
+    if plan.elements < PARALLEL_MIN or _pool.threads() == 1 or k == 1:
+        bad = native.norms_plan(kind, bases, plan.tensor_of, plan.start_bytes, lens, tiny, sq,
+                                ext, norms, total)
     else:
+        ptrs = bases[plan.tensor_of] + plan.start_bytes
         plist, nlist = ptrs.tolist(), lens.tolist()
 
         def work(j: int) -> None:
@@ -267,20 +310,30 @@ def _large_native(native: _native.Native, kind: str, grads: list[Tensor], big: n
             else:
                 sq[j], ext[j] = native.sumsq_max(kind, plist[j], nlist[j])
 
-        _pool.run_indexed(k, work, nthreads)
-    # NaN compares False both ways: left alone; inf or tiny (zeros excepted): exact (rare)
-    suspect = (sq == np.inf) | (sq < lens * tiny)
-    for j in np.flatnonzero(suspect).tolist():
-        start = int(starts[j])
-        a = _numpy(flats[int(tensor_of[j])].detach().reshape(-1))[start: start + int(lens[j])]
-        if sq[j] == 0.0 and (ext[j] == 0.0 if ext is not None else not a.any()):
-            continue  # exact zeros (max |g| = 0) need no recompute
-        sq[j] = _exact_sumsq(_widen(a))
-    own = big[tensor_of]
-    sums += np.bincount(own, weights=sq, minlength=len(sums))
-    if mx is not None:
-        with np.errstate(invalid="ignore"):
-            np.maximum.at(mx, own, ext.astype(np.float64))  # type: ignore[union-attr]
+        _pool.run_indexed(k, work, _pool.threads())
+        bad = -1  # the sums are formed below
+    if bad:
+        with _quiet():
+            # NaN compares False both ways: left alone; inf or tiny (zeros excepted): exact
+            for j in np.flatnonzero((sq == np.inf) | (sq < lens * tiny)).tolist():
+                start = int(plan.start_bytes[j]) // grads[0].element_size()
+                g = grads[int(plan.tensor_of[j])]
+                a = _numpy(g.detach().reshape(-1).resolve_neg())[start: start + int(lens[j])]
+                if sq[j] == 0.0 and (ext[j] == 0.0 if ext is not None else not a.any()):
+                    continue  # exact zeros (max |g| = 0) need no recompute
+                sq[j] = _exact_sumsq(_widen(a))
+            sums = np.zeros(n_t, dtype=np.float64)
+            if k:
+                sums[plan.nonempty] = np.add.reduceat(sq, plan.first)
+            norms = np.sqrt(sums).astype(np.float32)  # beyond float32's range: inf (as torch)
+            total = np.array(np.sqrt(sums.sum()), dtype=np.float32)
+    max_abs = None
+    if ext is not None:
+        mx = np.zeros(n_t, dtype=np.float32)
+        if k:
+            mx[plan.nonempty] = np.maximum.reduceat(ext, plan.first)  # NaN propagates
+        max_abs = torch.from_numpy(mx)
+    return torch.from_numpy(norms), max_abs, torch.from_numpy(total)
 
 
 def max_abs(grads: list[Tensor]) -> Tensor:
@@ -319,6 +372,8 @@ def scale_(tensors: list[Tensor], coef: Tensor, c: float) -> None:
     took 10x longer). Small tensors, the other dtypes, and bfloat16/float16 without the native
     kernel go to one ``torch._foreach_mul_`` (a C++ loop, the same bits): per tensor, the
     setup of a call costs more than the multiply."""
+    if _native_scale_all(tensors, c):
+        return
     arrays: list = []
     scalars: list = []
     jobs: dict[str, list[tuple[int, int]]] = {}  # native: kind -> [(address, elements)]
@@ -378,3 +433,31 @@ def scale_(tensors: list[Tensor], coef: Tensor, c: float) -> None:
         increment_version(done)
     if rest:
         torch._foreach_mul_(rest[::-1], coef)
+
+
+def _native_scale_all(tensors: list[Tensor], c: float) -> bool:
+    """The common case of ``scale_`` in one go: every tensor of one native dtype, contiguous,
+    no sign-bit view, no autograd history; all of them (small ones too) scaled by the
+    native kernel from the cached chunk table, last chunk first. False (nothing done) else."""
+    kind = _KIND.get(tensors[0].dtype)
+    if kind is None or len(set(map(_DTYPE, tensors))) != 1:
+        return False
+    native = _native.lib()
+    if (native is None or not native.can_scale(kind) or not all(map(Tensor.is_contiguous, tensors))
+            or any(map(Tensor.is_neg, tensors)) or any(map(_REQUIRES_GRAD, tensors))):
+        return False
+    plan = _plan(tuple(map(Tensor.numel, tensors)), tensors[0].element_size())
+    bases = np.fromiter(map(Tensor.data_ptr, tensors), dtype=np.int64, count=len(tensors))
+    c32 = float(np.float32(c))  # torch multiplies float32 and half dtypes by a float32 factor
+    if plan.elements < PARALLEL_MIN or _pool.threads() == 1:
+        native.scale_plan(kind, bases, plan.tensor_of, plan.start_bytes, plan.lens, c32)
+    else:
+        ptrs = (bases[plan.tensor_of] + plan.start_bytes)[::-1].copy()
+        lens = plan.lens[::-1].copy()
+        plist, nlist = ptrs.tolist(), lens.tolist()
+        _pool.run_indexed(len(plist), lambda j: native.scale(kind, plist[j], nlist[j], c32),
+                          _pool.threads())
+    # as an in-place torch op would: autograd sees that these tensors changed
+    from torch.autograd.graph import increment_version
+    increment_version(tensors)
+    return True
