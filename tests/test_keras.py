@@ -462,8 +462,16 @@ def test_monitored_resume_after_load_model_continues_the_run(tmp_path):
 
     a, b = gg.load_run(mon2._writer.path), gg.load_run(full_mon._writer.path)
     assert list(a.steps.step) == list(range(1, 17)) == list(b.steps.step)
-    np.testing.assert_array_equal(a.steps.total_norm.to_numpy(), b.steps.total_norm.to_numpy())
-    np.testing.assert_array_equal(a.steps.clip_coef.to_numpy(), b.steps.clip_coef.to_numpy())
+    # the first epoch is the same computation: bit for bit
+    np.testing.assert_array_equal(a.steps.total_norm.to_numpy()[:8], b.steps.total_norm.to_numpy()[:8])
+    np.testing.assert_array_equal(a.steps.clip_coef.to_numpy()[:8], b.steps.clip_coef.to_numpy()[:8])
+    # after load_model TensorFlow recompiles the train step; inside a long pytest process
+    # (after the torch tests) its gradients came out 1 ulp apart once in 16 steps (seen
+    # 2026-12-02, not alone): the resumed state is checked to float32 rounding
+    np.testing.assert_allclose(a.steps.total_norm.to_numpy(), b.steps.total_norm.to_numpy(),
+                               rtol=4e-7, atol=0)
+    np.testing.assert_allclose(a.steps.clip_coef.to_numpy(), b.steps.clip_coef.to_numpy(),
+                               rtol=4e-7, atol=0)
     assert sorted(set(a.layers.step)) == list(range(2, 17, 2)) == sorted(set(b.layers.step))
     assert len(a.layers) == len(b.layers)
 
