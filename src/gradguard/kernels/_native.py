@@ -174,11 +174,23 @@ void gg_sumsq_many(int kind, const int64_t* ptrs, const int64_t* lens, int64_t k
   }
 }
 
+/* sum x**2 in float64, element by element: exact squares (a float32 square fits float64's
+   range and mantissa), for the chunks whose float32 sum overflowed or may have lost
+   underflowed squares */
+static double exact_sumsq(int kind, const void* p, int64_t n) {
+  double s = 0.0;
+  if (kind == 0) { const float* x = p; for (int64_t i = 0; i < n; i++) { double v = x[i]; s += v * v; } }
+  else if (kind == 1) { const uint16_t* x = p; for (int64_t i = 0; i < n; i++) { double v = s_bf(x[i]); s += v * v; } }
+  else { const uint16_t* x = p; for (int64_t i = 0; i < n; i++) { double v = s_h(x[i]); s += v * v; } }
+  return s;
+}
+
 /* A whole norm pass from a chunk table (kernels.cpu._Plan): chunk j of tensor t = tensor_of[j]
    is lens[j] elements at bases[t] + start[j] bytes. sq[j] its sum of squares (m[j] its max
    |x| when m is not NULL); norms[t] = sqrt(sum of its chunks' sq) in float32, total[0] the
-   float32 sqrt of all of them (added in float64). Returns how many chunks are suspect (a sum
-   that is inf, or below lens[j] * tiny: the caller recomputes those and the results). */
+   float32 sqrt of all of them (added in float64). A chunk whose float32 sum is inf (not NaN)
+   or below lens[j] * tiny (exact zeros included) is summed again exactly in float64 here.
+   Returns how many were. */
 int64_t gg_norms_plan(int kind, const int64_t* bases, const int64_t* tensor_of, const int64_t* start,
                       const int64_t* lens, int64_t k, int64_t n_t, double tiny, double* sq,
                       float* m, float* norms, float* total) {
@@ -189,8 +201,10 @@ int64_t gg_norms_plan(int kind, const int64_t* bases, const int64_t* tensor_of, 
     int64_t p = bases[t] + start[j];
     int64_t jp[1] = {p}, jl[1] = {lens[j]};
     gg_sumsq_many(kind, jp, jl, 1, sq + j, m ? m + j : 0);
-    if (!(sq[j] < INFINITY) && sq[j] == sq[j]) bad++;
-    else if (sq[j] < (double)lens[j] * tiny) bad++;
+    if ((!(sq[j] < INFINITY) && sq[j] == sq[j]) || sq[j] < (double)lens[j] * tiny) {
+      sq[j] = exact_sumsq(kind, (const void*)(intptr_t)p, lens[j]);
+      bad++;
+    }
     if (t != cur) { if (cur >= 0) { norms[cur] = (float)sqrt(acc); all += acc; } cur = t; acc = 0.0; }
     acc += sq[j];
   }

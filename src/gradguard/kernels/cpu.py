@@ -268,7 +268,7 @@ _PLANS_MAX = 16
 
 
 def _plan(sizes: tuple[int, ...], itemsize: int) -> _Plan:
-    key = (sizes, itemsize)
+    key = (sizes, itemsize, CHUNK)
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= _PLANS_MAX:
@@ -298,8 +298,10 @@ def _native_norms(native: _native.Native, kind: str, grads: list[Tensor],
     total = np.zeros((), dtype=np.float32)
     tiny = TINY[torch.float32]
     if plan.elements < PARALLEL_MIN or _pool.threads() == 1 or k == 1:
-        bad = native.norms_plan(kind, bases, plan.tensor_of, plan.start_bytes, lens, tiny, sq,
-                                ext, norms, total)
+        # (suspect chunks are summed again exactly inside: nothing left to do here)
+        native.norms_plan(kind, bases, plan.tensor_of, plan.start_bytes, lens, tiny, sq, ext,
+                          norms, total)
+        bad = 0
     else:
         ptrs = bases[plan.tensor_of] + plan.start_bytes
         plist, nlist = ptrs.tolist(), lens.tolist()
@@ -311,7 +313,7 @@ def _native_norms(native: _native.Native, kind: str, grads: list[Tensor],
                 sq[j], ext[j] = native.sumsq_max(kind, plist[j], nlist[j])
 
         _pool.run_indexed(k, work, _pool.threads())
-        bad = -1  # the sums are formed below
+        bad = 1  # the suspects are recomputed and the sums formed below
     if bad:
         with _quiet():
             # NaN compares False both ways: left alone; inf or tiny (zeros excepted): exact
