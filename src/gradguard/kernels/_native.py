@@ -15,9 +15,14 @@ vectors); each reads a chunk as its four quarters at once:
     never adds more than 32 terms per lane); the last ``n mod 2048`` elements in one stream.
     ``sumsq_max`` also returns ``max |x|``, taken on the magnitude bits as integers: the same
     order as the floats, and NaN (whose bits are above inf's) propagates.
-``sumsq_many(kind, ptrs, lens, sums, maxes)``
-    the same for many chunks in one call (a small model's tensors on one thread).
-``scale(kind, ptr, n, c)`` / ``scale_many(kind, ptrs, lens, c)``
+``sumsq_checked(kind, ptr, n, tiny)``
+    ``sumsq`` of one chunk, summed again exactly in float64 when the float32 sum is inf or
+    below ``n * tiny`` (underflowed squares could matter; exact zeros included).
+``norms_plan(kind, bases, tensor_of, start, lens, tiny, sq, maxes, norms, total)``
+    a whole norm pass over a chunk table (``kernels.cpu._Plan``) in one call: every chunk's
+    checked sum, the per-tensor float32 norms and the total from the float64 sums (a small
+    model on one thread: each Python-level call after a backward pass costs a cold cache).
+``scale(kind, ptr, n, c)`` / ``scale_plan(kind, bases, tensor_of, start, lens, c)``
     ``x <- x * c``: float32 one IEEE multiply; bfloat16 / float16 a float32 multiply,
     rounded to nearest even: the bits ``torch.mul_`` writes on the CPU for a float32 factor
     (float16 only with F16C).
@@ -159,21 +164,6 @@ SUMSQ(gg_sumsqmax_f32, onemax_f32, float, LD2_F32, 1)
 SUMSQ(gg_sumsqmax_bf16, onemax_bf16, uint16_t, LD2_BF16, 1)
 SUMSQ(gg_sumsqmax_f16, onemax_f16, uint16_t, LD2_F16, 1)
 
-/* chunks j < k: s[j] = sum of squares of lens[j] elements at ptrs[j] (and m[j] = max |x|
-   when m is not NULL); kind 0 float32, 1 bfloat16, 2 float16. One call for many chunks. */
-void gg_sumsq_many(int kind, const int64_t* ptrs, const int64_t* lens, int64_t k, double* s, float* m) {
-  for (int64_t j = 0; j < k; j++) {
-    const void* p = (const void*)(intptr_t)ptrs[j];
-    if (m) {
-      s[j] = kind == 0 ? gg_sumsqmax_f32(p, lens[j], m + j)
-           : kind == 1 ? gg_sumsqmax_bf16(p, lens[j], m + j) : gg_sumsqmax_f16(p, lens[j], m + j);
-    } else {
-      s[j] = kind == 0 ? gg_sumsq_f32(p, lens[j], 0)
-           : kind == 1 ? gg_sumsq_bf16(p, lens[j], 0) : gg_sumsq_f16(p, lens[j], 0);
-    }
-  }
-}
-
 /* sum x**2 in float64, element by element: exact squares (a float32 square fits float64's
    range and mantissa), for the chunks whose float32 sum overflowed or may have lost
    underflowed squares */
@@ -185,26 +175,37 @@ static double exact_sumsq(int kind, const void* p, int64_t n) {
   return s;
 }
 
+/* One chunk of n elements at p: its sum of squares (and *m = max |x| when m is not NULL).
+   A float32 sum that is inf (not NaN) or below n * tiny (exact zeros included: underflowed
+   squares could matter) is summed again exactly in float64 (*again = 1). */
+static double chunk_sumsq(int kind, const void* p, int64_t n, double tiny, float* m, int* again) {
+  double s = m ? (kind == 0 ? gg_sumsqmax_f32(p, n, m) : kind == 1 ? gg_sumsqmax_bf16(p, n, m)
+                  : gg_sumsqmax_f16(p, n, m))
+               : (kind == 0 ? gg_sumsq_f32(p, n, 0) : kind == 1 ? gg_sumsq_bf16(p, n, 0)
+                  : gg_sumsq_f16(p, n, 0));
+  *again = (s == INFINITY) || s < (double)n * tiny;
+  return *again ? exact_sumsq(kind, p, n) : s;
+}
+
+/* chunk_sumsq for one chunk (the thread pool's unit of work) */
+double gg_sumsq_checked(int kind, const void* p, int64_t n, double tiny, float* m) {
+  int again; return chunk_sumsq(kind, p, n, tiny, m, &again);
+}
+
 /* A whole norm pass from a chunk table (kernels.cpu._Plan): chunk j of tensor t = tensor_of[j]
-   is lens[j] elements at bases[t] + start[j] bytes. sq[j] its sum of squares (m[j] its max
-   |x| when m is not NULL); norms[t] = sqrt(sum of its chunks' sq) in float32, total[0] the
-   float32 sqrt of all of them (added in float64). A chunk whose float32 sum is inf (not NaN)
-   or below lens[j] * tiny (exact zeros included) is summed again exactly in float64 here.
-   Returns how many were. */
+   is lens[j] elements at bases[t] + start[j] bytes. sq[j] its chunk_sumsq (m[j] its max |x|
+   when m is not NULL); norms[t] = sqrt(sum of its chunks' sq) in float32, total[0] the
+   float32 sqrt of all of them (added in float64). Returns how many chunks were summed again. */
 int64_t gg_norms_plan(int kind, const int64_t* bases, const int64_t* tensor_of, const int64_t* start,
                       const int64_t* lens, int64_t k, int64_t n_t, double tiny, double* sq,
                       float* m, float* norms, float* total) {
-  int64_t bad = 0; double all = 0.0, acc = 0.0; int64_t cur = -1;
+  int64_t bad = 0; double all = 0.0, acc = 0.0; int64_t cur = -1; int again;
   for (int64_t t = 0; t < n_t; t++) norms[t] = 0.0f;
   for (int64_t j = 0; j < k; j++) {
     int64_t t = tensor_of[j];
-    int64_t p = bases[t] + start[j];
-    int64_t jp[1] = {p}, jl[1] = {lens[j]};
-    gg_sumsq_many(kind, jp, jl, 1, sq + j, m ? m + j : 0);
-    if ((!(sq[j] < INFINITY) && sq[j] == sq[j]) || sq[j] < (double)lens[j] * tiny) {
-      sq[j] = exact_sumsq(kind, (const void*)(intptr_t)p, lens[j]);
-      bad++;
-    }
+    const void* p = (const void*)(intptr_t)(bases[t] + start[j]);
+    sq[j] = chunk_sumsq(kind, p, lens[j], tiny, m ? m + j : 0, &again);
+    bad += again;
     if (t != cur) { if (cur >= 0) { norms[cur] = (float)sqrt(acc); all += acc; } cur = t; acc = 0.0; }
     acc += sq[j];
   }
@@ -271,16 +272,6 @@ void gg_scale_plan(int kind, const int64_t* bases, const int64_t* tensor_of, con
     else gg_scale_f16(p, lens[j], c);
   }
 }
-
-/* gg_scale_<kind> over chunks j < k (kind as in gg_sumsq_many): one call for many chunks */
-void gg_scale_many(int kind, const int64_t* ptrs, const int64_t* lens, int64_t k, float c) {
-  for (int64_t j = 0; j < k; j++) {
-    void* p = (void*)(intptr_t)ptrs[j];
-    if (kind == 0) gg_scale_f32(p, lens[j], c);
-    else if (kind == 1) gg_scale_bf16(p, lens[j], c);
-    else gg_scale_f16(p, lens[j], c);
-  }
-}
 """
 
 _lock = threading.Lock()
@@ -289,8 +280,8 @@ _error: str | None = None
 
 
 class Native:
-    """The loaded kernels: ``sumsq``, ``sumsq_max``, ``sumsq_many``, ``scale``, ``scale_many``
-    (see the module docstring)."""
+    """The loaded kernels: ``sumsq``, ``sumsq_max``, ``sumsq_checked``, ``norms_plan``,
+    ``scale``, ``scale_plan`` (see the module docstring)."""
 
     def __init__(self, cdll: ctypes.CDLL, path: str):
         self.path = path
@@ -304,10 +295,10 @@ class Native:
             f = getattr(cdll, f"gg_sumsqmax_{kind}")
             f.restype, f.argtypes = ctypes.c_double, [ctypes.c_void_p, ctypes.c_int64, f32p]
             self._sumsq_max[kind] = f
-        self._many = cdll.gg_sumsq_many
-        self._many.restype = None
-        self._many.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                               ctypes.c_void_p, ctypes.c_void_p]
+        self._checked = cdll.gg_sumsq_checked
+        self._checked.restype = ctypes.c_double
+        self._checked.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_double,
+                                  f32p]
         self._norms_plan = cdll.gg_norms_plan
         self._norms_plan.restype = ctypes.c_int64
         self._norms_plan.argtypes = [ctypes.c_int, *([ctypes.c_void_p] * 4), ctypes.c_int64,
@@ -316,10 +307,6 @@ class Native:
         self._scale_plan.restype = None
         self._scale_plan.argtypes = [ctypes.c_int, *([ctypes.c_void_p] * 4), ctypes.c_int64,
                                      ctypes.c_float]
-        self._scale_many = cdll.gg_scale_many
-        self._scale_many.restype = None
-        self._scale_many.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                     ctypes.c_int64, ctypes.c_float]
         self._scale = {}
         for kind in (F32, BF16, F16):
             f = getattr(cdll, f"gg_scale_{kind}")
@@ -338,11 +325,13 @@ class Native:
         s = self._sumsq_max[kind](ptr, n, ctypes.byref(m))
         return s, m.value
 
-    def sumsq_many(self, kind: str, ptrs, lens, sums, maxes=None) -> None:
-        """``sums[j]`` (and ``maxes[j]``) of the chunks ``ptrs[j], lens[j]`` in one call: int64,
-        float64 (float32) numpy arrays, contiguous, written in place."""
-        self._many(_CODE[kind], ptrs.ctypes.data, lens.ctypes.data, len(ptrs), sums.ctypes.data,
-                   None if maxes is None else maxes.ctypes.data)
+    def sumsq_checked(self, kind: str, ptr: int, n: int, tiny: float,
+                      with_max: bool = False) -> tuple[float, float]:
+        """One chunk's sum of squares, summed again exactly in float64 when the float32 sum
+        is inf or below ``n * tiny`` (the norm pass's unit); and its max |x| (else 0)."""
+        m = ctypes.c_float()
+        s = self._checked(_CODE[kind], ptr, n, tiny, ctypes.byref(m) if with_max else self._null)
+        return s, m.value
 
     def norms_plan(self, kind: str, bases, tensor_of, start, lens, tiny: float, sq, maxes,
                    norms, total) -> int:
@@ -363,10 +352,6 @@ class Native:
 
     def scale(self, kind: str, ptr: int, n: int, c: float) -> None:
         self._scale[kind](ptr, n, c)
-
-    def scale_many(self, kind: str, ptrs, lens, c: float) -> None:
-        """``scale`` of the chunks ``ptrs[j], lens[j]`` (int64 numpy arrays) in one call."""
-        self._scale_many(_CODE[kind], ptrs.ctypes.data, lens.ctypes.data, len(ptrs), c)
 
 
 def _private(d: str) -> bool:

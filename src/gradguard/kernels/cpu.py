@@ -3,33 +3,33 @@
 Accumulation is float32 or wider whatever the gradient dtype, and float64 for float64
 gradients (the result is then a float64 norm, as torch's):
 
-* **Small tensors** (at most ``SMALL`` elements each; thousands of biases and norms' scales)
-  are packed ``CHUNK`` elements at a time into one flat buffer by one C++ call
-  (``torch.cat`` when all are 1-D, else ``torch._C._nn.flatten_dense_tensors``), widened
-  to float64 and squared there, and summed per tensor by ``np.add.reduceat``: a handful of numpy calls per 256K elements
-  instead of several per tensor. The squares of float16/bfloat16/float32 values fit
-  float64's range exactly (|x| <= 3.4e38 gives x**2 <= 1.2e77, the smallest float32
-  denormal 1.4e-45 gives 2e-90), so no chunk of them ever needs a second pass.
-* **Large tensors** are cut into ``CHUNK``-element chunks. With the native kernel
-  (``kernels._native``, a C loop compiled on first use; float32, bfloat16, float16) each
-  chunk is read once: widened in registers, squared and added in float32 within 1024-element
-  blocks, in float64 across them, max |g| on request in the same pass; on one thread all
-  chunks go in one call, else they are handed to the thread pool (``gradguard._pool``) one at
-  a time. Without it (no compiler, ``GRADGUARD_NATIVE=0``) and for float64, the chunks go to
-  the pool one at a time and each worker widens its own chunk
-  into a per-thread float32 buffer (float16: torch's F16C conversion in 32K blocks, which
-  torch runs on the calling thread; bfloat16: the 16 bits shifted into a float32's high half;
-  both exact) and takes the BLAS dot product ``s_j = sum x**2`` in float32 (float64), plus on
-  request the chunk's max and min while it is in the cache. Per tensor the ``s_j`` are added
-  in float64: ``||g_i||_2 = sqrt(sum_j s_j)``.
+* **With the native kernel** (``kernels._native``, a C loop compiled on first use; float32,
+  bfloat16, float16) every tensor is read in place from a chunk table cached by the tensors'
+  sizes (``_Plan``: a tensor is one chunk, a large one ``CHUNK``-element chunks): each chunk
+  widened in registers, squared and added in float32 within 512-element blocks per stream,
+  in float64 across them, max |g| on request in the same pass. On one thread the whole pass
+  (per-tensor norms, and the total from the float64 sums) is one C call, else the chunks are
+  handed to the thread pool (``gradguard._pool``) one at a time. A chunk whose float32 sum
+  overflowed (``s_j = inf``) or is below ``n_j * TINY`` (underflowed squares could matter: n
+  denormal squares are each off by at most 2**-150, so below n * 2**-125 the error could
+  exceed float32 rounding; exact zeros included) is summed again exactly in float64 by the
+  kernel (a float32 square fits float64's range and mantissa).
+* **Without it** (no compiler, ``GRADGUARD_NATIVE=0``) and for float64: small tensors (at
+  most ``SMALL`` elements each; thousands of biases and norms' scales) are packed ``CHUNK``
+  elements at a time into one flat buffer by one C++ call (``torch.cat`` when all are 1-D,
+  else ``torch._C._nn.flatten_dense_tensors``), widened to float64 and squared there, and
+  summed per tensor by ``np.add.reduceat``. Large tensors are cut into ``CHUNK``-element
+  chunks handed to the pool one at a time; each worker widens its own chunk into a per-thread
+  float32 buffer (float16: torch's F16C conversion in 32K blocks, which torch runs on the
+  calling thread; bfloat16: the 16 bits shifted into a float32's high half; both exact) and
+  takes the BLAS dot product ``s_j = sum x**2`` in float32 (float64), plus on request the
+  chunk's max and min while it is in the cache. A chunk whose sum overflowed or is tiny is
+  recomputed exactly by the same worker: float32 and narrower in float64, float64 rescaled
+  by its largest magnitude m, ``s = m**2 * sum((x/m)**2)``; a chunk of exact zeros (the
+  common case of a frozen or unused layer) is not recomputed.
 
-A large chunk whose float32 (float64) sum of squares overflowed (``s_j = inf``) or is below
-``n_j * TINY`` (underflowed squares could matter: n denormal squares are each off by at most
-2**-150, so below n * 2**-125 the error could exceed float32 rounding) is recomputed exactly
-by the same worker (the caller, after the native kernel's pass): float32 and narrower in float64, float64 rescaled by its largest
-magnitude m, ``s = m**2 * sum((x/m)**2)``. A chunk of exact zeros (``s_j = 0`` and no
-non-zero element, the common case of a frozen or unused layer) is not recomputed. NaN stays
-NaN. The flags are CPU values: reading them waits for no device.
+Per tensor the ``s_j`` are added in float64: ``||g_i||_2 = sqrt(sum_j s_j)``. NaN stays NaN.
+The flags are CPU values: reading them waits for no device.
 
 A float64 tensor whose sum of squares overflows float64 (norm above ~1.3e154; torch gives
 inf) is normed again whole, max-normalised, so its norm is finite when it fits float64.
@@ -202,7 +202,8 @@ def l2_norms_total(grads: list[Tensor], with_max_abs: bool = False
             _large(arrays, owner, sums, mx, tiny, tiny_nz)
     with np.errstate(over="ignore"):  # beyond float32's range: inf, silently (as torch)
         norms = np.sqrt(sums).astype(out_np)
-        total = None if dtype == torch.float64 else torch.tensor(np.sqrt(sums.sum()), dtype=torch.float32)
+        total = (None if dtype == torch.float64
+                 else torch.from_numpy(np.array(np.sqrt(sums.sum()), dtype=np.float32)))
     if dtype == torch.float64:
         # a float64 norm above ~1.3e154 (below ~1e-146) overflows (underflows) its sum of
         # squares: such a tensor (rare) is normed whole, max-normalised: ||g|| = m ||g / m||
@@ -297,36 +298,25 @@ def _native_norms(native: _native.Native, kind: str, grads: list[Tensor],
     norms = np.zeros(n_t, dtype=np.float32)
     total = np.zeros((), dtype=np.float32)
     tiny = TINY[torch.float32]
+    # chunks whose float32 sum is inf or tiny (exact zeros too) are summed again exactly in
+    # float64 by the kernel itself
     if plan.elements < PARALLEL_MIN or _pool.threads() == 1 or k == 1:
-        # (suspect chunks are summed again exactly inside: nothing left to do here)
         native.norms_plan(kind, bases, plan.tensor_of, plan.start_bytes, lens, tiny, sq, ext,
                           norms, total)
-        bad = 0
     else:
-        ptrs = bases[plan.tensor_of] + plan.start_bytes
-        plist, nlist = ptrs.tolist(), lens.tolist()
+        plist = (bases[plan.tensor_of] + plan.start_bytes).tolist()
+        nlist = lens.tolist()
+        want_max = ext is not None
 
         def work(j: int) -> None:
-            if ext is None:
-                sq[j] = native.sumsq(kind, plist[j], nlist[j])
-            else:
-                sq[j], ext[j] = native.sumsq_max(kind, plist[j], nlist[j])
+            sq[j], m = native.sumsq_checked(kind, plist[j], nlist[j], tiny, want_max)
+            if want_max:
+                ext[j] = m  # type: ignore[index]
 
         _pool.run_indexed(k, work, _pool.threads())
-        bad = 1  # the suspects are recomputed and the sums formed below
-    if bad:
+        sums = np.zeros(n_t, dtype=np.float64)
+        sums[plan.nonempty] = np.add.reduceat(sq, plan.first)
         with _quiet():
-            # NaN compares False both ways: left alone; inf or tiny (zeros excepted): exact
-            for j in np.flatnonzero((sq == np.inf) | (sq < lens * tiny)).tolist():
-                start = int(plan.start_bytes[j]) // grads[0].element_size()
-                g = grads[int(plan.tensor_of[j])]
-                a = _numpy(g.detach().reshape(-1).resolve_neg())[start: start + int(lens[j])]
-                if sq[j] == 0.0 and (ext[j] == 0.0 if ext is not None else not a.any()):
-                    continue  # exact zeros (max |g| = 0) need no recompute
-                sq[j] = _exact_sumsq(_widen(a))
-            sums = np.zeros(n_t, dtype=np.float64)
-            if k:
-                sums[plan.nonempty] = np.add.reduceat(sq, plan.first)
             norms = np.sqrt(sums).astype(np.float32)  # beyond float32's range: inf (as torch)
             total = np.array(np.sqrt(sums.sum()), dtype=np.float32)
     max_abs = None
@@ -365,82 +355,58 @@ def scale_(tensors: list[Tensor], coef: Tensor, c: float) -> None:
     ``coef`` is): bit for bit what ``torch._foreach_mul_(tensors, coef)`` writes (one IEEE
     float32/float64 multiply; bfloat16/float16 multiplied in float32, rounded to nearest even).
 
-    Large tensors are multiplied in ``CHUNK``-element chunks, in reverse order, so the first
-    chunks scaled are the last ones the norm pass read, still in the last-level cache:
-    float32/bfloat16/float16 by the native kernel (``kernels._native``, four streams per chunk)
-    when it is built, float64 (and float32 without it) by numpy. On one thread all native
-    chunks go in one call; on more, chunks are handed to the thread pool one at a time (an
-    OpenMP region waits for its slowest thread: with the other core busy torch's own multiply
-    took 10x longer). Small tensors, the other dtypes, and bfloat16/float16 without the native
-    kernel go to one ``torch._foreach_mul_`` (a C++ loop, the same bits): per tensor, the
-    setup of a call costs more than the multiply."""
-    if _native_scale_all(tensors, c):
+    float32/bfloat16/float16 tensors (contiguous, no sign-bit view, no autograd history) go
+    to the native kernel (``kernels._native``, four streams per chunk) from the cached chunk
+    table, last chunk first, so the first chunks scaled are the last ones the norm pass read,
+    still in the last-level cache: on one thread in one call; on more, chunks are handed to
+    the thread pool one at a time (an OpenMP region waits for its slowest thread: with the
+    other core busy torch's own multiply took 10x longer). Large float64 tensors (and float32
+    without the native kernel) are multiplied by numpy in ``CHUNK``-element chunks the same
+    way. The rest goes to one ``torch._foreach_mul_`` (a C++ loop, the same bits)."""
+    if _native_scale(tensors, c):  # the common case: all of them
         return
+    groups: dict[str, list[Tensor]] = {}  # native kind -> its tensors
     arrays: list = []
     scalars: list = []
-    jobs: dict[str, list[tuple[int, int]]] = {}  # native: kind -> [(address, elements)]
     rest: list[Tensor] = []
+    done: list[Tensor] = []
     c32 = np.float32(c)
     c64 = np.float64(c)  # c is float32 (then c64 == c32 exactly) or a float64 factor
-    done: list[Tensor] = []
-    chunk, small = CHUNK, SMALL
-    native = None
-    if any(t.dtype in _KIND and t.numel() > small for t in tensors):
-        native = _native.lib()
-    for t in reversed(tensors):
-        plain = (t.numel() > small and t.is_contiguous() and not t.is_neg()
-                 and not t.requires_grad)
+    native = _native.lib() if any(t.dtype in _KIND for t in tensors) else None
+    for t in tensors:
+        plain = t.is_contiguous() and not t.is_neg() and not t.requires_grad
         kind = _KIND.get(t.dtype, "")
         if plain and native is not None and native.can_scale(kind):
-            done.append(t)
-            base, n, size = t.data_ptr(), t.numel(), t.element_size()
-            todo = jobs.setdefault(kind, [])
-            for start in range(((n - 1) // chunk) * chunk, -1, -chunk):
-                todo.append((base + start * size, min(chunk, n - start)))
-        elif plain and t.dtype in (torch.float32, torch.float64):
+            groups.setdefault(kind, []).append(t)
+        elif plain and t.numel() > SMALL and t.dtype in (torch.float32, torch.float64):
             done.append(t)
             a = t.detach().view(-1).numpy()
             sc = c32 if t.dtype == torch.float32 else c64
-            for start in range(((a.size - 1) // chunk) * chunk, -1, -chunk):
-                arrays.append(a[start: start + chunk])
+            for start in range(0, a.size, CHUNK):
+                arrays.append(a[start: start + CHUNK])
                 scalars.append(sc)
         else:
             rest.append(t)
-    c_native = float(c32)  # float32 factor: torch multiplies half dtypes by it as a float32
-    total = sum(a.size for a in arrays) + sum(n for todo in jobs.values() for _, n in todo)
-    nthreads = _pool.threads() if total >= PARALLEL_MIN else 1
-    with np.errstate(all="ignore"):
-        if nthreads == 1:
-            for kind, todo in jobs.items():
-                ptrs, lens = np.array(todo, dtype=np.int64).reshape(-1, 2).T.copy()
-                native.scale_many(kind, ptrs, lens, c_native)  # type: ignore[union-attr]
-            for a, sc in zip(arrays, scalars):
-                np.multiply(a, sc, out=a)
-        else:
-            flat = [(kind, ptr, n) for kind, todo in jobs.items() for ptr, n in todo]
-            n_np = len(arrays)
-
-            def work(j: int) -> None:
-                if j < n_np:
-                    np.multiply(arrays[j], scalars[j], out=arrays[j])
-                else:
-                    kind, ptr, n = flat[j - n_np]
-                    native.scale(kind, ptr, n, c_native)  # type: ignore[union-attr]
-
-            _pool.run_indexed(n_np + len(flat), work, nthreads,
-                              context=lambda: np.errstate(all="ignore"))
-    if done:
+    for group in groups.values():
+        _native_scale(group, c)
+    if arrays:
+        arrays.reverse()
+        scalars.reverse()
+        total = sum(a.size for a in arrays)
+        _pool.run_indexed(len(arrays), lambda j: np.multiply(arrays[j], scalars[j], out=arrays[j]),
+                          _pool.threads() if total >= PARALLEL_MIN else 1,
+                          context=lambda: np.errstate(all="ignore"))
         # as an in-place torch op would: autograd sees that these tensors changed
         from torch.autograd.graph import increment_version
         increment_version(done)
     if rest:
-        torch._foreach_mul_(rest[::-1], coef)
+        torch._foreach_mul_(rest, coef)
 
 
-def _native_scale_all(tensors: list[Tensor], c: float) -> bool:
-    """The common case of ``scale_`` in one go: every tensor of one native dtype, contiguous,
-    no sign-bit view, no autograd history; all of them (small ones too) scaled by the
-    native kernel from the cached chunk table, last chunk first. False (nothing done) else."""
+def _native_scale(tensors: list[Tensor], c: float) -> bool:
+    """``scale_`` of ``tensors`` by the native kernel when every one is of one native dtype,
+    contiguous, no sign-bit view and without autograd history: all of them (small ones
+    too) from the cached chunk table, last chunk first. False (nothing done) else."""
     kind = _KIND.get(tensors[0].dtype)
     if kind is None or len(set(map(_DTYPE, tensors))) != 1:
         return False
@@ -454,9 +420,8 @@ def _native_scale_all(tensors: list[Tensor], c: float) -> bool:
     if plan.elements < PARALLEL_MIN or _pool.threads() == 1:
         native.scale_plan(kind, bases, plan.tensor_of, plan.start_bytes, plan.lens, c32)
     else:
-        ptrs = (bases[plan.tensor_of] + plan.start_bytes)[::-1].copy()
-        lens = plan.lens[::-1].copy()
-        plist, nlist = ptrs.tolist(), lens.tolist()
+        plist = (bases[plan.tensor_of] + plan.start_bytes)[::-1].tolist()
+        nlist = plan.lens[::-1].tolist()
         _pool.run_indexed(len(plist), lambda j: native.scale(kind, plist[j], nlist[j], c32),
                           _pool.threads())
     # as an in-place torch op would: autograd sees that these tensors changed
