@@ -280,7 +280,11 @@ def clip_by_norm(tensor: Any, clip_norm: Any, axes: Any = None, *,
         coef = _per_tensor_coef(n, c, nonfinite=bad, propagate=on_nonfinite == "propagate")
         if on_nonfinite == "propagate":  # TensorFlow's result for a NaN/Inf norm: NaN
             coef = tf.where(bad, tf.constant(math.nan, coef.dtype), coef)
-        out.append(_rewrap(t, _scale(x, coef)))
+            out.append(_rewrap(t, _scale(x, coef)))
+        else:
+            # an unclipped tensor comes back as it was: x * 1 is not x where TensorFlow
+            # flushes denormals to zero (on some of its threads; hypothesis found 1e-45 -> 0)
+            out.append(_rewrap(t, tf.where(coef < 1, _scale(x, coef), x)))
     return out[0] if single else out
 
 
